@@ -1,0 +1,274 @@
+"""Raw BraTS cases on disk: find them, validate them, read them, write segmentations.
+
+Layouts accepted (``discover``)::
+
+    <root>/{HGG,LGG}/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz   # the official BraTS 2019 layout
+    <root>/<case>/<case>_{...}.nii[.gz]                           # flat
+    <root>/<case>_{...}.nii[.gz]                                  # root is itself one case folder
+
+Any case-folder name made of letters, digits, ``._-`` is a case id (``BraTS19_…``, ``Brats18_…``,
+``BraTS20_…`` alike). ``naming="brats2021"`` reads the 2021+ names (``t2f, t1n, t1c, t2w``, ET label 3).
+
+Every problem with a case is an ``InvalidCase`` whose message is one line: ``<file>: <reason>``.
+Reading never trusts the header blindly: the data size the header promises is checked against the
+bytes actually there before any array is allocated, so a truncated or absurd file costs nothing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fsspec
+import nibabel as nib
+import numpy as np
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order everywhere
+NAMINGS = {
+    # naming -> (file suffix per channel, seg suffix, BraTS label values: NCR, ED, ET)
+    "brats2019": (dict(flair="flair", t1="t1", t1ce="t1ce", t2="t2"), "seg", (1, 2, 4)),
+    "brats2021": (dict(flair="t2f", t1="t1n", t1ce="t1c", t2="t2w"), "seg", (1, 2, 3)),
+}
+GRADES = ("HGG", "LGG")
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_DIM = 1024  # larger is not a brain MRI; refuse before allocating
+AFFINE_ATOL = 1e-3
+SEG_DTYPES = (np.dtype(np.int16), np.dtype(np.uint8))
+
+
+class InvalidCase(ValueError):
+    """Invalid input data: never retried; the message names the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """Where one case's files are (paths may be local or fsspec URLs)."""
+
+    case_id: str
+    files: dict[str, str]  # channel name (flair, t1, t1ce, t2, seg) -> path
+    grade: str | None = None  # "HGG" / "LGG" when the layout says
+    naming: str = "brats2019"
+
+    @property
+    def has_seg(self) -> bool:
+        return "seg" in self.files
+
+
+@dataclass
+class Discovery:
+    cases: list[CaseFiles] = field(default_factory=list)
+    problems: list[InvalidCase] = field(default_factory=list)  # cases refused before reading
+
+
+@dataclass
+class Case:
+    """A validated case in memory."""
+
+    files: CaseFiles
+    image: np.ndarray  # (4, X, Y, Z) float32, channels in MODALITIES order
+    seg: np.ndarray | None  # (X, Y, Z) int16 BraTS labels, or None
+    affine: np.ndarray  # 4x4
+    zooms: tuple[float, float, float]
+    sha256: dict[str, str]  # channel -> hex digest of the file's bytes
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def _nifti(folder: Path, stem: str) -> Path | None:
+    for ext in (".nii.gz", ".nii"):
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _is_case_dir(folder: Path, naming: str) -> bool:
+    """A case folder holds at least one ``*_<modality>.nii[.gz]`` file."""
+    suffixes, seg_suffix, _ = NAMINGS[naming]
+    ends = tuple(f"_{s}{ext}" for s in (*suffixes.values(), seg_suffix) for ext in (".nii.gz", ".nii"))
+    try:
+        return any(f.name.endswith(ends) for f in folder.iterdir())
+    except OSError:
+        return False
+
+
+def case_files(folder: str | Path, grade: str | None = None, naming: str = "brats2019") -> CaseFiles:
+    """The files of one case folder; raises InvalidCase for an unsafe name or a missing modality."""
+    folder = Path(folder)
+    case_id = folder.name
+    if not CASE_ID.match(case_id) or ".." in case_id:
+        raise InvalidCase(folder, f"unsafe case id {case_id!r}: use letters, digits and . _ - only")
+    suffixes, seg_suffix, _ = NAMINGS[naming]
+    files: dict[str, str] = {}
+    for channel in MODALITIES:
+        p = _nifti(folder, f"{case_id}_{suffixes[channel]}")
+        if p is None:
+            raise InvalidCase(folder / f"{case_id}_{suffixes[channel]}.nii.gz", f"missing {channel} modality")
+        files[channel] = str(p)
+    seg = _nifti(folder, f"{case_id}_{seg_suffix}")
+    if seg is not None:
+        files["seg"] = str(seg)
+    return CaseFiles(case_id, files, grade, naming)
+
+
+def discover(*roots: str | Path, naming: str = "brats2019") -> Discovery:
+    """Find every case under the given roots. Root-level problems raise; case-level ones are collected."""
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; choose one of {sorted(NAMINGS)}")
+    found = Discovery()
+    seen: dict[str, str] = {}
+    for root in map(Path, roots):
+        try:
+            entries = sorted(root.iterdir(), key=lambda p: p.name)
+        except OSError as e:
+            raise FileNotFoundError(f"{root}: cannot read raw root ({e.strerror or e})") from None
+        folders: list[tuple[Path, str | None]] = []
+        if _is_case_dir(root, naming):
+            folders.append((root, None))
+        for entry in entries:
+            if entry.name in GRADES and entry.is_dir():
+                folders += [(p, entry.name) for p in sorted(entry.iterdir(), key=lambda p: p.name) if p.is_dir()]
+            elif entry.is_dir() and _is_case_dir(entry, naming):
+                folders.append((entry, None))
+        for folder, grade in folders:
+            try:
+                case = case_files(folder, grade, naming)
+            except InvalidCase as e:
+                found.problems.append(e)
+                continue
+            if case.case_id in seen:
+                found.problems.append(InvalidCase(folder, f"case id {case.case_id} also found at {seen[case.case_id]}; skipped both copies"))
+                found.cases = [c for c in found.cases if c.case_id != case.case_id]
+                continue
+            seen[case.case_id] = str(folder)
+            found.cases.append(case)
+        if not folders and not found.problems:
+            raise FileNotFoundError(f"{root}: no BraTS cases found (expected HGG/ and LGG/ folders or case folders)")
+    return found
+
+
+# ------------------------------------------------------------------ reading
+
+
+def read_bytes(path: str) -> bytes:
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def sha256_file(path: str) -> str:
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+def _decode(path: str, raw: bytes) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Bytes of a .nii or .nii.gz file -> (array, image), refusing anything short, absurd or not NIfTI."""
+    if path.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise InvalidCase(path, f"truncated or corrupt gzip stream ({e})") from None
+    if len(raw) < 348:
+        raise InvalidCase(path, f"not a NIfTI file ({len(raw)} bytes, a header alone is 348)")
+    try:
+        img = nib.Nifti1Image.from_bytes(raw)
+    except Exception as e:  # nibabel raises several types for a bad header
+        raise InvalidCase(path, f"not a readable NIfTI-1 file ({type(e).__name__}: {e})") from None
+    shape = img.header.get_data_shape()
+    if len(shape) != 3:
+        raise InvalidCase(path, f"image is {len(shape)}D {tuple(shape)}; expected a 3D volume")
+    if any(d < 1 or d > MAX_DIM for d in shape):
+        raise InvalidCase(path, f"absurd dimensions {tuple(shape)} in header (each must be 1..{MAX_DIM})")
+    dtype = img.header.get_data_dtype()
+    if dtype.kind not in "iuf":
+        raise InvalidCase(path, f"unsupported voxel type {dtype}")
+    need = int(img.header["vox_offset"]) + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) < need:
+        raise InvalidCase(path, f"truncated: header promises {need} bytes, file holds {len(raw)}")
+    return np.asanyarray(img.dataobj), img
+
+
+def read_case(case: CaseFiles) -> Case:
+    """Read and validate one case: same grid across files, finite values, a brain, valid labels."""
+    arrays, sha, ref = {}, {}, None
+    for channel, path in case.files.items():
+        raw = read_bytes(path)  # OSError here is transient I/O: the caller may retry
+        sha[channel] = hashlib.sha256(raw).hexdigest()
+        arr, img = _decode(path, raw)
+        if ref is None:
+            ref = (path, img)
+        elif arr.shape != ref[1].shape:
+            raise InvalidCase(path, f"shape {arr.shape} differs from {Path(ref[0]).name} {ref[1].shape}")
+        elif not np.allclose(img.affine, ref[1].affine, atol=AFFINE_ATOL):
+            raise InvalidCase(path, f"affine differs from {Path(ref[0]).name}")
+        if channel == "seg":
+            if arr.dtype not in SEG_DTYPES:
+                raise InvalidCase(path, f"segmentation dtype {arr.dtype}; expected int16 or uint8")
+            allowed = (0, *NAMINGS[case.naming][2])
+            present = np.flatnonzero(np.bincount(arr.ravel().view(arr.dtype.str.replace("i", "u"))))
+            bad = np.setdiff1d(present.astype(arr.dtype), allowed)  # bincount: 3x faster than unique
+            if bad.size:
+                raise InvalidCase(path, f"labels {bad.tolist()} outside {list(allowed)}")
+        else:
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise InvalidCase(path, "contains NaN or Inf voxels")
+            if not arr.any():
+                raise InvalidCase(path, f"{channel} is all zero: no brain")
+        arrays[channel] = arr
+    image = np.stack([np.asarray(arrays[c], dtype=np.float32) for c in MODALITIES])
+    seg = None
+    if "seg" in arrays:
+        seg = np.asarray(arrays["seg"], dtype=np.int16)
+        if case.naming != "brats2019":  # canonical BraTS 2019 labels from here on
+            seg = np.where(seg == NAMINGS[case.naming][2][2], 4, seg).astype(np.int16)
+    img = ref[1]
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Case(case, image, seg, img.affine.copy(), zooms, sha)
+
+
+def load_reference(path: str) -> nib.Nifti1Image:
+    """The header and affine of an input file, to write outputs on the same grid."""
+    return _decode(path, read_bytes(path))[1]
+
+
+# ------------------------------------------------------------------ writing
+
+
+def write_segmentation(labels: np.ndarray, reference: nib.Nifti1Image, out: str | Path) -> Path:
+    """Write BraTS labels on the reference's grid (affine, qform/sform codes, zooms) atomically."""
+    out = Path(out)
+    if labels.shape != reference.shape[:3]:
+        raise ValueError(f"{out}: segmentation shape {labels.shape} != input grid {reference.shape[:3]}")
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    header.set_slope_inter(1, 0)
+    img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header)
+    img.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
+    img.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
+    return atomic_write_bytes(out, img.to_bytes() if not out.name.endswith(".gz") else gzip.compress(img.to_bytes(), 6))
+
+
+def atomic_write_bytes(out: str | Path, data: bytes) -> Path:
+    """Write a file so that the path shows either nothing, the old file or the whole new one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

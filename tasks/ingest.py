@@ -1,0 +1,58 @@
+"""Prefect task: one raw case -> one complete case in the slice store.
+
+Retried on transient I/O errors (``OSError``: a flaky disk or bucket), never on invalid data
+(``InvalidCase``), which fails the task at once with a one-line reason naming the file.
+Returns metadata only; the arrays go straight from the worker to the store.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from storage.nifti import CaseFiles, read_case, sha256_file
+from storage.store import SliceStore
+from unet.preprocess import PROFILES, preprocess_case
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry only I/O errors; invalid input fails at once."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError)
+
+
+@task(
+    name="ingest-case",
+    task_run_name="ingest-{case.case_id}",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=is_transient,
+    cache_policy=NONE,
+)
+def ingest_case(case: CaseFiles, store_url: str, profile: str, dtype: str = "float16") -> dict:
+    start = time.perf_counter()
+    store = SliceStore(store_url, mode="a")
+    sha = {channel: sha256_file(path) for channel, path in case.files.items()}
+    if store.is_current(case.case_id, sha, profile):
+        a = store.attrs(case.case_id)
+        return _row(a, "skipped", time.perf_counter() - start)
+    raw = read_case(case)
+    image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)
+    store.write_case(case.case_id, image, label, attrs)
+    return _row(attrs, "ingested", time.perf_counter() - start)
+
+
+def _row(attrs: dict, status: str, seconds: float) -> dict:
+    labels = attrs.get("label_voxels") or {}
+    return {
+        "case": attrs["case_id"],
+        "grade": attrs.get("grade") or "",
+        "status": status,
+        "slices": len(attrs["slice_brain"]),
+        "brain_slices": sum(1 for n in attrs["slice_brain"] if n),
+        "brain_voxels": attrs["brain_voxels"],
+        "tumour_voxels": sum(labels.values()) if labels else 0,
+        "seconds": round(seconds, 2),
+    }
