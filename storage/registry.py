@@ -15,6 +15,7 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 VERSION_PREFIX = "v"
+DEFAULT_ROOT = os.environ.get("BRATS_MODELS", "runs/models")  # local path or fsspec URL
 
 
 class Registry:
