@@ -1,0 +1,286 @@
+"""Ingestion without Prefect: discovery, validation (one test per bad-input kind), preprocessing, store."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from storage.nifti import InvalidCase, case_files, discover, read_case
+from storage.store import SliceStore, make_split
+from storage.synth import make_case, write_case
+from tasks.ingest import ingest_case
+from unet.preprocess import PROFILES, preprocess_case
+
+SHAPE = (48, 48, 24)
+REAL_COUNTS = {0: 8_866_915, 1: 4_514, 2: 34_894, 4: 21_677}
+
+
+def _case(root: Path, case_id: str = "BraTS19_T_0001_1", grade: str | None = "HGG", seed: int = 0) -> Path:
+    folder = root / grade / case_id if grade else root / case_id
+    folder.mkdir(parents=True)
+    write_case(folder, case_id, make_case(np.random.default_rng(seed), SHAPE, "HGG"), SHAPE)
+    return folder
+
+
+def _rewrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None, dtype=None) -> None:
+    img = nib.load(path)
+    out = nib.Nifti1Image(data if dtype is None else data.astype(dtype), img.affine if affine is None else affine, img.header)
+    if dtype is not None:
+        out.set_data_dtype(dtype)
+    nib.save(out, path)
+
+
+def _invalid(folder: Path, *needles: str) -> str:
+    with pytest.raises(InvalidCase) as err:
+        read_case(case_files(folder, "HGG"))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+# ------------------------------------------------------------------ the real case
+
+
+def test_real_case_reads_with_its_label_counts(real_case):
+    case = read_case(discover(real_case).cases[0])
+    assert case.files.case_id == "Brats18_2013_2_1"
+    assert case.image.shape == (4, 240, 240, 155)
+    values, counts = np.unique(case.seg, return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist())) == REAL_COUNTS
+    assert np.allclose(case.affine, [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
+    sums = dict(line.split()[::-1] for line in (real_case.parent / "SHA256SUMS").read_text().splitlines())
+    assert case.sha256 == {m: sums[f"Brats18_2013_2_1/Brats18_2013_2_1_{m}.nii.gz"] for m in ("flair", "t1", "t1ce", "t2", "seg")}
+
+
+def test_real_case_normalized_in_store(real_case, tmp_path):
+    url = str(tmp_path / "s.zarr")
+    SliceStore(url, mode="a")
+    row = ingest_case.fn(discover(real_case).cases[0], url, "full")
+    assert row["status"] == "ingested" and row["brain_slices"] == 129  # nonzero in any modality
+    store = SliceStore(url)
+    assert store.case_ids() == ["Brats18_2013_2_1"]
+    image, label = store.image("Brats18_2013_2_1")[:], store.label("Brats18_2013_2_1")[:]
+    assert image.shape == (155, 4, 240, 240) and image.dtype == np.float16
+    assert label.shape == (155, 240, 240) and label.dtype == np.uint8
+    assert np.bincount(label.ravel(), minlength=4).tolist() == [REAL_COUNTS[0], REAL_COUNTS[1], REAL_COUNTS[2], REAL_COUNTS[4]]
+    brain = np.any(image != 0, axis=1)
+    for c in range(4):
+        v = image[:, c][brain].astype(np.float64)
+        assert abs(v.mean()) < 0.01 and abs(v.std() - 1) < 0.01
+    assert (image[:, :, ~brain.any(axis=0)] == 0).all()
+    attrs = store.attrs("Brats18_2013_2_1")
+    assert attrs["profile"] == "full" and attrs["shape"] == [240, 240, 155] and attrs["complete"] is True
+    assert attrs["sha256"]["seg"] == hashlib.sha256((real_case / "Brats18_2013_2_1_seg.nii.gz").read_bytes()).hexdigest()
+
+
+def test_tp_profile_crops_and_halves(real_case):
+    case = read_case(discover(real_case).cases[0])
+    image, label, attrs = preprocess_case(case, PROFILES["tp"])
+    assert image.shape == (155, 4, 96, 96) and label.shape == (155, 96, 96)
+    assert attrs["crop_box"] == [24, 216, 24, 216]
+    assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 3).any()
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def test_discovers_official_flat_and_single_case_layouts(tmp_path):
+    _case(tmp_path / "official", "BraTS19_A_0001_1", "HGG")
+    _case(tmp_path / "official", "BraTS19_A_0002_1", "LGG")
+    _case(tmp_path / "flat", "BraTS20_Training_001", None)
+    single = _case(tmp_path / "single", "Brats18_2013_2_1", None)
+    found = discover(tmp_path / "official", tmp_path / "flat", single)
+    assert [(c.case_id, c.grade) for c in found.cases] == [
+        ("BraTS19_A_0001_1", "HGG"), ("BraTS19_A_0002_1", "LGG"), ("BraTS20_Training_001", None), ("Brats18_2013_2_1", None)]
+    assert not found.problems
+
+
+def test_reads_uncompressed_nii(tmp_path):
+    folder = _case(tmp_path)
+    for f in folder.glob("*.nii.gz"):
+        f.with_suffix("").write_bytes(gzip.decompress(f.read_bytes()))
+        f.unlink()
+    case = read_case(discover(tmp_path).cases[0])
+    assert case.image.shape == (4, *SHAPE) and case.files.files["t1"].endswith("_t1.nii")
+
+
+def test_brats2021_naming_is_an_explicit_option(tmp_path):
+    folder = _case(tmp_path, grade=None)
+    for old, new in {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}.items():
+        (folder / f"{folder.name}_{old}.nii.gz").rename(folder / f"{folder.name}_{new}.nii.gz")
+    seg = folder / f"{folder.name}_seg.nii.gz"
+    _rewrite(seg, np.where(np.asanyarray(nib.load(seg).dataobj) == 4, 3, np.asanyarray(nib.load(seg).dataobj)).astype(np.int16))
+    assert discover(tmp_path).problems  # 2019 names missing -> refused
+    case = read_case(discover(tmp_path, naming="brats2021").cases[0])
+    assert set(np.unique(case.seg)) <= {0, 1, 2, 4} and (case.seg == 4).any()
+
+
+def test_empty_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no BraTS cases found"):
+        discover(tmp_path)
+    with pytest.raises(FileNotFoundError, match="cannot read raw root"):
+        discover(tmp_path / "missing")
+
+
+def test_missing_modality_is_refused_on_sight(tmp_path):
+    folder = _case(tmp_path)
+    (folder / f"{folder.name}_t1ce.nii.gz").unlink()
+    found = discover(tmp_path)
+    assert not found.cases and "missing t1ce modality" in str(found.problems[0]) and "_t1ce.nii.gz" in str(found.problems[0])
+
+
+def test_unsafe_case_id_is_refused(tmp_path):
+    _case(tmp_path, "BraTS19 bad name", "HGG")
+    found = discover(tmp_path)
+    assert not found.cases and "unsafe case id" in str(found.problems[0])
+
+
+def test_same_case_in_hgg_and_lgg_is_refused(tmp_path):
+    _case(tmp_path, "BraTS19_D_0001_1", "HGG")
+    _case(tmp_path, "BraTS19_D_0001_1", "LGG")
+    _case(tmp_path, "BraTS19_D_0002_1", "LGG")
+    found = discover(tmp_path)
+    assert [c.case_id for c in found.cases] == ["BraTS19_D_0002_1"]
+    assert "also found at" in str(found.problems[0])
+
+
+# ------------------------------------------------------------------ validation: one test per bad-input kind
+
+
+def test_truncated_gzip(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t2.nii.gz"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    _invalid(folder, f.name, "truncated or corrupt gzip")
+
+
+def test_truncated_uncompressed_data(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t2.nii.gz"
+    raw = gzip.decompress(f.read_bytes())
+    f.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    _invalid(folder, f.name, "truncated: header promises")
+
+
+def test_not_nifti(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_flair.nii.gz"
+    f.write_bytes(gzip.compress(b"this is a text file, not an MRI " * 40))
+    _invalid(folder, f.name, "not a readable NIfTI")
+
+
+def test_shape_mismatch(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t1.nii.gz"
+    _rewrite(f, np.ones((48, 48, 20), np.int16))
+    _invalid(folder, f.name, "shape (48, 48, 20) differs")
+
+
+def test_affine_mismatch(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t1.nii.gz"
+    data = np.asanyarray(nib.load(f).dataobj)
+    _rewrite(f, data, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    _invalid(folder, f.name, "affine differs")
+
+
+def test_nan_voxels(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_flair.nii.gz"
+    data = np.asanyarray(nib.load(f).dataobj).astype(np.float32)
+    data[10, 10, 10] = np.nan
+    _rewrite(f, data, dtype=np.float32)
+    _invalid(folder, f.name, "NaN or Inf")
+
+
+def test_all_zero_brain(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t1.nii.gz"
+    _rewrite(f, np.zeros(SHAPE, np.int16))
+    _invalid(folder, f.name, "all zero")
+
+
+def test_labels_outside_brats(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_seg.nii.gz"
+    data = np.asanyarray(nib.load(f).dataobj).copy()
+    data[0, 0, 0] = 3
+    _rewrite(f, data)
+    _invalid(folder, f.name, "labels [3] outside [0, 1, 2, 4]")
+
+
+def test_seg_dtype(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_seg.nii.gz"
+    _rewrite(f, np.asanyarray(nib.load(f).dataobj), dtype=np.float32)
+    _invalid(folder, f.name, "segmentation dtype float32")
+
+
+def test_4d_image(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t2.nii.gz"
+    _rewrite(f, np.ones((*SHAPE, 2), np.int16))
+    _invalid(folder, f.name, "4D")
+
+
+def test_absurd_header_dims_allocate_nothing(tmp_path):
+    folder = _case(tmp_path)
+    f = folder / f"{folder.name}_t2.nii.gz"
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((30000, 30000, 30000))  # 54 TB if anyone believed it
+    hdr.set_data_dtype(np.int16)
+    f.write_bytes(gzip.compress(hdr.binaryblock + b"\0" * 4 + b"\1" * 1000))
+    _invalid(folder, f.name, "absurd dimensions")
+
+
+# ------------------------------------------------------------------ store
+
+
+def test_half_written_case_is_invisible(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    store = SliceStore(url, mode="a")
+    store.write_case("done", np.ones((2, 4, 8, 8), np.float16), np.zeros((2, 8, 8), np.uint8), {"case_id": "done"})
+    half = store.root.create_group("cases/half", attributes={"complete": False})
+    half.create_array("image", shape=(2, 4, 8, 8), dtype="float16")
+    assert SliceStore(url).case_ids() == ["done"]
+
+
+def test_store_refuses_a_second_profile(tmp_path):
+    store = SliceStore(str(tmp_path / "s.zarr"), mode="a")
+    store.claim_profile("full")
+    with pytest.raises(ValueError, match="holds profile 'full', not 'tp'"):
+        store.claim_profile("tp")
+
+
+def test_split_is_deterministic_stratified_and_by_patient():
+    grades = {f"H{i:02d}": "HGG" for i in range(14)} | {f"L{i:02d}": "LGG" for i in range(6)}
+    a, b = make_split(grades, (0.7, 0.15, 0.15), seed=1), make_split(dict(reversed(grades.items())), (0.7, 0.15, 0.15), seed=1)
+    assert a == b
+    assert sorted(sum(a.values(), [])) == sorted(grades)  # every case exactly once
+    for part, n_h, n_l in (("train", 10, 4), ("val", 2, 1), ("test", 2, 1)):
+        assert sum(c.startswith("H") for c in a[part]) == n_h and sum(c.startswith("L") for c in a[part]) == n_l
+    assert make_split(grades, seed=2) != a
+    with pytest.raises(ValueError, match="three non-negative"):
+        make_split(grades, (1, -1, 0))
+
+
+def test_unchanged_case_is_skipped_and_changed_case_rewritten(tmp_path):
+    raw = tmp_path / "raw"
+    folder = _case(raw)
+    url = str(tmp_path / "s.zarr")
+    SliceStore(url, mode="a")
+    case = discover(raw).cases[0]
+    assert ingest_case.fn(case, url, "full")["status"] == "ingested"
+    assert ingest_case.fn(case, url, "full")["status"] == "skipped"
+    shutil.copy(folder / f"{folder.name}_t1.nii.gz", folder / f"{folder.name}_t2.nii.gz")
+    assert ingest_case.fn(case, url, "full")["status"] == "ingested"
+    store = SliceStore(url)
+    assert np.array_equal(store.image(folder.name)[:, 1], store.image(folder.name)[:, 3])
