@@ -8,7 +8,7 @@ background stays exactly 0.
 
 Profiles: ``full`` keeps 240x240 slices; ``tp`` centre-crops 192x192 and halves the resolution
 (2x2 mean for images, the top-left voxel of each 2x2 block for labels) -> 96x96. Inference undoes a
-profile with ``restore_grid``: upsample class scores, argmax, paste into the crop box.
+profile with ``restore_grid``: upsample class scores linearly, argmax, paste into the crop box.
 """
 
 from __future__ import annotations
@@ -88,20 +88,37 @@ def to_label_slices(seg: np.ndarray, profile: Profile) -> np.ndarray:
     return np.ascontiguousarray(classes.transpose(2, 0, 1))
 
 
+def _upsample_linear(a: np.ndarray, f: int, axis: int) -> np.ndarray:
+    """Linear interpolation by an integer factor along ``axis``; sample i lands on output f*i.
+
+    Output f*i + r (0 <= r < f) is ``(1 - r/f) * a[i] + r/f * a[i + 1]``; past the last sample
+    the edge value is held.
+    """
+    n = a.shape[axis]
+    nxt = np.take(a, np.minimum(np.arange(1, n + 1), n - 1), axis=axis)
+    parts = [a if r == 0 else (1 - r / f) * a + (r / f) * nxt for r in range(f)]
+    out = np.stack(parts, axis=axis + 1)  # (..., n, f, ...)
+    return out.reshape(*a.shape[:axis], n * f, *a.shape[axis + 1 :])
+
+
 def restore_grid(scores: np.ndarray, profile: Profile, shape: tuple[int, int, int]) -> np.ndarray:
     """(Z, K, h, w) class scores on the profile's grid -> (X, Y, Z) BraTS labels on the input grid.
 
-    Scores are upsampled by repetition (nearest) before the argmax, then pasted into the crop box;
-    outside the crop box is background.
+    Scores (probabilities are best) are upsampled linearly before the argmax, then pasted into the
+    crop box; outside the crop box is background. Geometry follows ``to_label_slices``: the network
+    was trained to predict the label of the top-left voxel of each f x f block, so its output pixel
+    i sits on input row ``y0 + f*i``, and the rows between two outputs are interpolated.
     """
     h, w, z = shape
     y0, y1, x0, x1 = profile.crop_box(h, w)
     f = profile.factor
+    if scores.ndim != 4 or (scores.shape[0], *scores.shape[2:]) != (z, *profile.slice_shape(h, w)):
+        raise ValueError(f"scores {scores.shape} do not fit profile {profile.name} on grid {shape}")
     if f > 1:
-        scores = scores.repeat(f, axis=2).repeat(f, axis=3)
-    classes = scores.argmax(axis=1).astype(np.uint8)  # (Z, h, w)
+        scores = _upsample_linear(_upsample_linear(np.asarray(scores, dtype=np.float32), f, 2), f, 3)
+    classes = scores.argmax(axis=1).astype(np.uint8)  # (Z, f*h, f*w)
     out = np.zeros((h, w, z), dtype=np.uint8)
-    out[y0:y1, x0:x1, :] = CLASS_TO_BRATS[classes].transpose(1, 2, 0)
+    out[y0 : y0 + classes.shape[1], x0 : x0 + classes.shape[2], :] = CLASS_TO_BRATS[classes].transpose(1, 2, 0)
     return out
 
 

@@ -1,0 +1,111 @@
+"""Volume prediction: every axial slice of a case through the 2D U-Net, back to a 3D label volume.
+
+One code path for evaluation and inference::
+
+    slices (Z, 4, h, w) on the profile's grid          # from the slice store, or preprocess_case
+      -> brain slices only, in batches                 # no brain: background, never run
+      -> UNet.predict (overlap-tile in valid mode)     # (+ mirror TTA: mean of 4 flips)
+      -> softmax probabilities (N, K, h, w)
+      -> restore_grid: upsample, argmax, crop box      # per batch, so memory stays one batch
+      -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
+
+Slices are 2D and independent, so predicting any subset of slices gives exactly what the whole
+volume would give there (``segment(..., only=[z])`` predicts one slice for a figure).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from unet.model import UNet
+from unet.preprocess import PROFILES, Profile, preprocess_case, restore_grid
+
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # mirror TTA: none, W, H, both
+
+
+@torch.inference_mode()
+def predict_probs(model: UNet, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """(N, C, h, w) slices -> (N, K, h, w) class probabilities, same h, w (any size).
+
+    With ``tta`` the probabilities are the mean over the image and its three in-plane mirrors,
+    each prediction flipped back first.
+    """
+    flips = FLIPS if tta else FLIPS[:1]
+    total = None
+    for dims in flips:
+        xi = x.flip(dims) if dims else x
+        p = torch.softmax(model.predict(xi).float(), dim=1)
+        p = p.flip(dims) if dims else p
+        total = p if total is None else total.add_(p)
+    return total / len(flips)
+
+
+def brain_slices(slices) -> np.ndarray:
+    """(Z,) bool: slices with any nonzero voxel (normalization keeps the background exactly 0)."""
+    return np.array([np.asarray(slices[z]).any() for z in range(slices.shape[0])], dtype=bool)
+
+
+def segment(
+    model: UNet,
+    slices,
+    profile: Profile | str,
+    shape: Sequence[int],
+    brain: Sequence[bool] | Sequence[int] | None = None,
+    *,
+    only: Sequence[int] | None = None,
+    tta: bool = False,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Slices on the profile's grid -> (X, Y, Z) uint8 BraTS labels on the input grid ``shape``.
+
+    ``slices``: (Z, C, h, w) numpy or Zarr array (read one batch at a time). ``brain``: per slice,
+    truthy when it holds brain (e.g. the store's ``slice_brain`` counts); default: found from the
+    slices. Slices without brain are background and never reach the network. ``only``: predict
+    just these slice indices (the rest stay background).
+    """
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
+    h, w, z = (int(s) for s in shape)
+    if slices.shape[0] != z or tuple(slices.shape[2:]) != profile.slice_shape(h, w):
+        raise ValueError(f"slices {tuple(slices.shape)} do not fit profile {profile.name} on grid {(h, w, z)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    keep = np.asarray(brain, dtype=bool) if brain is not None else brain_slices(slices)
+    if only is not None:
+        keep = keep & np.isin(np.arange(z), np.asarray(only))
+    out = np.zeros((h, w, z), dtype=np.uint8)
+    todo = np.flatnonzero(keep)
+    for start in range(0, todo.size, batch_size):
+        idx = todo[start : start + batch_size]
+        batch = np.asarray(slices[idx[0] : idx[-1] + 1])[idx - idx[0]]  # contiguous read, numpy or Zarr
+        x = torch.from_numpy(batch.astype(np.float32, copy=False)).to(device)
+        probs = predict_probs(model, x, tta).cpu().numpy()
+        out[:, :, idx] = restore_grid(probs, profile, (h, w, idx.size))
+    return out
+
+
+def segment_case(model: UNet, case, profile: Profile | str, **kw) -> tuple[np.ndarray, dict]:
+    """A validated ``storage.nifti.Case`` -> ((X, Y, Z) BraTS labels on its grid, case attributes).
+
+    Preprocessed exactly as ingestion does (``preprocess_case``) with the model's profile.
+    """
+    profile = PROFILES[profile] if isinstance(profile, str) else profile
+    slices, _, attrs = preprocess_case(case, profile, dtype=np.float32)
+    labels = segment(model, slices, profile, attrs["shape"], attrs["slice_brain"], **kw)
+    return labels, attrs
+
+
+def volumes_ml(labels: np.ndarray, zooms: Sequence[float]) -> dict[str, float]:
+    """Tumour volumes in millilitres: regions WT/TC/ET and labels L1 (NCR/NET), L2 (ED), L4 (ET)."""
+    voxel_ml = float(np.prod(zooms)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=5)
+    per = {f"L{k}": int(counts[k]) for k in (1, 2, 4)}
+    out = {
+        "WT": per["L1"] + per["L2"] + per["L4"],
+        "TC": per["L1"] + per["L4"],
+        "ET": per["L4"],
+        **per,
+    }
+    return {k: round(v * voxel_ml, 3) for k, v in out.items()}
