@@ -46,12 +46,9 @@ def ingest(params: IngestParams) -> dict:
     by_future = dict(zip(futures, found.cases))
     with RunProgress(len(futures), "ingest-progress", "ingesting cases") as progress:
         for future in as_completed(futures):
-            future.wait()  # a Dask future knows its final state only once waited on
-            state = future.state
-            if state.is_completed():
+            try:
                 rows.append(future.result())
-            else:
-                exc = state.result(raise_on_failure=False)
+            except Exception as exc:  # the task's own error: invalid data, or I/O after its retries
                 quarantine.append({"case": by_future[future].case_id, "reason": str(exc)})
                 log.error("quarantined %s", exc)
             progress.advance()

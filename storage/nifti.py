@@ -49,6 +49,9 @@ class InvalidCase(ValueError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # crosses process boundaries (Dask workers) intact
+        return InvalidCase, (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class CaseFiles:
