@@ -1,0 +1,204 @@
+"""Training data: 2D slices of the slice store as a torch ``Dataset``, a resumable sampler, a loader.
+
+* ``SliceDataset``: random access to the slices of some cases (one Zarr chunk per sample: the
+  whole ``(1, 4, H, W)`` image chunk and the ``(1, H, W)`` label chunk). Slices without brain are
+  skipped by default, using the per-slice counts the store keeps in its case attributes, so
+  indexing reads no pixels. The store is opened lazily in each process that reads it (a
+  ``DataLoader`` worker gets the URL, never an open handle).
+* ``EpochSampler``: the order of an epoch is a function of ``(seed, epoch)`` only, optionally
+  oversampling slices with tumour; it yields keys ``(index, epoch, position)``, and a sample's
+  augmentation draws from ``default_rng([seed, epoch, position])``. So resuming at batch ``s`` of
+  epoch ``e`` (``set_epoch(e, start=s * batch)``) replays exactly the batches a run that never
+  stopped would have seen.
+* ``augment``: left-right flip, small rotation, per-channel intensity jitter on brain voxels.
+* ``make_loader``: worker processes (forkserver: safe beside Prefect's threads), pinned memory
+  for CUDA, a deep prefetch queue; images travel in the store's dtype (float16: half the bytes)
+  and labels as uint8, and become float32 / int64 on the device.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from storage.store import SliceStore
+
+
+@dataclass
+class AugmentConfig:
+    flip_lr: float = 0.5  # probability of a left-right flip (the brain is roughly symmetric)
+    rotate_degrees: float = 10.0  # rotation angle uniform in [-this, +this], bilinear / nearest
+    intensity_scale: float = 0.1  # per-channel gain uniform in 1 +- this (brain voxels only)
+    intensity_shift: float = 0.1  # per-channel offset uniform in +- this, in z-score units
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    case: str
+    z: int
+    tumour: int  # tumour voxels on the slice (0 when unlabeled)
+
+
+def index_slices(store: SliceStore, cases: list[str], skip_empty: bool = True) -> list[SliceRef]:
+    """Every slice of ``cases`` (those with brain only, by default), from the case attributes."""
+    refs = []
+    for case in cases:
+        a = store.attrs(case)
+        tumour = a.get("slice_tumour") or [0] * len(a["slice_brain"])
+        for z, (brain, t) in enumerate(zip(a["slice_brain"], tumour)):
+            if brain or not skip_empty:
+                refs.append(SliceRef(case, z, int(t)))
+    return refs
+
+
+def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
+    """Voxels per class 0..3 over the indexed slices (for ``unet.loss.class_weights_from_counts``)."""
+    counts = np.zeros(4, dtype=np.float64)
+    if not refs:
+        return counts
+    h, w = store.image(refs[0].case).shape[-2:]
+    counts[0] = len(refs) * h * w - sum(r.tumour for r in refs)
+    for case in sorted({r.case for r in refs}):
+        labels = store.attrs(case).get("label_voxels") or {}
+        counts[1:] += [labels.get("1", 0), labels.get("2", 0), labels.get("4", 0)]
+    return counts
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def augment(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(C, H, W) image and (H, W) classes -> the same, flipped / rotated / jittered. Background stays 0."""
+    out_dtype = image.dtype
+    image = image.astype(np.float32)
+    if rng.random() < cfg.flip_lr:
+        image, label = image[..., ::-1], label[..., ::-1]
+    angle = rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)
+    if abs(angle) >= 0.5:
+        image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="constant", cval=0.0)
+        label = ndimage.rotate(label, angle, axes=(0, 1), reshape=False, order=0, mode="constant", cval=0)
+    c = image.shape[0]
+    gain = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, (c, 1, 1))
+    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, (c, 1, 1))
+    brain = (image != 0).any(axis=0)
+    image = np.where(brain, image * gain + shift, 0.0)
+    return np.ascontiguousarray(image, dtype=out_dtype), np.ascontiguousarray(label)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class SliceDataset(Dataset):
+    """Slices of ``cases`` as ``(image (C, H, W) store dtype, label (H, W) uint8)`` tensor pairs.
+
+    Items are addressed by an int (no augmentation) or by a sampler key
+    ``(index, epoch, position)`` (augmented when ``augment`` is set, deterministically).
+    """
+
+    def __init__(
+        self,
+        store_url: str,
+        cases: list[str],
+        *,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        skip_empty: bool = True,
+        storage_options: dict | None = None,
+    ):
+        self.store_url, self.storage_options = store_url, storage_options
+        self.augment, self.seed = augment, seed
+        self._store: SliceStore | None = None
+        self._arrays: dict[str, tuple] = {}
+        self.refs = index_slices(self.store, list(cases), skip_empty)
+
+    @property
+    def store(self) -> SliceStore:
+        if self._store is None:  # first use in this process
+            self._store = SliceStore(self.store_url, storage_options=self.storage_options)
+        return self._store
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None, "_arrays": {}}  # workers open their own
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def _case(self, case: str) -> tuple:
+        if case not in self._arrays:
+            self._arrays[case] = (self.store.image(case), self.store.label(case))
+        return self._arrays[case]
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """One slice straight from the store: one image chunk, one label chunk."""
+        ref = self.refs[index]
+        image, label = self._case(ref.case)
+        lab = label[ref.z] if label is not None else np.zeros(image.shape[-2:], np.uint8)
+        return image[ref.z], lab
+
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
+        image, label = self.read(index)
+        if self.augment is not None and isinstance(key, tuple):
+            image, label = augment(image, label, self.augment, np.random.default_rng([self.seed, epoch, position]))
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
+
+
+# ----------------------------------------------------------------------------- sampler
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, epoch, position)``; the order is a pure function of ``(seed, epoch)``.
+
+    ``oversample_tumour = k > 1`` draws slices with tumour k times as often as the others (with
+    replacement); ``k == 1`` is a plain permutation. ``num_samples`` caps an epoch (default: all).
+    """
+
+    def __init__(self, tumour: list[bool], seed: int = 0, oversample_tumour: float = 1.0, num_samples: int | None = None):
+        self.tumour = np.asarray(tumour, dtype=bool)
+        self.seed, self.oversample = seed, float(oversample_tumour)
+        self.num_samples = min(num_samples or len(self.tumour), len(self.tumour))
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from position ``start`` (samples already seen are skipped)."""
+        self.epoch, self.start = epoch, start
+
+    def order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.tumour)
+        if self.oversample == 1.0:
+            return rng.permutation(n)[: self.num_samples]
+        p = np.where(self.tumour, self.oversample, 1.0)
+        return rng.choice(n, size=self.num_samples, replace=True, p=p / p.sum())
+
+    def __iter__(self):
+        order = self.order(self.epoch)
+        for position in range(self.start, len(order)):
+            yield int(order[position]), self.epoch, position
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def make_loader(dataset: SliceDataset, batch_size: int, *, sampler: Sampler | None = None, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A ``DataLoader`` that keeps an accelerator fed: ``workers`` processes, prefetching, pinning."""
+    methods = multiprocessing.get_all_start_methods()
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,  # the sampler decides the order (sequential when None)
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context=("forkserver" if "forkserver" in methods else "spawn") if workers > 0 else None,
+    )
