@@ -2,13 +2,16 @@
 
 A version's ``info.json`` (see ``storage/registry.py``) carries ``model`` (the ``UNetConfig``
 fields) and ``profile`` (the store's preprocessing profile), which is all inference needs.
+A training run also keeps its full state (``checkpoint.pt``) there, to resume after a kill.
 """
 
 from __future__ import annotations
 
 import io
+import random
 from dataclasses import asdict
 
+import numpy as np
 import torch
 
 from storage.registry import Registry
@@ -42,3 +45,49 @@ def load_model(registry: Registry, version: str | None = None, device: str | tor
     model = UNet(UNetConfig(**info["model"]))
     model.load_state_dict(from_bytes(registry.get(version, WEIGHTS), device))
     return model.to(device).eval(), info
+
+
+# ----------------------------------------------------------------------------- training state
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    """Every global RNG a training step may touch, as tensors and plain Python (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class RegistryCheckpoint:
+    """The training checkpoint of one registry version (``checkpoint.pt``), written atomically.
+
+    The state is a dict of tensors and plain Python (model, optimizer, scheduler, scaler, epoch,
+    step, RNG, history, ...; see ``unet.train.fit``), so loading needs no pickled code.
+    """
+
+    def __init__(self, registry: Registry, version: str, name: str = CHECKPOINT):
+        self.registry, self.version, self.name = registry, version, name
+
+    def save(self, state: dict) -> str:
+        return self.registry.put(self.version, self.name, to_bytes(state))
+
+    def load(self, device: str | torch.device = "cpu") -> dict | None:
+        """The last saved state, or None when this version has none yet."""
+        if not self.registry.exists(self.version, self.name):
+            return None
+        return from_bytes(self.registry.get(self.version, self.name), device)

@@ -1,0 +1,164 @@
+"""unet.train: the loop learns, validates, checkpoints, and resumes exactly after a kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storage.registry import Registry
+from storage.store import SliceStore
+from unet.checkpoint import RegistryCheckpoint, rng_state, set_rng_state
+from unet.data import SliceDataset, make_loader
+from unet.loss import CrossEntropy
+from unet.model import UNet, UNetConfig
+from unet.train import Callbacks, TrainConfig, autocast_dtype, fit, pick_device, train_step, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = UNetConfig(base_channels=4, depth=2, padding="same")
+SHORT = TrainConfig(epochs=2, batch_size=4, lr=3e-3, max_steps_per_epoch=6, max_val_batches=4, workers=0, checkpoint_every=2, class_weight_power=0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The test machine's cores are shared: one intra-op thread is faster here, and deterministic."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def weights_close(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float().cpu(), b[k].float().cpu(), atol=1e-5) for k in a)
+
+
+def test_device_and_precision_choice():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device().type in ("cuda", "mps", "cpu")
+    assert autocast_dtype(torch.device("cpu")) is None  # fp32 off CUDA
+    assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    with pytest.raises(ValueError):
+        autocast_dtype(torch.device("cpu"), "fp8")
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    a = (torch.rand(3), np.random.rand(3))
+    set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_a_few_steps_lower_the_loss(small_store):
+    ds = SliceDataset(small_store, SliceStore(small_store).split["train"])
+    tumour = sorted(range(len(ds)), key=lambda i: -ds.refs[i].tumour)[:8]
+    x, y = next(iter(make_loader(torch.utils.data.Subset(ds, tumour), 8)))
+    x = x.float()
+    torch.manual_seed(0)
+    model = UNet(TINY)
+    loss_fn = CrossEntropy()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [train_step(model, x, y, loss_fn, opt, sched, scaler, None, 1.0).item() for _ in range(20)]
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store):
+    model_cfg = UNetConfig(base_channels=8, depth=3, padding="same")
+    cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, class_weight_power=0.5, oversample_tumour=2.0, workers=0, checkpoint_every=0)
+    torch.manual_seed(cfg.seed)
+    untrained = UNet(model_cfg)
+    val = SliceDataset(small_store, SliceStore(small_store).split["val"])
+    before = validate(untrained, make_loader(val, 8), CrossEntropy(), torch.device("cpu"))
+    result = fit(small_store, model_cfg, cfg)
+    assert len(result.history) == 12 and result.resumed_from is None
+    assert before["dice_WT"] < 0.15
+    assert result.best["dice_WT"] > 0.4
+    assert result.history[-1]["train_loss"] < 0.5 * result.history[0]["train_loss"]
+    assert result.best["dice_mean"] == max(r["dice_mean"] for r in result.history)
+
+
+def test_checkpoint_every_n_steps_and_every_epoch(small_store, tmp_path):
+    registry = Registry(str(tmp_path / "models"))
+    version = registry.create({"status": "training"})
+    seen = []
+
+    class Record(Callbacks):
+        def on_checkpoint(self, epoch, step):
+            seen.append((epoch, step))
+
+    result = fit(small_store, TINY, SHORT, RegistryCheckpoint(registry, version), Record())
+    # 6 steps per epoch, every 2 steps (not at an epoch's last step: the epoch end saves it)
+    assert seen == [(0, 2), (0, 4), (1, 0), (1, 2), (1, 4), (2, 0)]
+    state = RegistryCheckpoint(registry, version).load()
+    assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 12)
+    assert weights_close(state["model"], result.model.state_dict())
+    assert [r["epoch"] for r in state["history"]] == [1, 2]
+    # a finished run called again resumes at its end: no step taken, same result
+    again = fit(small_store, TINY, SHORT, RegistryCheckpoint(registry, version))
+    assert again.resumed_from == (2, 0) and again.history == result.history
+    assert weights_close(again.model.state_dict(), result.model.state_dict())
+    with pytest.raises(ValueError, match="another model or training config"):
+        fit(small_store, TINY, TrainConfig(**{**SHORT.__dict__, "lr": 1e-2}), RegistryCheckpoint(registry, version))
+
+
+KILLED_RUN = """
+import sys, time, torch
+torch.set_num_threads(1)
+from storage.registry import Registry
+from unet.checkpoint import RegistryCheckpoint
+from unet.model import UNetConfig
+from unet.train import Callbacks, TrainConfig, fit
+
+class Slow(Callbacks):  # slow the run down so the test can kill it mid-epoch
+    def on_step(self, epoch, step, global_step):
+        time.sleep(0.4)
+
+store, root, version = sys.argv[1:4]
+fit(store, UNetConfig(**{model}), TrainConfig(**{cfg}), RegistryCheckpoint(Registry(root), version), Slow())
+"""
+
+
+def test_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(small_store, tmp_path):
+    registry = Registry(str(tmp_path / "models"))
+    version = registry.create({"status": "training"})
+    ckpt = RegistryCheckpoint(registry, version)
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(KILLED_RUN).replace("{model}", repr(TINY.__dict__)).replace("{cfg}", repr(SHORT.__dict__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(script), small_store, registry.root, version], env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = ckpt.load() if registry.exists(version, "checkpoint.pt") else None
+            if state is not None and state["global_step"] >= 4:  # epoch 0 step 4 or later: mid-run
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = ckpt.load()
+    assert killed_at["global_step"] < 12  # killed before the end
+
+    resumed = fit(small_store, TINY, SHORT, ckpt)
+    assert resumed.resumed_from == (killed_at["epoch"], killed_at["step"]) != (0, 0)
+    assert [r["epoch"] for r in resumed.history] == [1, 2] and resumed.history[-1]["steps"] == 12
+
+    straight = fit(small_store, TINY, SHORT)  # the same run, never interrupted
+    assert weights_close(resumed.model.state_dict(), straight.model.state_dict())
+    for a, b in zip(resumed.history, straight.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["dice_WT"] == pytest.approx(b["dice_WT"], abs=1e-4)

@@ -1,0 +1,296 @@
+"""Training loop for the U-Net on slices of the store: resumable, seeded, GPU-ready. No Prefect here.
+
+    data (unet.data) -> UNet (unet.model) -> cross-entropy (unet.loss) -> AdamW + one-cycle schedule
+    -> validation every epoch (loss, slice Dice WT/TC/ET) -> checkpoint every epoch and every N steps
+
+* Device: ``auto`` picks CUDA, then MPS, then CPU. On CUDA the step runs under bf16 autocast
+  (fp16 + ``GradScaler`` on GPUs without bf16) with channels_last tensors.
+* The loss is computed on whole slices in both padding modes: ``UNet.predict`` mirror-pads the
+  input so that a valid-padding network's output covers the slice (the paper's overlap-tile).
+* Resuming: the checkpoint holds model, optimizer, scheduler, scaler, RNG, epoch and step; the data
+  order and augmentation depend on (seed, epoch, position) only (``unet.data.EpochSampler``), so a
+  run resumed at step s of epoch e sees the very batches an uninterrupted run would have seen and
+  ends with the same weights.
+* Validation Dice pools all voxels of all validation slices per region (global slice Dice).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from storage.store import SliceStore
+from unet.checkpoint import rng_state, set_rng_state
+from unet.data import AugmentConfig, EpochSampler, SliceDataset, class_counts, make_loader
+from unet.loss import CrossEntropy, class_weights_from_counts
+from unet.metrics import CLASS_REGIONS
+from unet.model import UNet, UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3  # peak AdamW learning rate of the one-cycle schedule (warm-up, cosine decay)
+    weight_decay: float = 1e-4
+    warmup: float = 0.05  # fraction of all steps spent warming up
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    seed: int = 0
+    max_steps_per_epoch: int | None = None  # cap an epoch (short runs); None = every slice once
+    max_val_batches: int | None = None  # cap validation; None = every validation slice
+    oversample_tumour: float = 1.0  # draw slices with tumour this many times as often (1 = no)
+    skip_empty: bool = True  # leave out slices without brain
+    augment: bool = True  # flips, small rotations, intensity jitter (unet.data.AugmentConfig)
+    class_weight_power: float | None = None  # weight classes by (1/frequency)**power; None = plain CE
+    checkpoint_every: int = 200  # also checkpoint every N steps (0 = at epoch ends only)
+    workers: int = 4  # DataLoader worker processes
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    precision: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + scaler without bf16), fp32 elsewhere; or bf16/fp16/fp32
+    channels_last: bool = True  # on CUDA
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# fields that change how fast a run goes, not what it computes: a run may resume under other values
+RUNTIME_FIELDS = ("max_val_batches", "checkpoint_every", "workers", "device", "precision", "channels_last")
+
+
+def plan(cfg: TrainConfig) -> dict:
+    """The fields that define a run's result (what a checkpoint must agree with to be resumed)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a step, or None for plain fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if precision in ("fp16", "auto"):
+        return torch.float16
+    raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+
+
+class Callbacks:
+    """Hooks for the caller (progress bars, logs, artifacts). All no-ops here; override some."""
+
+    def on_start(self, total_steps: int, done_steps: int, resumed_from: tuple[int, int] | None) -> None: ...
+
+    def on_step(self, epoch: int, step: int, global_step: int) -> None: ...
+
+    def on_checkpoint(self, epoch: int, step: int) -> None: ...
+
+    def on_epoch(self, row: dict) -> None: ...
+
+
+@dataclass
+class FitResult:
+    model: UNet  # weights after the last step, eval mode
+    best_state: dict  # CPU state dict of the epoch with the best mean validation Dice
+    best: dict  # that epoch's history row
+    history: list[dict]  # one row per epoch
+    resumed_from: tuple[int, int] | None  # (epoch, step) of the checkpoint this call started from
+    device: str
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def to_device(batch, device: torch.device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image in the store dtype, uint8 label) from the loader -> (float32 image, label) on the device."""
+    x, y = batch
+    x = x.to(device, non_blocking=True).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp: torch.dtype | None, grad_clip: float) -> torch.Tensor:
+    """One optimizer step on a batch; returns the loss as a device tensor (no host sync)."""
+    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        loss = loss_fn(model.predict(x), y)  # logits over the whole slice, both padding modes
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, device, amp=None, channels_last=False, max_batches=None) -> dict:
+    """Mean loss and global Dice per region (WT/TC/ET) over the validation slices."""
+    was_training = model.training
+    model.eval()
+    members = {r: torch.tensor(c, device=device) for r, c in CLASS_REGIONS.items()}
+    counts = {r: torch.zeros(3, device=device) for r in CLASS_REGIONS}  # |P∩T|, |P|, |T|
+    loss_sum, n = torch.zeros((), device=device), 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = to_device(batch, device, channels_last)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits = model.predict(x)
+        loss_sum += loss_fn(logits, y) * len(x)
+        n += len(x)
+        pred = logits.argmax(1)
+        for r in CLASS_REGIONS:
+            p, t = torch.isin(pred, members[r]), torch.isin(y, members[r])
+            counts[r] += torch.stack([(p & t).sum(), p.sum(), t.sum()]).float()
+    model.train(was_training)
+    row = {"val_loss": loss_sum.item() / max(n, 1)}
+    for r, (inter, p, t) in ((r, c.tolist()) for r, c in counts.items()):
+        row[f"dice_{r}"] = 1.0 if p + t == 0 else 2 * inter / (p + t)
+    row["dice_mean"] = float(np.mean([row[f"dice_{r}"] for r in CLASS_REGIONS]))
+    return row
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None, callbacks: Callbacks | None = None, storage_options: dict | None = None) -> FitResult:
+    """Train on the store's train split, validate on its val split, resume from ``checkpoint``.
+
+    ``checkpoint``: anything with ``save(state)`` and ``load() -> state | None``
+    (``unet.checkpoint.RegistryCheckpoint``), or None to keep nothing.
+    """
+    callbacks = callbacks or Callbacks()
+    device = pick_device(cfg.device)
+    amp = autocast_dtype(device, cfg.precision)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # data
+    store = SliceStore(store_url, storage_options=storage_options)
+    split = store.split
+    if not split.get("train") or not split.get("val"):
+        raise ValueError(f"{store_url}: the store has no train/val split (run `brats ingest`)")
+    augment = AugmentConfig() if cfg.augment else None
+    train_set = SliceDataset(store_url, split["train"], augment=augment, seed=cfg.seed, skip_empty=cfg.skip_empty, storage_options=storage_options)
+    val_set = SliceDataset(store_url, split["val"], skip_empty=cfg.skip_empty, storage_options=storage_options)
+    if not len(train_set) or not len(val_set):
+        raise ValueError(f"{store_url}: no slices to train or validate on")
+    samples = len(train_set) if cfg.max_steps_per_epoch is None else min(len(train_set), cfg.max_steps_per_epoch * cfg.batch_size)
+    sampler = EpochSampler([r.tumour > 0 for r in train_set.refs], cfg.seed, cfg.oversample_tumour, samples)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_set, cfg.batch_size, sampler=sampler, workers=cfg.workers, pin_memory=pin)
+    val_loader = make_loader(val_set, cfg.batch_size, workers=min(cfg.workers, 2), pin_memory=pin)
+    steps_per_epoch = math.ceil(samples / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+
+    # model, loss, optimizer, schedule
+    model = UNet(model_cfg).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    weights = None if cfg.class_weight_power is None else class_weights_from_counts(class_counts(store, train_set.refs), cfg.class_weight_power)
+    loss_fn = CrossEntropy(weights).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup, cycle_momentum=False
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+
+    # resume
+    epoch, step, global_step, history, best, best_state = 0, 0, 0, [], {}, {}
+    epoch_loss = [0.0, 0]  # sum of batch losses, batches: survives a mid-epoch checkpoint
+    resumed_from = None
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        if state["model_config"] != asdict(model_cfg) or state["plan"] != plan(cfg):
+            raise ValueError("the checkpoint belongs to another model or training config; start afresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
+        history, best, best_state, epoch_loss = state["history"], state["best"], state["best_state"], state["epoch_loss"]
+        resumed_from = (epoch, step)
+
+    def save(epoch: int, step: int) -> None:
+        if checkpoint is None:
+            return
+        checkpoint.save({
+            "epoch": epoch, "step": step, "global_step": global_step, "epoch_loss": epoch_loss,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "history": history, "best": best, "best_state": best_state,
+            "model_config": asdict(model_cfg), "plan": plan(cfg),
+        })  # fmt: skip
+        callbacks.on_checkpoint(epoch, step)
+
+    callbacks.on_start(total_steps, global_step, resumed_from)
+    model.train()
+    for epoch in range(epoch, cfg.epochs):
+        sampler.set_epoch(epoch, start=step * cfg.batch_size)
+        loss_sum = torch.tensor(epoch_loss[0], device=device)
+        started, n_slices = time.perf_counter(), 0
+        for step, batch in enumerate(train_loader, start=step):
+            x, y = to_device(batch, device, channels_last)
+            loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
+            epoch_loss[1] += 1
+            global_step += 1
+            n_slices += len(x)
+            callbacks.on_step(epoch, step + 1, global_step)
+            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                epoch_loss[0] = loss_sum.item()
+                save(epoch, step + 1)
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "steps": global_step, "train_loss": loss_sum.item() / max(epoch_loss[1], 1)}
+        row |= validate(model, val_loader, loss_fn, device, amp, channels_last, cfg.max_val_batches)
+        row |= {"lr": scheduler.get_last_lr()[0], "slices_per_s": n_slices / seconds if seconds > 0 else 0.0}
+        history.append(row)
+        if not best or row["dice_mean"] > best["dice_mean"]:
+            best = row
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        step, epoch_loss = 0, [0.0, 0]
+        save(epoch + 1, 0)
+        callbacks.on_epoch(row)
+
+    del train_loader, val_loader  # stop worker processes now
+    return FitResult(model.eval(), best_state, best, history, resumed_from, str(device))
+
+
+# ----------------------------------------------------------------------------- a look at the result
+
+
+@torch.no_grad()
+def preview(model: UNet, dataset: SliceDataset, n: int = 3, device: str | torch.device = "cpu") -> list[dict]:
+    """Predictions on the ``n`` slices with the most tumour (at most one per case first)."""
+    order = sorted(range(len(dataset)), key=lambda i: -dataset.refs[i].tumour)
+    picked, cases = [], set()
+    for i in order:  # the largest tumour slice of each case, then the next largest overall
+        if dataset.refs[i].case not in cases:
+            picked.append(i)
+            cases.add(dataset.refs[i].case)
+    picked = (picked + [i for i in order if i not in picked])[:n]
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in picked:
+        image, label = dataset.read(i)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None].to(device)
+        pred = model.predict(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
+        ref = dataset.refs[i]
+        out.append({"case": ref.case, "z": ref.z, "image": np.asarray(image, np.float32), "truth": np.asarray(label), "pred": pred})
+    model.train(was_training)
+    return out
