@@ -16,14 +16,24 @@ volume would give there (``segment(..., only=[z])`` predicts one slice for a fig
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
 
+from storage.registry import Registry
+from unet.checkpoint import load_model
 from unet.model import UNet
 from unet.preprocess import PROFILES, Profile, preprocess_case, restore_grid
 
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # mirror TTA: none, W, H, both
+
+
+@lru_cache(maxsize=4)
+def cached_model(models: str, version: str, device: str = "cpu") -> tuple[UNet, dict]:
+    """``load_model`` once per process for (registry root, version, device); the model is shared
+    read-only by every thread that predicts with it. Pass a resolved version, not "best"."""
+    return load_model(Registry(models), version, device)
 
 
 @torch.inference_mode()

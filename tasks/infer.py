@@ -1,0 +1,136 @@
+"""Prefect task: one new scan -> ``<out>/<case>_seg.nii.gz`` + ``<out>/<case>.json``.
+
+Read and validated like ingestion (``read_case``), preprocessed with the model's recorded profile,
+predicted slice by slice (``unet.predict.segment_case``), written on the input's own grid with its
+affine and header. Both files are written atomically and the JSON comes last: it is the "done"
+marker, so a killed run leaves nothing half-written at an output path, and a rerun skips a case
+only when its JSON names the same model version, the same input sha256s and the same TTA setting.
+
+Retried on transient I/O errors (``OSError``), never on invalid data (``InvalidCase``).
+Also home of what both prediction flows share: device choice and the torch thread cap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from storage.nifti import CaseFiles, atomic_write_bytes, load_reference, read_case, sha256_file, write_segmentation
+from tasks.ingest import is_transient
+from unet.predict import cached_model, segment_case, volumes_ml
+
+# Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
+# predicts (torch, the remaining cores). More buys nothing on CPU; on a GPU it keeps it fed.
+CASES_AT_ONCE = 2
+
+
+def predict_runner() -> ThreadPoolTaskRunner:
+    """Threads, not processes: torch releases the GIL and the model is loaded once per process."""
+    return ThreadPoolTaskRunner(max_workers=CASES_AT_ONCE)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+@contextmanager
+def torch_threads(n: int | None = None):
+    """Cap torch's intra-op threads so that CASES_AT_ONCE cases share the cores, then restore."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or max(1, (os.cpu_count() or 1) // CASES_AT_ONCE))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
+    """(segmentation, record) paths of one case."""
+    return Path(out) / f"{case_id}_seg.nii.gz", Path(out) / f"{case_id}.json"
+
+
+def scans_only(case: CaseFiles) -> CaseFiles:
+    """Inference needs no segmentation; one lying beside the scans is neither read nor checked."""
+    return replace(case, files={k: v for k, v in case.files.items() if k != "seg"})
+
+
+def _done(case: CaseFiles, out: str, version: str, tta: bool) -> dict | None:
+    """The record of a finished earlier run by the same model on the same bytes, else None."""
+    seg, record = outputs(out, case.case_id)
+    if not (seg.is_file() and record.is_file()):
+        return None
+    try:
+        done = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    sha = {channel: sha256_file(path) for channel, path in case.files.items()}
+    same = done.get("model_version") == version and done.get("sha256") == sha and done.get("tta") == tta
+    return done if same else None
+
+
+@task(
+    name="infer-case",
+    task_run_name="infer-{case.case_id}",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=is_transient,
+    cache_policy=NONE,
+)
+def infer_case(
+    case: CaseFiles, out: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16
+) -> dict:
+    start = time.perf_counter()
+    case = scans_only(case)
+    done = _done(case, out, version, tta)
+    if done is not None:
+        return row(done, "skipped", time.perf_counter() - start)
+    scan = read_case(case)  # InvalidCase: a one-line reason, no retry
+    model, info = cached_model(models, version, device)
+    labels, attrs = segment_case(model, scan, info["profile"], tta=tta, batch_size=batch_size)
+    seg_path, record_path = outputs(out, case.case_id)
+    write_segmentation(labels, load_reference(case.files["flair"]), seg_path)  # the input's grid and header
+    record = {
+        "case": case.case_id,
+        "model_version": version,
+        "profile": info["profile"],
+        "tta": tta,
+        "segmentation": str(seg_path),
+        "inputs": case.files,
+        "sha256": scan.sha256,
+        "shape": attrs["shape"],
+        "zooms": attrs["zooms"],
+        "volumes_ml": volumes_ml(labels, scan.zooms),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
+    return row(record, "written", record["seconds"])
+
+
+def row(record: dict, status: str, seconds: float) -> dict:
+    """One line of the cases table."""
+    v = record["volumes_ml"]
+    return {
+        "case": record["case"],
+        "status": status,
+        "WT_ml": v["WT"],
+        "TC_ml": v["TC"],
+        "ET_ml": v["ET"],
+        "NCR_NET_ml": v["L1"],
+        "ED_ml": v["L2"],
+        "model": record["model_version"],
+        "seconds": round(seconds, 2),
+        "segmentation": record["segmentation"],
+    }
