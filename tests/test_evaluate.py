@@ -46,7 +46,7 @@ def test_evaluate_reports_metrics_artifacts_and_saves_them_with_the_model(prefec
             assert 0 <= r[f"dice_{region}"] <= 1 and r[f"hd95_{region}"] >= 0
             assert 0 <= r[f"sens_{region}"] <= 1 and 0 <= r[f"spec_{region}"] <= 1
     text = Artifact.get("evaluate-summary").data
-    assert "| Dice | mean |" in text and "| | median |" in text and "| | std |" in text
+    assert "| Dice | mean |" in text and "| HD95 (mm) | median |" in text and "| Specificity | std |" in text
     assert "**Warning:** 1 evaluated case(s) were training cases" in text
     assert text.count("data:image/png;base64,") == 2 and "## Best case" in text and "## Worst case" in text
 
