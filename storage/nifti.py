@@ -21,7 +21,6 @@ import hashlib
 import os
 import re
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +29,11 @@ import nibabel as nib
 import numpy as np
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order everywhere
+
+try:  # ISA-L inflates gzip ~2.5x faster than zlib; optional
+    from isal.igzip import decompress as _gunzip
+except ImportError:  # pragma: no cover
+    _gunzip = gzip.decompress
 NAMINGS = {
     # naming -> (file suffix per channel, seg suffix, BraTS label values: NCR, ED, ET)
     "brats2019": (dict(flair="flair", t1="t1", t1ce="t1ce", t2="t2"), "seg", (1, 2, 4)),
@@ -78,11 +82,20 @@ class Case:
     """A validated case in memory."""
 
     files: CaseFiles
-    image: np.ndarray  # (4, X, Y, Z) float32, channels in MODALITIES order
-    seg: np.ndarray | None  # (X, Y, Z) int16 BraTS labels, or None
+    volumes: dict[str, np.ndarray]  # flair, t1, t1ce, t2 -> (X, Y, Z) as stored (int16 usually), no copy
+    seg: np.ndarray | None  # (X, Y, Z) BraTS labels {0,1,2,4}, or None
     affine: np.ndarray  # 4x4
     zooms: tuple[float, float, float]
     sha256: dict[str, str]  # channel -> hex digest of the file's bytes
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.volumes[MODALITIES[0]].shape
+
+    @property
+    def image(self) -> np.ndarray:
+        """(4, X, Y, Z) float32 in channel order (a copy)."""
+        return np.stack([self.volumes[c].astype(np.float32) for c in MODALITIES])
 
 
 # ------------------------------------------------------------------ discovery
@@ -174,11 +187,15 @@ def sha256_file(path: str) -> str:
 
 
 def _decode(path: str, raw: bytes) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Bytes of a .nii or .nii.gz file -> (array, image), refusing anything short, absurd or not NIfTI."""
+    """Bytes of a .nii or .nii.gz file -> (array, image), refusing anything short, absurd or not NIfTI.
+
+    The array is a read-only view of the decompressed bytes (no copy); gzip is inflated with ISA-L
+    (``isal``), about 2.5x faster than zlib, when it is installed.
+    """
     if path.endswith(".gz"):
         try:
-            raw = gzip.decompress(raw)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raw = _gunzip(raw)
+        except Exception as e:  # in-memory inflate: any failure means a bad stream, not I/O
             raise InvalidCase(path, f"truncated or corrupt gzip stream ({e})") from None
     if len(raw) < 348:
         raise InvalidCase(path, f"not a NIfTI file ({len(raw)} bytes, a header alone is 348)")
@@ -194,10 +211,14 @@ def _decode(path: str, raw: bytes) -> tuple[np.ndarray, nib.Nifti1Image]:
     dtype = img.header.get_data_dtype()
     if dtype.kind not in "iuf":
         raise InvalidCase(path, f"unsupported voxel type {dtype}")
-    need = int(img.header["vox_offset"]) + int(np.prod(shape)) * dtype.itemsize
-    if len(raw) < need:
-        raise InvalidCase(path, f"truncated: header promises {need} bytes, file holds {len(raw)}")
-    return np.asanyarray(img.dataobj), img
+    proxy = img.dataobj  # nibabel resolves the data offset (extensions) and the scaling
+    offset, count = int(proxy.offset), int(np.prod(shape))
+    if len(raw) < offset + count * dtype.itemsize:
+        raise InvalidCase(path, f"truncated: header promises {offset + count * dtype.itemsize} bytes, file holds {len(raw)}")
+    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
+    if (proxy.slope, proxy.inter) != (1.0, 0.0):
+        arr = arr * np.float32(proxy.slope) + np.float32(proxy.inter)
+    return arr, img
 
 
 def read_case(case: CaseFiles) -> Case:
@@ -217,7 +238,7 @@ def read_case(case: CaseFiles) -> Case:
             if arr.dtype not in SEG_DTYPES:
                 raise InvalidCase(path, f"segmentation dtype {arr.dtype}; expected int16 or uint8")
             allowed = (0, *NAMINGS[case.naming][2])
-            present = np.flatnonzero(np.bincount(arr.ravel().view(arr.dtype.str.replace("i", "u"))))
+            present = np.flatnonzero(np.bincount(arr.ravel(order="K").view(arr.dtype.str.replace("i", "u"))))
             bad = np.setdiff1d(present.astype(arr.dtype), allowed)  # bincount: 3x faster than unique
             if bad.size:
                 raise InvalidCase(path, f"labels {bad.tolist()} outside {list(allowed)}")
@@ -227,15 +248,12 @@ def read_case(case: CaseFiles) -> Case:
             if not arr.any():
                 raise InvalidCase(path, f"{channel} is all zero: no brain")
         arrays[channel] = arr
-    image = np.stack([np.asarray(arrays[c], dtype=np.float32) for c in MODALITIES])
-    seg = None
-    if "seg" in arrays:
-        seg = np.asarray(arrays["seg"], dtype=np.int16)
-        if case.naming != "brats2019":  # canonical BraTS 2019 labels from here on
-            seg = np.where(seg == NAMINGS[case.naming][2][2], 4, seg).astype(np.int16)
+    seg = arrays.pop("seg", None)
+    if seg is not None and case.naming != "brats2019":  # canonical BraTS 2019 labels from here on
+        seg = np.where(seg == NAMINGS[case.naming][2][2], 4, seg).astype(seg.dtype)
     img = ref[1]
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return Case(case, image, seg, img.affine.copy(), zooms, sha)
+    return Case(case, arrays, seg, img.affine.copy(), zooms, sha)
 
 
 def load_reference(path: str) -> nib.Nifti1Image:

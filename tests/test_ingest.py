@@ -52,7 +52,7 @@ def _invalid(folder: Path, *needles: str) -> str:
 def test_real_case_reads_with_its_label_counts(real_case):
     case = read_case(discover(real_case).cases[0])
     assert case.files.case_id == "Brats18_2013_2_1"
-    assert case.image.shape == (4, 240, 240, 155)
+    assert case.shape == (240, 240, 155) and case.image.shape == (4, 240, 240, 155)
     values, counts = np.unique(case.seg, return_counts=True)
     assert dict(zip(values.tolist(), counts.tolist())) == REAL_COUNTS
     assert np.allclose(case.affine, [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from storage.nifti import MODALITIES
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -44,39 +46,74 @@ BRATS_TO_CLASS[[1, 2, 4]] = [1, 2, 3]
 CLASS_TO_BRATS = np.array([0, 1, 2, 4], dtype=np.uint8)
 
 
-def brain_mask(image: np.ndarray) -> np.ndarray:
-    """(4, X, Y, Z) -> (X, Y, Z) bool: nonzero in any modality."""
-    return np.any(image != 0, axis=0)
+def brain_mask(volumes) -> np.ndarray:
+    """Modalities (a (C, X, Y, Z) array or a sequence of (X, Y, Z)) -> (X, Y, Z) bool: nonzero in any."""
+    if all(v.dtype.kind in "iu" for v in volumes):  # integer scans: one OR pass per modality, one compare
+        acc = volumes[0].copy(order="K")
+        for v in volumes[1:]:
+            acc |= v
+        return acc != 0
+    mask = np.zeros(volumes[0].shape, dtype=bool)
+    for v in volumes:
+        mask |= v != 0
+    return mask
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    """Smallest box holding every True voxel, as slices (the brain is a small part of the grid)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(box)
+
+
+def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, list[float], list[float]]:
+    """Z-score each modality over the brain -> (Z, C, X, Y) slices, background exactly 0.
+
+    Work is confined to the brain's bounding box; brain voxels are the mask, and since voxels
+    outside it are zero in every modality, sums over the box are sums over the brain.
+    """
+    x, y, z = mask.shape
+    box = _bbox(mask)
+    inside = mask[box]
+    n = max(int(inside.sum()), 1)
+    out = np.zeros((z, len(volumes), x, y), dtype=dtype)
+    means, stds = [], []
+    for c, v in enumerate(volumes):
+        vb = v[box].astype(np.float32)
+        flat = vb.ravel(order="K")
+        mean = float(flat.sum(dtype=np.float64)) / n
+        std = float(np.sqrt(max(float(np.dot(flat, flat)) / n - mean * mean, 0.0))) or 1.0
+        vb -= mean
+        vb *= 1.0 / std
+        vb *= inside
+        out[box[2], c, box[0], box[1]] = vb.transpose(2, 0, 1)
+        means.append(mean)
+        stds.append(std)
+    return out, means, stds
 
 
 def normalize(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:
-    """Z-score each modality over the brain, in place; background 0. Returns (image, means, stds)."""
-    means, stds = [], []
-    for c in range(image.shape[0]):
-        v = image[c]
-        brain = v[mask]
-        mean, std = float(brain.mean()), float(brain.std())
-        std = std if std > 0 else 1.0
-        v -= mean
-        v /= std
-        v[~mask] = 0
-        means.append(mean)
-        stds.append(std)
-    return image, means, stds
+    """(C, X, Y, Z) -> the same, z-scored per modality over the brain; background 0."""
+    slices, means, stds = normalized_slices(image, mask)
+    return slices.transpose(1, 2, 3, 0), means, stds
+
+
+def apply_profile(slices: np.ndarray, profile: Profile, dtype=np.float16) -> np.ndarray:
+    """(Z, C, H, W) full-grid slices -> (Z, C, h, w): centre crop, then f x f mean pooling."""
+    z, c, h, w = slices.shape
+    y0, y1, x0, x1 = profile.crop_box(h, w)
+    f = profile.factor
+    sub = slices[:, :, y0:y1, x0:x1]
+    if f > 1:
+        sub = sub.reshape(z, c, (y1 - y0) // f, f, (x1 - x0) // f, f).mean(axis=(3, 5))
+    return np.ascontiguousarray(sub, dtype=dtype)
 
 
 def to_slices(volume: np.ndarray, profile: Profile, dtype=np.float16) -> np.ndarray:
     """(C, X, Y, Z) image -> (Z, C, h, w) slices under the profile."""
-    c, h, w, z = volume.shape
-    y0, y1, x0, x1 = profile.crop_box(h, w)
-    f = profile.factor
-    sub = volume[:, y0:y1, x0:x1, :]
-    if f > 1:
-        sub = sub.reshape(c, (y1 - y0) // f, f, (x1 - x0) // f, f, z).mean(axis=(2, 4))
-    out = np.empty((z, c, *sub.shape[1:3]), dtype=dtype)
-    for ch in range(c):
-        out[:, ch] = sub[ch].transpose(2, 0, 1)
-    return out
+    return apply_profile(np.ascontiguousarray(volume.transpose(3, 0, 1, 2)), profile, dtype)
 
 
 def to_label_slices(seg: np.ndarray, profile: Profile) -> np.ndarray:
@@ -124,28 +161,33 @@ def restore_grid(scores: np.ndarray, profile: Profile, shape: tuple[int, int, in
 
 def preprocess_case(case, profile: Profile, dtype=np.float16) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """A validated ``storage.nifti.Case`` -> (image slices, label slices or None, case attributes)."""
-    mask = brain_mask(case.image)
-    image, means, stds = normalize(case.image, mask)
-    slices = to_slices(image, profile, dtype)
+    volumes = [case.volumes[m] for m in MODALITIES]
+    mask = brain_mask(volumes)
+    full = profile.crop is None and profile.factor == 1
+    normed, means, stds = normalized_slices(volumes, mask, dtype if full else np.float32)
+    slices = normed if full else apply_profile(normed, profile, dtype)
     labels = to_label_slices(case.seg, profile) if case.seg is not None else None
-    brain_slices = to_slices(mask[None].astype(np.float32), profile, np.float32)[:, 0]
+    y0, y1, x0, x1 = profile.crop_box(*case.shape[:2])
+    brain_per_slice = mask[y0:y1, x0:x1].sum(axis=(0, 1))  # brain voxels per slice inside the crop, full res
+    label_counts = np.bincount(labels.ravel(), minlength=4) if labels is not None else None
     attrs = {
         "case_id": case.files.case_id,
         "grade": case.files.grade,
         "sources": {k: str(v) for k, v in case.files.files.items()},
         "sha256": case.sha256,
         "affine": case.affine.tolist(),
-        "shape": list(case.image.shape[1:]),
+        "shape": list(case.shape),
         "zooms": list(case.zooms),
         "profile": profile.name,
-        "crop_box": list(profile.crop_box(*case.image.shape[1:3])),
+        "crop_box": [y0, y1, x0, x1],
         "mean": means,
         "std": stds,
         "brain_voxels": int(mask.sum()),
-        "label_voxels": {str(k): int(v) for k, v in zip((1, 2, 4), np.bincount(case.seg.ravel().astype(np.uint16), minlength=5)[[1, 2, 4]])}
-        if case.seg is not None
-        else None,
-        "slice_brain": (brain_slices > 0).sum(axis=(1, 2)).tolist(),
+        "label_voxels": None if case.seg is None else {
+            str(k): int(v) for k, v in zip((1, 2, 4), np.bincount(case.seg.ravel(order="K").astype(np.uint8), minlength=5)[[1, 2, 4]])
+        },
+        "class_voxels": None if label_counts is None else label_counts.tolist(),  # on the profile's grid
+        "slice_brain": brain_per_slice.tolist(),
         "slice_tumour": (labels > 0).sum(axis=(1, 2)).tolist() if labels is not None else None,
     }
     return slices, labels, attrs

@@ -1,0 +1,26 @@
+# The two commands of the README: `make demo` (install + run the main job) and `make test`.
+# TORCH pins the CPU build where one is provided locally; on a GPU machine use e.g. TORCH="torch>=2.3".
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+
+.PHONY: install demo test bench
+
+$(BIN)/brats: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/brats
+
+demo: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/brats demo
+
+test: install
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/ingest.py
