@@ -190,7 +190,11 @@ class EpochSampler(Sampler):
 
 def make_loader(dataset: SliceDataset, batch_size: int, *, sampler: Sampler | None = None, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A ``DataLoader`` that keeps an accelerator fed: ``workers`` processes, prefetching, pinning."""
-    methods = multiprocessing.get_all_start_methods()
+    context = None
+    if workers > 0:  # not fork: the caller may run threads (Prefect, zarr's event loop)
+        context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        if context.get_start_method() == "forkserver":
+            context.set_forkserver_preload([__name__])  # workers fork with torch, zarr and this module imported
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -200,5 +204,5 @@ def make_loader(dataset: SliceDataset, batch_size: int, *, sampler: Sampler | No
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        multiprocessing_context=("forkserver" if "forkserver" in methods else "spawn") if workers > 0 else None,
+        multiprocessing_context=context,
     )

@@ -1,0 +1,211 @@
+"""Prefect tasks of the train stage: open a model version, train it resumably, promote the best.
+
+* ``open_version`` runs *before* training, so every retry of ``train_model`` writes into the same
+  version, and a restarted flow run finds the unfinished version (same store fingerprint, same
+  model and training plan, status ``training``) and continues it.
+* ``train_model`` (tag ``gpu``: a ``gpu`` concurrency limit caps how many run at once) calls
+  ``unet.train.fit`` with the version's checkpoint, so a retry resumes rather than restarts. It
+  logs a line per epoch, shows progress (UI + terminal bar), and leaves the weights, plots,
+  overlays, history table and a markdown summary.
+* ``promote_if_best`` marks the version inference uses by default: the best mean validation Dice.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import prefect
+import torch
+import zarr
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from storage.registry import Registry
+from storage.store import SliceStore
+from tasks.artifacts import RunProgress, key, markdown, png_markdown, table
+from tasks.plots import curves_png, overlay_png
+from unet.checkpoint import CHECKPOINT, RegistryCheckpoint, save_model
+from unet.data import SliceDataset
+from unet.model import UNet, UNetConfig
+from unet.train import Callbacks, TrainConfig, fit, plan, preview
+
+OVERLAYS = 3
+
+
+def package_versions() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "prefect": prefect.__version__, "numpy": np.__version__, "zarr": zarr.__version__}
+
+
+def is_retriable(task, task_run, state) -> bool:
+    """Bad input or config (ValueError & co.) fails at once; anything else (I/O, a lost GPU, a kill
+    of the process it ran in) is retried, and the retry resumes from the last checkpoint."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (ValueError, TypeError, KeyError, FileNotFoundError))
+
+
+# ----------------------------------------------------------------------------- version
+
+
+@task(name="open-version", retries=2, retry_delay_seconds=2, cache_policy=NONE)
+def open_version(models: str, store_url: str, model_cfg: dict, train_cfg: dict, fresh: bool = False) -> tuple[str, bool]:
+    """(version, reopened): the newest unfinished version of this very run, or a new one."""
+    store, registry = SliceStore(store_url), Registry(models)
+    if not store.split.get("train"):
+        raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
+    want = plan(TrainConfig.from_dict(train_cfg))
+    if not fresh:
+        same_run = [
+            info for info in registry.versions()
+            if info.get("status") == "training"
+            and info.get("store_fingerprint") == store.fingerprint
+            and info.get("model") == model_cfg
+            and plan(TrainConfig.from_dict(info.get("train_config", {}))) == want
+        ]  # fmt: skip
+        if same_run:  # the newest (version ids made in the same second do not sort by time)
+            return max(same_run, key=lambda info: info.get("created", 0))["version"], True
+    version = registry.create({
+        "status": "training", "model": model_cfg, "profile": store.profile, "store": store_url,
+        "store_fingerprint": store.fingerprint, "split": store.split, "train_config": train_cfg,
+        "metrics": {}, "history": [], "versions": package_versions(),
+    })  # fmt: skip
+    return version, False
+
+
+@task(name="promote-if-best", retries=2, retry_delay_seconds=1, cache_policy=NONE)
+def promote_if_best(models: str, version: str) -> bool:
+    """Mark ``version`` best when its mean validation Dice beats the current best's."""
+    registry = Registry(models)
+    score = lambda info: info.get("metrics", {}).get("dice_mean", -1.0)  # noqa: E731
+    current = registry.best()
+    try:
+        current_score = score(registry.info(current)) if current else None
+    except FileNotFoundError:  # BEST points at a version that was deleted
+        current_score = None
+    if current_score is None or score(registry.info(version)) > current_score:
+        registry.set_best(version)
+        return True
+    return False
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class _Report(Callbacks):
+    """Per-epoch log lines and info.json progress; a progress artifact and terminal bar."""
+
+    def __init__(self, registry: Registry, version: str, epochs: int):
+        self.registry, self.version, self.epochs = registry, version, epochs
+        self.log = get_run_logger()
+        self.progress, self.pending, self.every = None, 0, 1
+
+    def on_start(self, total_steps, done_steps, resumed_from):
+        if resumed_from:
+            self.log.info("%s: resumed from epoch %d step %d (%d/%d steps done)", self.version, resumed_from[0] + 1, resumed_from[1], done_steps, total_steps)
+        else:
+            self.log.info("%s: training from scratch, %d steps", self.version, total_steps)
+        self.progress = RunProgress(total_steps, "train-progress", f"training {self.version}")
+        self.every = max(1, total_steps // 100)  # the progress artifact: about 100 updates a run
+        if done_steps:
+            self.progress.advance(done_steps)
+
+    def on_step(self, epoch, step, global_step):
+        self.pending += 1
+        if self.pending >= self.every:
+            self.progress.advance(self.pending)
+            self.pending = 0
+
+    def on_epoch(self, row):
+        self.log.info(
+            "epoch %d/%d: train loss %.4f, val loss %.4f, Dice WT %.3f TC %.3f ET %.3f, %.1f slices/s",
+            row["epoch"], self.epochs, row["train_loss"], row["val_loss"], row["dice_WT"], row["dice_TC"], row["dice_ET"], row["slices_per_s"],
+        )  # fmt: skip
+        self.registry.update_info(self.version, epochs_done=row["epoch"], last_epoch=row)
+
+    def close(self):
+        if self.progress is not None:
+            if self.pending:
+                self.progress.advance(self.pending)
+            self.progress.close()
+
+
+@task(
+    name="train-model",
+    task_run_name="train-{version}",
+    tags={"gpu"},
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=is_retriable,
+    cache_policy=NONE,
+)
+def train_model(store_url: str, models: str, version: str, model_cfg: dict, train_cfg: dict) -> dict:
+    start = time.perf_counter()
+    registry = Registry(models)
+    cfg, mcfg = TrainConfig.from_dict(train_cfg), UNetConfig(**model_cfg)
+    report = _Report(registry, version, cfg.epochs)
+    try:
+        result = fit(store_url, mcfg, cfg, RegistryCheckpoint(registry, version), report)
+    finally:
+        report.close()
+
+    model = UNet(mcfg)
+    model.load_state_dict(result.best_state)  # the epoch with the best validation Dice
+    save_model(registry, version, model)
+    files = _figures(registry, version, model, result, store_url)
+    metrics = {
+        "best_epoch": result.best["epoch"],
+        **{k: result.best[k] for k in ("dice_WT", "dice_TC", "dice_ET", "dice_mean", "val_loss")},
+        "final_train_loss": result.history[-1]["train_loss"],
+    }
+    registry.update_info(version, status="complete", metrics=metrics, history=result.history, files=files, device=result.device)
+    summary = {
+        "version": version,
+        "registry": models,
+        "device": result.device,
+        "epochs": len(result.history),
+        "steps": result.history[-1]["steps"],
+        "resumed_from": list(result.resumed_from) if result.resumed_from else None,
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    _artifacts(registry, version, result, summary, files, model_cfg, train_cfg)
+    return summary
+
+
+def _figures(registry: Registry, version: str, model: UNet, result, store_url: str) -> dict[str, str]:
+    """Loss/Dice curves and overlays of the best model on validation slices, saved with the model."""
+    files = {"curves.png": registry.put(version, "curves.png", curves_png(result.history))}
+    val = SliceDataset(store_url, SliceStore(store_url).split["val"])
+    for i, s in enumerate(preview(model, val, OVERLAYS)):
+        name = f"overlay-{i + 1}.png"
+        png = overlay_png(s["image"], s["truth"], s["pred"], f"{s['case']} slice {s['z']}")
+        files[name] = registry.put(version, name, png)
+    return files
+
+
+def _link(url: str) -> str:
+    return url if "://" in url else Path(url).resolve().as_uri()
+
+
+def _artifacts(registry: Registry, version: str, result, summary: dict, files: dict, model_cfg: dict, train_cfg: dict) -> None:
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result.history]
+    table(rows, "train-epochs", f"Loss and validation Dice per epoch of {version}")
+    m = summary["metrics"]
+    lines = [
+        f"# Training → `{version}`", "",
+        f"Best epoch **{m['best_epoch']}** of {summary['epochs']}: validation Dice WT **{m['dice_WT']:.3f}**, "
+        f"TC **{m['dice_TC']:.3f}**, ET **{m['dice_ET']:.3f}** (mean {m['dice_mean']:.3f}); "
+        f"{summary['steps']} steps on `{summary['device']}` in {summary['seconds']} s"
+        + (f", resumed from epoch {summary['resumed_from'][0] + 1} step {summary['resumed_from'][1]}" if summary["resumed_from"] else "") + ".",
+        "", "| model | |", "|---|---|", *[f"| {k} | {v} |" for k, v in model_cfg.items()],
+        "", "| training | |", "|---|---|", *[f"| {k} | {v} |" for k, v in train_cfg.items()],
+        "", "## Files", "",
+        *[f"- [{name}]({_link(url)})" for name, url in {"weights.pt": registry.url(version, "weights.pt"), CHECKPOINT: registry.url(version, CHECKPOINT), **files}.items()],
+        "", "## Curves", "", png_markdown(registry.get(version, "curves.png"), "loss and Dice per epoch"),
+        "", "## Validation slices (best model)", "",
+        *[png_markdown(registry.get(version, name), name) for name in files if name.startswith("overlay-")],
+    ]  # fmt: skip
+    markdown("\n".join(lines), key("train-summary"), f"Training summary of {version}")

@@ -1,0 +1,134 @@
+"""The train flow for real: Prefect test API, the small synthetic store, a registry on disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from prefect.artifacts import Artifact
+
+from flows.cli import parser
+from flows.train import TrainParams, train
+from storage.registry import Registry
+from storage.store import SliceStore
+from tasks.train import open_version, promote_if_best, train_model
+from unet.checkpoint import RegistryCheckpoint, load_model
+from unet.train import Callbacks, fit
+
+TINY = dict(base_channels=4, depth=2, padding="same", epochs=2, batch_size=8, max_steps_per_epoch=3, checkpoint_every=2, workers=0, lr=3e-3)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cli(*argv: str) -> int:
+    args = parser().parse_args(list(argv))
+    return args.run(args)
+
+
+def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_store, tmp_path, capsys):
+    models = str(tmp_path / "models")
+    rc = cli("train", "--store", small_store, "--models", models, "--epochs", "2", "--base-channels", "4", "--depth", "2",
+             "--padding", "same", "--batch-size", "8", "--max-steps-per-epoch", "3", "--workers", "0", "--lr", "3e-3")  # fmt: skip
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    version = out["version"]
+    registry = Registry(models)
+    info = registry.info(version)
+    store = SliceStore(small_store)
+    assert info["status"] == "complete" and out["best"] is True and registry.best() == version
+    assert info["model"] == {"in_channels": 4, "num_classes": 4, "base_channels": 4, "depth": 2, "padding": "same", "norm": None}
+    assert info["profile"] == "full" and info["store"] == small_store
+    assert info["store_fingerprint"] == store.fingerprint and info["split"] == store.split
+    assert info["train_config"]["epochs"] == 2 and info["train_config"]["max_steps_per_epoch"] == 3
+    assert [r["epoch"] for r in info["history"]] == [1, 2] and info["history"][-1]["steps"] == 6
+    assert set(info["versions"]) == {"python", "torch", "prefect", "numpy", "zarr"}
+    assert info["metrics"]["dice_WT"] == out["metrics"]["dice_WT"] and 0 <= info["metrics"]["dice_mean"] <= 1
+    for name in ("curves.png", "overlay-1.png", "overlay-2.png", "overlay-3.png"):
+        assert registry.get(version, name).startswith(PNG), name
+    assert RegistryCheckpoint(registry, version).load()["epoch"] == 2
+    model, loaded = load_model(registry)  # the best version, weights_only
+    assert loaded["version"] == version
+    assert model.predict(torch.zeros(1, 4, 64, 64)).shape == (1, 4, 64, 64)
+
+    rows = Artifact.get("train-epochs").data
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [r["epoch"] for r in rows] == [1, 2]
+    summary = Artifact.get("train-summary").data
+    assert version in summary and "curves.png" in summary and "overlay-1.png" in summary
+    assert summary.count("](data:image/png;base64,") == 4  # curves + 3 overlays inline
+    assert Artifact.get("train-progress").data == 100.0
+
+    assert cli("models", "list", "--models", models) == 0
+    listing = capsys.readouterr().out
+    assert any(line.startswith("*") and version in line and "complete" in line for line in listing.splitlines())
+
+
+def test_restarted_flow_continues_the_unfinished_version(prefect_api, small_store, tmp_path):
+    params = TrainParams(store=small_store, models=str(tmp_path / "models"), **TINY)
+    model_cfg, train_cfg = asdict(params.unet_config()), asdict(params.train_config())
+    version, reopened = open_version.fn(params.models, small_store, model_cfg, train_cfg)
+    assert not reopened
+
+    class Crash(Callbacks):  # the first run dies at step 3, after its checkpoint at step 2
+        def on_step(self, epoch, step, global_step):
+            if global_step == 3:
+                raise RuntimeError("the machine went away")
+
+    with pytest.raises(RuntimeError):
+        fit(small_store, params.unet_config(), params.train_config(), RegistryCheckpoint(Registry(params.models), version), Crash())
+
+    result = train(params)  # a new flow run with the same parameters
+    assert result["version"] == version and result["resumed_from"] == [0, 2]
+    assert result["epochs"] == 2 and result["steps"] == 6
+    assert Registry(params.models).info(version)["status"] == "complete"
+    # finished versions are not reopened; --fresh or another plan never reopens
+    again, reopened = open_version.fn(params.models, small_store, model_cfg, train_cfg)
+    assert not reopened and again != version
+    fresh, reopened = open_version.fn(params.models, small_store, model_cfg, train_cfg, fresh=True)
+    assert not reopened and fresh not in (version, again)
+    other = {**train_cfg, "lr": 1e-2}
+    assert open_version.fn(params.models, small_store, model_cfg, other)[0] not in (version, again, fresh)
+    # the newest unfinished version of the same plan is reopened; runtime settings may differ
+    assert open_version.fn(params.models, small_store, model_cfg, {**train_cfg, "workers": 3}) == (fresh, True)
+
+
+def test_a_retried_task_resumes_from_its_checkpoint(prefect_api, small_store, tmp_path, monkeypatch):
+    params = TrainParams(store=small_store, models=str(tmp_path / "models"), **TINY)
+    model_cfg, train_cfg = asdict(params.unet_config()), asdict(params.train_config())
+    version, _ = open_version.fn(params.models, small_store, model_cfg, train_cfg)
+
+    real_put, saves = Registry.put, []
+
+    def flaky(self, version, name, data):  # the object store drops the second checkpoint write
+        if name == "checkpoint.pt":
+            saves.append(name)
+            if len(saves) == 2:
+                raise OSError("injected: connection reset by object store")
+        return real_put(self, version, name, data)
+
+    monkeypatch.setattr(Registry, "put", flaky)
+    state = train_model.with_options(retry_delay_seconds=0)(small_store, params.models, version, model_cfg, train_cfg, return_state=True)
+    assert state.is_completed(), state
+    summary = state.result()
+    assert summary["resumed_from"] == [0, 2]  # not a restart from step 0
+    assert summary["epochs"] == 2 and summary["steps"] == 6
+
+
+def test_best_version_is_the_best_validation_dice(tmp_path):
+    registry = Registry(str(tmp_path / "models"))
+    a = registry.create({"status": "complete", "metrics": {"dice_mean": 0.5}})
+    b = registry.create({"status": "complete", "metrics": {"dice_mean": 0.3}})
+    c = registry.create({"status": "complete", "metrics": {"dice_mean": 0.7}})
+    assert promote_if_best.fn(registry.root, a) and registry.best() == a
+    assert not promote_if_best.fn(registry.root, b) and registry.best() == a
+    assert promote_if_best.fn(registry.root, c) and registry.best() == c
+    assert cli("models", "best", a, "--models", registry.root) == 0 and registry.best() == a
