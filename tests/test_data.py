@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from storage.store import SliceStore
-from unet.data import AugmentConfig, EpochSampler, SliceDataset, augment, class_counts, index_slices, make_loader
+from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, augment_params, class_counts, index_slices, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_index_skips_slices_without_brain(small_store, train_cases):
     ds = SliceDataset(small_store, train_cases)
     assert len(ds) == brain
     for i in range(0, len(ds), 7):
-        image, _ = ds[i]
+        image, _, _ = ds[i]
         assert image.abs().sum() > 0  # every indexed slice has brain
     assert any(r.tumour > 0 for r in refs) and any(r.tumour == 0 for r in refs)
 
@@ -36,7 +36,7 @@ def test_items_are_the_store_slices(small_store, train_cases):
     store = SliceStore(small_store)
     ds = SliceDataset(small_store, train_cases)
     i = max(range(len(ds)), key=lambda k: ds.refs[k].tumour)
-    image, label = ds[i]
+    image, label, _ = ds[i]
     ref = ds.refs[i]
     assert image.shape == (4, 64, 64) and image.dtype == torch.float16
     assert label.shape == (64, 64) and label.dtype == torch.uint8
@@ -50,32 +50,38 @@ def test_items_are_the_store_slices(small_store, train_cases):
 def test_augmentation_is_a_function_of_the_key(small_store, train_cases):
     ds = SliceDataset(small_store, train_cases, augment=AugmentConfig(), seed=3)
     i = max(range(len(ds)), key=lambda k: ds.refs[k].tumour)
-    a1, l1 = ds[(i, 2, 5)]
-    a2, l2 = ds[(i, 2, 5)]
-    b, _ = ds[(i, 2, 6)]
-    plain, plain_label = ds[i]  # an int key: no augmentation
-    assert torch.equal(a1, a2) and torch.equal(l1, l2)
-    assert not torch.equal(a1, b) and not torch.equal(a1, plain)
-    assert a1.dtype == plain.dtype and a1.shape == plain.shape
-    assert set(np.unique(l1.numpy())) <= set(np.unique(plain_label.numpy()))
-    tumour = int((plain_label > 0).sum())
-    assert abs(int((l1 > 0).sum()) - tumour) < 0.2 * tumour  # a small rotation keeps the tumour size
+    image, label, p1 = ds[(i, 2, 5)]
+    _, _, p2 = ds[(i, 2, 5)]
+    _, _, other = ds[(i, 2, 6)]
+    plain_image, plain_label, identity = ds[i]  # an int key: no augmentation
+    assert torch.equal(image, plain_image) and torch.equal(label, plain_label)  # workers only read
+    assert torch.equal(p1, p2) and not torch.equal(p1, other)
+    assert torch.equal(identity, torch.from_numpy(augment_params(None, None)))
+    x, y = apply_augment(image[None].float(), label[None], p1[None])
+    assert x.shape == (1, 4, 64, 64) and y.dtype == torch.uint8 and not torch.equal(x[0], image.float())
+    assert set(y.unique().tolist()) <= set(label.unique().tolist())
+    tumour = int((label > 0).sum())
+    assert abs(int((y > 0).sum()) - tumour) < 0.2 * tumour  # a small rotation keeps the tumour size
+    x, y = apply_augment(image[None].float(), label[None], identity[None])
+    assert torch.allclose(x[0], image.float(), rtol=1e-4, atol=1e-4) and torch.equal(y[0], label)
 
 
-def test_augment_flip_and_jitter_keep_background_zero():
+def test_apply_augment_flips_exactly_and_keeps_background_zero():
     rng = np.random.default_rng(0)
-    image = np.zeros((4, 16, 16), np.float32)
-    image[:, 4:10, 2:8] = rng.normal(size=(4, 6, 6))
-    label = np.zeros((16, 16), np.uint8)
-    label[5:7, 3:5] = 2
-    flip = AugmentConfig(flip_lr=1.0, rotate_degrees=0.0, intensity_scale=0.0, intensity_shift=0.0)
-    out, out_label = augment(image, label, flip, rng)
-    np.testing.assert_array_equal(out, image[..., ::-1])
-    np.testing.assert_array_equal(out_label, label[..., ::-1])
+    image = torch.zeros(2, 4, 16, 16)
+    image[:, :, 4:10, 2:8] = torch.from_numpy(rng.normal(size=(2, 4, 6, 6))).float()
+    label = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    label[:, 5:7, 3:5] = 2
+    flip = torch.from_numpy(np.stack([augment_params(None, None)] * 2))
+    flip[0, 0] = 1.0  # flip the first sample only
+    x, y = apply_augment(image, label, flip)
+    assert torch.allclose(x[0], image[0].flip(-1), atol=1e-4) and torch.equal(y[0], label[0].flip(-1))
+    assert torch.allclose(x[1], image[1], atol=1e-4) and torch.equal(y[1], label[1])
     jitter = AugmentConfig(flip_lr=0.0, rotate_degrees=0.0, intensity_scale=0.2, intensity_shift=0.5)
-    out, _ = augment(image, label, jitter, rng)
-    assert (out[:, image.any(0) == 0] == 0).all()
-    assert not np.allclose(out, image)
+    params = torch.from_numpy(np.stack([augment_params(jitter, rng) for _ in range(2)]))
+    x, _ = apply_augment(image, label, params)
+    background = (image == 0).all(1, keepdim=True).expand_as(image)
+    assert (x[background] == 0).all() and not torch.allclose(x, image)
 
 
 def test_sampler_order_depends_on_seed_and_epoch_only_and_resumes():
@@ -114,5 +120,6 @@ def test_worker_processes_deliver_the_same_batches(small_store, train_cases):
     remote = list(loader)
     del loader
     assert len(local) == len(remote) == 3
-    for (x0, y0), (x1, y1) in zip(local, remote):
-        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    for (x0, y0, p0), (x1, y1, p1) in zip(local, remote):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(p0, p1)
+    assert x0.dtype == torch.float16 and y0.dtype == torch.uint8 and p0.shape == (len(x0), 10)

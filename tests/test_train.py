@@ -60,7 +60,7 @@ def test_rng_state_round_trip():
 def test_a_few_steps_lower_the_loss(small_store):
     ds = SliceDataset(small_store, SliceStore(small_store).split["train"])
     tumour = sorted(range(len(ds)), key=lambda i: -ds.refs[i].tumour)[:8]
-    x, y = next(iter(make_loader(torch.utils.data.Subset(ds, tumour), 8)))
+    x, y, _ = next(iter(make_loader(torch.utils.data.Subset(ds, tumour), 8)))
     x = x.float()
     torch.manual_seed(0)
     model = UNet(TINY)

@@ -10,7 +10,9 @@
   augmentation draws from ``default_rng([seed, epoch, position])``. So resuming at batch ``s`` of
   epoch ``e`` (``set_epoch(e, start=s * batch)``) replays exactly the batches a run that never
   stopped would have seen.
-* ``augment``: left-right flip, small rotation, per-channel intensity jitter on brain voxels.
+* Augmentation (left-right flip, small rotation, per-channel intensity jitter on brain voxels):
+  workers only draw its parameters; ``apply_augment`` runs on the device, a batch at a time, so the
+  CPU side is reading and decompressing chunks, nothing else.
 * ``make_loader``: worker processes (forkserver: safe beside Prefect's threads), pinned memory
   for CUDA, a deep prefetch queue; images travel in the store's dtype (float16: half the bytes)
   and labels as uint8, and become float32 / int64 on the device.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from storage.store import SliceStore
@@ -70,34 +72,54 @@ def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- augmentation
+#
+# Split in two so the CPU workers only read: a worker draws a sample's parameters (a few floats,
+# from its own seeded generator); ``apply_augment`` applies a whole batch of them on the device,
+# where one grid_sample over the batch is nearly free.
 
 
-def augment(image: np.ndarray, label: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(C, H, W) image and (H, W) classes -> the same, flipped / rotated / jittered. Background stays 0."""
-    out_dtype = image.dtype
-    image = image.astype(np.float32)
-    if rng.random() < cfg.flip_lr:
-        image, label = image[..., ::-1], label[..., ::-1]
-    angle = rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)
-    if abs(angle) >= 0.5:
-        image = ndimage.rotate(image, angle, axes=(1, 2), reshape=False, order=1, mode="constant", cval=0.0)
-        label = ndimage.rotate(label, angle, axes=(0, 1), reshape=False, order=0, mode="constant", cval=0)
-    c = image.shape[0]
-    gain = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, (c, 1, 1))
-    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, (c, 1, 1))
-    brain = (image != 0).any(axis=0)
-    image = np.where(brain, image * gain + shift, 0.0)
-    return np.ascontiguousarray(image, dtype=out_dtype), np.ascontiguousarray(label)
+def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None, channels: int = 4) -> np.ndarray:
+    """(2 + 2C,) float32: flip (0/1), angle (radians), gain per channel, shift per channel.
+
+    ``cfg`` None gives the identity (no flip, angle 0, gain 1, shift 0).
+    """
+    if cfg is None or rng is None:
+        return np.concatenate([[0.0, 0.0], np.ones(channels), np.zeros(channels)]).astype(np.float32)
+    flip = float(rng.random() < cfg.flip_lr)
+    angle = np.deg2rad(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees))
+    gain = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, channels)
+    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, channels)
+    return np.concatenate([[flip, angle], gain, shift]).astype(np.float32)
+
+
+def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch (N, C, H, W) float image, (N, H, W) classes, (N, 2 + 2C) params -> augmented, same device.
+
+    Left-right flip then rotation about the centre as one sampling grid (bilinear for the image,
+    nearest for the classes), then gain and shift on brain voxels; background stays exactly 0.
+    """
+    n, c = x.shape[:2]
+    params = params.to(x.device, torch.float32)
+    flip, angle, gain, shift = params[:, 0], params[:, 1], params[:, 2 : 2 + c], params[:, 2 + c : 2 + 2 * c]
+    cos, sin, mirror, zero = torch.cos(angle), torch.sin(angle), 1.0 - 2.0 * flip, torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos * mirror, -sin, zero], 1), torch.stack([sin * mirror, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta, [n, c + 1, *x.shape[-2:]], align_corners=False)
+    classes_and_brain = torch.stack([y.float(), (x != 0).any(1).float()], 1)
+    classes_and_brain = F.grid_sample(classes_and_brain, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brain = classes_and_brain[:, 1:] > 0
+    x = torch.where(brain, x * gain[:, :, None, None] + shift[:, :, None, None], torch.zeros((), device=x.device))
+    return x, classes_and_brain[:, 0].to(y.dtype)
 
 
 # ----------------------------------------------------------------------------- dataset
 
 
 class SliceDataset(Dataset):
-    """Slices of ``cases`` as ``(image (C, H, W) store dtype, label (H, W) uint8)`` tensor pairs.
+    """Slices of ``cases`` as ``(image (C, H, W) store dtype, label (H, W) uint8, params)`` tensors.
 
-    Items are addressed by an int (no augmentation) or by a sampler key
-    ``(index, epoch, position)`` (augmented when ``augment`` is set, deterministically).
+    Items are addressed by an int (identity params) or by a sampler key ``(index, epoch, position)``
+    (random params when ``augment`` is set, drawn from ``default_rng([seed, epoch, position])``).
     """
 
     def __init__(
@@ -140,12 +162,13 @@ class SliceDataset(Dataset):
         lab = label[ref.z] if label is not None else np.zeros(image.shape[-2:], np.uint8)
         return image[ref.z], lab
 
-    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, label, augmentation parameters for ``apply_augment``: identity for an int key)."""
         index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
         image, label = self.read(index)
-        if self.augment is not None and isinstance(key, tuple):
-            image, label = augment(image, label, self.augment, np.random.default_rng([self.seed, epoch, position]))
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
+        rng = np.random.default_rng([self.seed, epoch, position]) if isinstance(key, tuple) else None
+        params = augment_params(self.augment, rng, image.shape[0])
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)), torch.from_numpy(params)
 
 
 # ----------------------------------------------------------------------------- sampler

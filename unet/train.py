@@ -7,6 +7,7 @@
   (fp16 + ``GradScaler`` on GPUs without bf16) with channels_last tensors.
 * The loss is computed on whole slices in both padding modes: ``UNet.predict`` mirror-pads the
   input so that a valid-padding network's output covers the slice (the paper's overlap-tile).
+* Augmentation runs on the device (``unet.data.apply_augment``) with parameters the workers drew.
 * Resuming: the checkpoint holds model, optimizer, scheduler, scaler, RNG, epoch and step; the data
   order and augmentation depend on (seed, epoch, position) only (``unet.data.EpochSampler``), so a
   run resumed at step s of epoch e sees the very batches an uninterrupted run would have seen and
@@ -25,7 +26,7 @@ import torch
 
 from storage.store import SliceStore
 from unet.checkpoint import rng_state, set_rng_state
-from unet.data import AugmentConfig, EpochSampler, SliceDataset, class_counts, make_loader
+from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, class_counts, make_loader
 from unet.loss import CrossEntropy, class_weights_from_counts
 from unet.metrics import CLASS_REGIONS
 from unet.model import UNet, UNetConfig
@@ -113,13 +114,16 @@ class FitResult:
 # ----------------------------------------------------------------------------- one step
 
 
-def to_device(batch, device: torch.device, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image in the store dtype, uint8 label) from the loader -> (float32 image, label) on the device."""
-    x, y = batch
-    x = x.to(device, non_blocking=True).float()
+def to_device(batch, device: torch.device, channels_last: bool = False, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image in the store dtype, uint8 label, augmentation params) from the loader ->
+    (float32 image, label) on the device, augmented there when ``augment``."""
+    x, y, params = batch
+    x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
+    if augment:
+        x, y = apply_augment(x, y, params.to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    return x, y
 
 
 def train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp: torch.dtype | None, grad_clip: float) -> torch.Tensor:
@@ -245,7 +249,7 @@ def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None
         loss_sum = torch.tensor(epoch_loss[0], device=device)
         started, n_slices = time.perf_counter(), 0
         for step, batch in enumerate(train_loader, start=step):
-            x, y = to_device(batch, device, channels_last)
+            x, y = to_device(batch, device, channels_last, augment=cfg.augment)
             loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
             epoch_loss[1] += 1
             global_step += 1
