@@ -104,7 +104,7 @@ class _Report(Callbacks):
 
     def on_start(self, total_steps, done_steps, resumed_from):
         if resumed_from:
-            self.log.info("%s: resumed from epoch %d step %d (%d/%d steps done)", self.version, resumed_from[0] + 1, resumed_from[1], done_steps, total_steps)
+            self.log.info("%s: resumed at epoch %d step %d (%d/%d steps done)", self.version, resumed_from[0] + 1, resumed_from[1], done_steps, total_steps)
         else:
             self.log.info("%s: training from scratch, %d steps", self.version, total_steps)
         self.progress = RunProgress(total_steps, "train-progress", f"training {self.version}")
@@ -167,7 +167,7 @@ def train_model(store_url: str, models: str, version: str, model_cfg: dict, trai
         "device": result.device,
         "epochs": len(result.history),
         "steps": result.history[-1]["steps"],
-        "resumed_from": list(result.resumed_from) if result.resumed_from else None,
+        "resumed_from": {"epoch": result.resumed_from[0] + 1, "step": result.resumed_from[1]} if result.resumed_from else None,
         "metrics": metrics,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -199,7 +199,7 @@ def _artifacts(registry: Registry, version: str, result, summary: dict, files: d
         f"Best epoch **{m['best_epoch']}** of {summary['epochs']}: validation Dice WT **{m['dice_WT']:.3f}**, "
         f"TC **{m['dice_TC']:.3f}**, ET **{m['dice_ET']:.3f}** (mean {m['dice_mean']:.3f}); "
         f"{summary['steps']} steps on `{summary['device']}` in {summary['seconds']} s"
-        + (f", resumed from epoch {summary['resumed_from'][0] + 1} step {summary['resumed_from'][1]}" if summary["resumed_from"] else "") + ".",
+        + (f", resumed at epoch {summary['resumed_from']['epoch']} step {summary['resumed_from']['step']}" if summary["resumed_from"] else "") + ".",
         "", "| model | |", "|---|---|", *[f"| {k} | {v} |" for k, v in model_cfg.items()],
         "", "| training | |", "|---|---|", *[f"| {k} | {v} |" for k, v in train_cfg.items()],
         "", "## Files", "",

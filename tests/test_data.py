@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +128,47 @@ def test_worker_processes_deliver_the_same_batches(small_store, train_cases):
     for (x0, y0, p0), (x1, y1, p1) in zip(local, remote):
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(p0, p1)
     assert x0.dtype == torch.float16 and y0.dtype == torch.uint8 and p0.shape == (len(x0), 10)
+
+
+PID_SCRIPT = """
+import os, sys, time
+from torch.utils.data import Dataset
+from unet.data import make_loader
+
+class Pid(Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return os.getpid()
+
+if __name__ == "__main__":
+    loader = make_loader(Pid(), 1, workers=2)
+    print(*sorted({int(p) for p in loader}), flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_leave_when_the_trainer_is_killed(tmp_path):
+    script = tmp_path / "pids.py"
+    script.write_text(PID_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+    finally:
+        proc.kill()  # kill -9: no clean shutdown of the loader
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)

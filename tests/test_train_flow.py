@@ -87,7 +87,7 @@ def test_restarted_flow_continues_the_unfinished_version(prefect_api, small_stor
         fit(small_store, params.unet_config(), params.train_config(), RegistryCheckpoint(Registry(params.models), version), Crash())
 
     result = train(params)  # a new flow run with the same parameters
-    assert result["version"] == version and result["resumed_from"] == [0, 2]
+    assert result["version"] == version and result["resumed_from"] == {"epoch": 1, "step": 2}
     assert result["epochs"] == 2 and result["steps"] == 6
     assert Registry(params.models).info(version)["status"] == "complete"
     # finished versions are not reopened; --fresh or another plan never reopens
@@ -119,7 +119,7 @@ def test_a_retried_task_resumes_from_its_checkpoint(prefect_api, small_store, tm
     state = train_model.with_options(retry_delay_seconds=0)(small_store, params.models, version, model_cfg, train_cfg, return_state=True)
     assert state.is_completed(), state
     summary = state.result()
-    assert summary["resumed_from"] == [0, 2]  # not a restart from step 0
+    assert summary["resumed_from"] == {"epoch": 1, "step": 2}  # not a restart from step 0
     assert summary["epochs"] == 2 and summary["steps"] == 6
 
 

@@ -20,7 +20,11 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,6 +215,21 @@ class EpochSampler(Sampler):
 # ----------------------------------------------------------------------------- loader
 
 
+def _exit_with_trainer(trainer: int, worker_id: int) -> None:
+    """``worker_init_fn``: a forkserver worker's parent is the fork server, so torch's own check for
+    a dead parent misses a trainer killed with -9; poll the trainer and leave when it is gone."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(trainer, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def make_loader(dataset: SliceDataset, batch_size: int, *, sampler: Sampler | None = None, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A ``DataLoader`` that keeps an accelerator fed: ``workers`` processes, prefetching, pinning."""
     context = None
@@ -228,4 +247,5 @@ def make_loader(dataset: SliceDataset, batch_size: int, *, sampler: Sampler | No
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         multiprocessing_context=context,
+        worker_init_fn=functools.partial(_exit_with_trainer, os.getpid()) if workers > 0 else None,
     )
