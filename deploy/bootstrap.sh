@@ -1,0 +1,29 @@
+#!/bin/sh
+# Create the work pools and the "gpu" concurrency limit, then deploy every flow of deploy/prefect.yaml.
+# Idempotent: run it again after changing the yaml or a pool template.
+#
+#   PREFECT_API_URL=http://prefect:4200/api BRATS_REPO=/opt/brats BRATS_DATA=/data BRATS_STORAGE=/data \
+#       deploy/bootstrap.sh
+#
+# BRATS_GPU_POOL_TYPE: docker (default) or kubernetes, with deploy/work-pools/gpu-<type>.json as the
+# base job template; "process" makes the gpu pool a plain process pool (one GPU machine, or tests).
+set -eu
+
+cd "$(dirname "$0")/.."
+: "${PREFECT_API_URL:?set PREFECT_API_URL to the Prefect server, e.g. http://127.0.0.1:4200/api}"
+: "${BRATS_REPO:=$(pwd)}"
+: "${BRATS_DATA:?set BRATS_DATA to the data folder every worker sees (raw/, inbox/, segmentations/)}"
+: "${BRATS_STORAGE:=$BRATS_DATA}"
+export BRATS_REPO BRATS_DATA BRATS_STORAGE
+PREFECT="${PREFECT:-prefect}"
+GPU_TYPE="${BRATS_GPU_POOL_TYPE:-docker}"
+
+"$PREFECT" work-pool create cpu --type process --overwrite
+if [ "$GPU_TYPE" = process ]; then
+    "$PREFECT" work-pool create gpu --type process --overwrite
+else
+    "$PREFECT" work-pool create gpu --type "$GPU_TYPE" --base-job-template "deploy/work-pools/gpu-$GPU_TYPE.json" --overwrite
+fi
+# task runs tagged "gpu" (the train-model task): one at a time across all workers
+"$PREFECT" concurrency-limit create gpu "${BRATS_GPU_SLOTS:-1}"
+"$PREFECT" --no-prompt deploy --all --prefect-file deploy/prefect.yaml
