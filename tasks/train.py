@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np

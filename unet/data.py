@@ -13,9 +13,10 @@
 * Augmentation (left-right flip, small rotation, per-channel intensity jitter on brain voxels):
   workers only draw its parameters; ``apply_augment`` runs on the device, a batch at a time, so the
   CPU side is reading and decompressing chunks, nothing else.
-* ``make_loader``: worker processes (forkserver: safe beside Prefect's threads), pinned memory
-  for CUDA, a deep prefetch queue; images travel in the store's dtype (float16: half the bytes)
-  and labels as uint8, and become float32 / int64 on the device.
+* ``make_loader``: worker processes (forkserver: safe beside Prefect's threads; they exit when the
+  trainer dies, even by kill -9), pinned memory for CUDA, a deep prefetch queue; images travel in
+  the store's dtype (float16: half the bytes) and labels as uint8; the image becomes float32 on
+  the device.
 """
 
 from __future__ import annotations
