@@ -244,33 +244,34 @@ def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None
 
     callbacks.on_start(total_steps, global_step, resumed_from)
     model.train()
-    for epoch in range(epoch, cfg.epochs):
-        sampler.set_epoch(epoch, start=step * cfg.batch_size)
-        loss_sum = torch.tensor(epoch_loss[0], device=device)
-        started, n_slices = time.perf_counter(), 0
-        for step, batch in enumerate(train_loader, start=step):
-            x, y = to_device(batch, device, channels_last, augment=cfg.augment)
-            loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
-            epoch_loss[1] += 1
-            global_step += 1
-            n_slices += len(x)
-            callbacks.on_step(epoch, step + 1, global_step)
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                epoch_loss[0] = loss_sum.item()
-                save(epoch, step + 1)
-        seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "steps": global_step, "train_loss": loss_sum.item() / max(epoch_loss[1], 1)}
-        row |= validate(model, val_loader, loss_fn, device, amp, channels_last, cfg.max_val_batches)
-        row |= {"lr": scheduler.get_last_lr()[0], "slices_per_s": n_slices / seconds if seconds > 0 else 0.0}
-        history.append(row)
-        if not best or row["dice_mean"] > best["dice_mean"]:
-            best = row
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        step, epoch_loss = 0, [0.0, 0]
-        save(epoch + 1, 0)
-        callbacks.on_epoch(row)
-
-    del train_loader, val_loader  # stop worker processes now
+    try:
+        for epoch in range(epoch, cfg.epochs):
+            sampler.set_epoch(epoch, start=step * cfg.batch_size)
+            loss_sum = torch.tensor(epoch_loss[0], device=device)
+            started, n_slices = time.perf_counter(), 0
+            for step, batch in enumerate(train_loader, start=step):
+                x, y = to_device(batch, device, channels_last, augment=cfg.augment)
+                loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
+                epoch_loss[1] += 1
+                global_step += 1
+                n_slices += len(x)
+                callbacks.on_step(epoch, step + 1, global_step)
+                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                    epoch_loss[0] = loss_sum.item()
+                    save(epoch, step + 1)
+            seconds = time.perf_counter() - started
+            row = {"epoch": epoch + 1, "steps": global_step, "train_loss": loss_sum.item() / max(epoch_loss[1], 1)}
+            row |= validate(model, val_loader, loss_fn, device, amp, channels_last, cfg.max_val_batches)
+            row |= {"lr": scheduler.get_last_lr()[0], "slices_per_s": n_slices / seconds if seconds > 0 else 0.0}
+            history.append(row)
+            if not best or row["dice_mean"] > best["dice_mean"]:
+                best = row
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            step, epoch_loss = 0, [0.0, 0]
+            save(epoch + 1, 0)
+            callbacks.on_epoch(row)
+    finally:
+        del train_loader, val_loader  # stop the worker processes now, also on failure (a retry makes new ones)
     return FitResult(model.eval(), best_state, best, history, resumed_from, str(device))
 
 
