@@ -1,4 +1,5 @@
-"""The ``brats`` command. Each stage's flow module adds its own sub-command (``add_command``)."""
+"""The ``brats`` command. Each stage's flow module adds its own sub-command (``add_command``);
+one that runs flows gets a Prefect API for its whole duration (``flows.embedded.prefect_api``)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="brats", description="BraTS brain-tumour segmentation pipeline (Prefect 3)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # stage not built in this version
-                continue
-            raise
-        module.add_command(sub)
+        importlib.import_module(name).add_command(sub)
     return p
 
 
@@ -31,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = parser().parse_args(argv)
     try:
+        if not getattr(args, "api", True):  # file-only commands (synth, models) need no Prefect API
+            return args.run(args) or 0
         with prefect_api():
             return args.run(args) or 0
     except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback

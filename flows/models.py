@@ -52,7 +52,7 @@ def add_command(sub) -> None:
     action.add_parser("list", parents=[root], help="every version; * marks the one inference uses by default")
     action.add_parser("show", parents=[root], help="a version's info.json").add_argument("version", help="version id, best or latest")
     action.add_parser("best", parents=[root], help="make a version the default for inference").add_argument("version")
-    p.set_defaults(run=run_cli)
+    p.set_defaults(run=run_cli, api=False)
 
 
 def run_cli(args) -> int:

@@ -14,7 +14,7 @@ def add_command(sub) -> None:
     p.add_argument("--layout", choices=["brats", "flat"], default="brats")
     p.add_argument("--no-seg", action="store_true", help="write scans without segmentation (new scans)")
     p.add_argument("--prefix", default="BraTS19")
-    p.set_defaults(run=run_cli)
+    p.set_defaults(run=run_cli, api=False)
 
 
 def run_cli(args) -> int:

@@ -89,7 +89,7 @@ class Registry:
         for name in names:
             if name.startswith(VERSION_PREFIX) and self.exists(name, "info.json"):
                 out.append({**self.info(name), "best": name == best})
-        return out
+        return sorted(out, key=lambda i: (i.get("created", 0), i["version"]))  # ids made in one second tie
 
     def best(self) -> str | None:
         try:
