@@ -271,10 +271,10 @@ def sweep(params: SweepParams) -> dict:
             note = announced.get(cid, {})
             if is_done(scan, params.out, version, params.tta):
                 status = "done"
-            elif now - scan.newest < params.settle_s:
-                status = "arriving"
             elif note.get("signature") == scan.signature and now - note.get("at", 0) < params.grace_s:
                 status = "announced"
+            elif now - scan.newest < params.settle_s:
+                status = "arriving"
             else:
                 status = "pending"
                 pending.append(scan.path)

@@ -1,0 +1,408 @@
+"""Serving new scans, and the whole thing on a real Prefect server.
+
+Without a server: the watcher (complete = four modalities, unchanged across two polls; once per
+version of the files; state survives a restart) and the sweep flow (done / arriving / announced /
+pending).
+
+With a server: ``prefect server start`` on 127.0.0.1 (SQLite, its own PREFECT_HOME), the pools, the
+"gpu" concurrency limit and every deployment of deploy/prefect.yaml made by deploy/bootstrap.sh
+(the gpu pool as a process pool here), a process worker per pool. Then, for real: the ingest
+deployment runs on the cpu worker and its artifacts are read through the REST API; a training run
+in the gpu pool completes and its trigger starts the evaluation; ``brats submit`` emits
+``brats.scan.arrived`` and the triggered inference run writes the segmentation; the sweep
+deployment segments the scan left over and leaves the done one alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.events import EVENT, STATE_NAME, SweepParams, Watcher, save_state, scan_inbox, sweep
+from storage.nifti import MODALITIES
+from storage.registry import Registry
+from unet.checkpoint import save_model
+from unet.model import UNet, UNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def register(root: Path, seed: int = 0) -> str:
+    """A tiny untrained model ('full' profile) as the registry's best version."""
+    registry = Registry(str(root))
+    version = registry.create({"profile": "full", "status": "complete"})
+    torch.manual_seed(seed)
+    save_model(registry, version, UNet(UNetConfig(base_channels=4, depth=2, padding="same")))
+    registry.set_best(version)
+    return version
+
+
+def new_scan(src: Path, inbox: Path, name: str | None = None, channels=MODALITIES) -> Path:
+    """Copy a case's scans (no seg) into the inbox, renamed to ``name``."""
+    name = name or src.name
+    case = inbox / name
+    case.mkdir(parents=True, exist_ok=True)
+    for c in channels:
+        shutil.copyfile(src / f"{src.name}_{c}.nii.gz", case / f"{name}_{c}.nii.gz")
+    return case
+
+
+def sources(small_raw: Path) -> list[Path]:
+    return sorted(p for p in small_raw.glob("*/*") if p.is_dir())
+
+
+# ------------------------------------------------------------------ the watcher
+
+
+def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    src = sources(small_raw)
+    sent: list = []
+    watcher = Watcher(inbox, emit=sent.extend)
+
+    case = new_scan(src[0], inbox, "NEW_001", channels=MODALITIES[1:])  # flair not there yet
+    assert watcher.poll() == [] and watcher.poll() == [] and sent == []
+    new_scan(src[0], inbox, "NEW_001", channels=["flair"])
+    assert watcher.poll() == []  # complete, but seen once: it may still be growing
+    assert [s.case.case_id for s in watcher.poll()] == ["NEW_001"]
+    (event,) = sent
+    assert event.event == EVENT == "brats.scan.arrived"
+    assert event.resource.id == "brats.scan.NEW_001"
+    assert event.payload["path"] == str(case.resolve()) and event.payload["case"] == "NEW_001"
+    assert event.payload["naming"] == "brats2019" and set(event.payload["files"]) == set(MODALITIES)
+    assert watcher.poll() == [] and len(sent) == 1  # once
+
+    restarted = Watcher(inbox, emit=sent.extend)  # the state file remembers
+    assert restarted.poll() == [] and restarted.poll() == [] and len(sent) == 1
+    assert json.loads((inbox / STATE_NAME).read_text())["emitted"]["NEW_001"]["path"] == str(case.resolve())
+
+    # a scan still being written is not announced until its sizes stop changing
+    growing = new_scan(src[1], inbox, "NEW_002")
+    (inbox / ".upload-NEW_003").mkdir()  # hidden: a sender assembling a case
+    new_scan(src[2], inbox / ".upload-NEW_003", "NEW_003")
+    assert restarted.poll() == []
+    with open(growing / "NEW_002_t2.nii.gz", "ab") as f:
+        f.write(b"\0" * 10)
+    assert restarted.poll() == []
+    assert [s.case.case_id for s in restarted.poll()] == ["NEW_002"]
+
+    # the same case with new files is a new scan: announced again, once
+    t1 = case / "NEW_001_t1.nii.gz"
+    os.utime(t1, ns=(t1.stat().st_atime_ns, t1.stat().st_mtime_ns + 10**9))
+    assert restarted.poll() == []
+    assert [s.case.case_id for s in restarted.poll()] == ["NEW_001"] and restarted.poll() == []
+    assert [e.resource.id for e in sent] == ["brats.scan.NEW_001", "brats.scan.NEW_002", "brats.scan.NEW_001"]
+
+
+def test_watcher_does_not_forget_a_scan_when_the_api_is_down(small_raw, tmp_path):
+    inbox = tmp_path / "inbox"
+    new_scan(sources(small_raw)[0], inbox, "NEW_001")
+    sent: list = []
+
+    def flaky(events):
+        if not sent:
+            sent.append("refused")
+            raise OSError("connection refused")
+        sent.extend(events)
+
+    watcher = Watcher(inbox, emit=flaky)
+    assert watcher.poll() == []
+    with pytest.raises(OSError):
+        watcher.poll()
+    assert not (inbox / STATE_NAME).exists()
+    assert [s.case.case_id for s in watcher.poll()] == ["NEW_001"]  # the next poll delivers it
+    assert sent[1].resource.id == "brats.scan.NEW_001"
+
+
+# ------------------------------------------------------------------ the sweep flow
+
+
+def test_sweep_segments_what_is_missing_and_only_that(prefect_api, small_raw, tmp_path):
+    models, out, inbox = tmp_path / "models", tmp_path / "out", tmp_path / "inbox"
+    version = register(models)
+    src = sources(small_raw)
+    for i in range(3):
+        new_scan(src[i], inbox, f"NEW_00{i}")
+    complete, _ = scan_inbox(inbox)
+    announced = complete["NEW_002"]  # the watcher announced this one a moment ago: its run is on its way
+    save_state(inbox / STATE_NAME, {"NEW_002": {"path": announced.path, "signature": announced.signature, "at": time.time()}})
+    params = dict(inbox=[str(inbox)], out=str(out), models=str(models), settle_s=0.0)
+
+    state = sweep(SweepParams(**params), return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert (summary["pending"], summary["announced"], summary["written"], summary["model"]) == (2, 1, 2, version)
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["NEW_000_seg.nii.gz", "NEW_001_seg.nii.gz"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    new_scan(src[3], inbox, "NEW_003")  # still arriving
+    summary = sweep(SweepParams(**{**params, "settle_s": 3600.0}), return_state=True).result()
+    assert (summary["done"], summary["announced"], summary["arriving"], summary["pending"]) == (2, 1, 1, 0)
+    assert summary["written"] == 0 and not (out / "NEW_003.json").exists()
+
+    summary = sweep(SweepParams(**{**params, "grace_s": 0.0}), return_state=True).result()  # the watcher's run never came
+    assert (summary["done"], summary["pending"], summary["written"]) == (2, 2, 2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in stamps} == stamps  # nothing done twice
+    record = json.loads((out / "NEW_003.json").read_text())
+    assert record["model_version"] == version and record["inputs"]["flair"] == str(inbox / "NEW_003" / "NEW_003_flair.nii.gz")
+
+
+# ------------------------------------------------------------------ a real server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM each process group, then SIGKILL what is still there after the grace period."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+class Stack:
+    """The running server, its workers, their logs, and a REST client."""
+
+    def __init__(self, api: str, env: dict, data: Path, logs: Path):
+        import httpx
+
+        self.api, self.env, self.data, self.logs = api, env, data, logs
+        self.http = httpx.Client(base_url=api, timeout=30)
+
+    def get(self, path: str):
+        r = self.http.get(path)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, body: dict):
+        r = self.http.post(path, json=body)
+        r.raise_for_status()
+        return r.json()
+
+    def deployment(self, name: str) -> dict:
+        return self.get(f"/deployments/name/{name}")
+
+    def run(self, deployment: str, params: dict) -> str:
+        return self.post(f"/deployments/{self.deployment(deployment)['id']}/create_flow_run", {"parameters": {"params": params}})["id"]
+
+    def runs_of(self, deployment: str) -> list[dict]:
+        return self.post("/flow_runs/filter", {"deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}}})
+
+    def artifacts(self, flow_run_id: str) -> dict[str, dict]:
+        return {a["key"]: a for a in self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}) if a["key"]}
+
+    def wait(self, flow_run_id: str, timeout: float = 150) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.get(f"/flow_runs/{flow_run_id}")
+            if run["state"]["type"] in TERMINAL:
+                assert run["state"]["type"] == "COMPLETED", f"{run['name']}: {run['state']['message']}\n{self.tail()}"
+                return run
+            if time.monotonic() > deadline:
+                raise AssertionError(f"flow run {run['name']} still {run['state']['name']} after {timeout}s\n{self.tail()}")
+            time.sleep(1)
+
+    def until(self, what: str, check, timeout: float = 150):
+        deadline = time.monotonic() + timeout
+        while not (found := check()):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} after {timeout}s\n{self.tail()}")
+            time.sleep(1)
+        return found
+
+    def tail(self, n: int = 4000) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-n:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, small_raw):
+    """Server + bootstrap.sh (pools, concurrency limit, deployments) + one process worker per pool."""
+    base = tmp_path_factory.mktemp("server")
+    home, data, logs = base / "prefect-home", base / "data", base / "logs"
+    for d in (home, data / "raw", data / "inbox", logs):
+        d.mkdir(parents=True)
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BRATS_"))}
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_API_URL": api,  # a port other than 4200: the UI must be told where its API is
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "BRATS_REPO": str(ROOT),
+        "BRATS_DATA": str(data),
+        "BRATS_STORAGE": str(data),
+        "BRATS_GPU_POOL_TYPE": "process",
+        "BRATS_DASK_WORKERS": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    })
+    shutil.copytree(small_raw, data / "raw", dirs_exist_ok=True)
+    register(data / "models")
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        out = open(logs / f"{name}.log", "wb")
+        p = subprocess.Popen([str(BIN / "prefect"), *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    stack = Stack(api, env, data, logs)
+    try:
+        server = start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if stack.http.get("/health").status_code == 200:
+                    break
+            except Exception:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, f"the server did not come up\n{stack.tail()}"
+            time.sleep(0.5)
+        # the workers start beside bootstrap.sh (a pool not made yet is made as a process pool)
+        start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process", "--name", "cpu-1")
+        start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process", "--name", "gpu-1")
+        boot = subprocess.run([str(ROOT / "deploy" / "bootstrap.sh")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        (logs / "bootstrap.log").write_text(boot.stdout + boot.stderr)
+        assert boot.returncode == 0, stack.tail()
+        yield stack
+    finally:
+        stop(procs[1:])  # the workers first, while their server still answers
+        stop(procs[:1])
+
+
+@pytest.fixture(scope="module")
+def launched(stack, small_store, small_raw):
+    """Start the slow runs at once, so that they overlap: ingest (cpu), training (gpu), a submitted scan."""
+    new = [new_scan(src, stack.data / "inbox", f"NEW_00{i}") for i, src in enumerate(sources(small_raw)[:2])]
+    runs = {
+        "ingest": stack.run("ingest/nightly", {"raw": [str(stack.data / "raw")], "store": str(stack.data / "slices.zarr"), "profile": "full"}),
+        "train": stack.run("train/gpu", {
+            "store": small_store, "models": str(stack.data / "trained"), "base_channels": 4, "depth": 2, "padding": "same",
+            "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "max_val_batches": 1, "workers": 0,
+        }),
+    }
+    submit = subprocess.Popen([str(BIN / "brats"), "submit", str(new[0])], env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield runs, new, submit
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+        submit.communicate()
+
+
+@pytest.mark.slow
+def test_deployments_pools_and_triggers_are_on_the_server(stack):
+    deployments = {f"{d['name']}": d for d in stack.post("/deployments/filter", {})}
+    assert set(deployments) == {"nightly", "gpu", "after-train", "scans", "inbox", "default"}
+    pools = {d["name"]: d["work_pool_name"] for d in deployments.values()}
+    assert pools == {"nightly": "cpu", "gpu": "gpu", "after-train": "cpu", "scans": "cpu", "inbox": "cpu", "default": "gpu"}
+    for d in deployments.values():  # typed parameters: the UI renders a form from the pydantic model
+        (model,) = d["parameter_openapi_schema"]["definitions"].values()
+        assert f"#/definitions/{model['title']}" in json.dumps(d["parameter_openapi_schema"]["properties"]["params"])
+        assert model["properties"] and model["title"].endswith("Params")
+        assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+    assert deployments["nightly"]["parameters"]["params"]["raw"] == [str(stack.data / "raw")]
+    assert [s["schedule"].get("cron") for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
+    assert [s["schedule"].get("interval") for s in deployments["inbox"]["schedules"]] == [1800]
+    assert deployments["scans"]["global_concurrency_limit"]["limit"] == 1
+
+    assert {p["name"]: p["type"] for p in stack.post("/work_pools/filter", {})}.items() >= {"cpu": "process", "gpu": "process"}.items()
+    assert stack.get("/concurrency_limits/tag/gpu")["concurrency_limit"] == 1
+    automations = {a["name"]: a for a in stack.post("/automations/filter", {})}
+    scan = automations["segment arrived scan"]
+    assert scan["trigger"]["expect"] == ["brats.scan.arrived"] and scan["trigger"]["match"] == {"prefect.resource.id": "brats.scan.*"}
+    (action,) = scan["actions"]
+    assert action["deployment_id"] == deployments["scans"]["id"]
+    assert action["parameters"]["params"]["inputs"] == ["{{ event.payload.path }}"]  # rendered by the server per event
+    trained = automations["evaluate after training"]
+    assert trained["trigger"]["expect"] == ["prefect.flow-run.Completed"]
+    assert trained["actions"][0]["deployment_id"] == deployments["after-train"]["id"]
+
+    ui = stack.http.get(stack.api.removesuffix("/api") + "/ui-settings").json()
+    assert ui["api_url"] == stack.api
+
+
+@pytest.mark.slow
+def test_ingest_deployment_runs_on_the_worker_and_its_artifacts_are_readable(stack, launched):
+    runs, _, _ = launched
+    run = stack.wait(runs["ingest"])
+    assert run["work_pool_name"] == "cpu" and run["parameters"]["params"]["profile"] == "full"
+    artifacts = stack.artifacts(run["id"])
+    assert {"ingest-summary", "ingest-cases", "ingest-quarantine"} <= set(artifacts)
+    cases = json.loads(artifacts["ingest-cases"]["data"]) if isinstance(artifacts["ingest-cases"]["data"], str) else artifacts["ingest-cases"]["data"]
+    assert sorted(r["status"] for r in cases) == ["ingested"] * 6
+    assert "| ingested | 6 |" in artifacts["ingest-summary"]["data"]
+    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert sum(t["name"].startswith("ingest-") and t["state_type"] == "COMPLETED" for t in tasks) == 6
+
+    from storage.store import SliceStore
+
+    assert len(SliceStore(str(stack.data / "slices.zarr")).case_ids()) == 6
+
+
+@pytest.mark.slow
+def test_a_training_run_in_the_gpu_pool_triggers_its_evaluation(stack, launched, small_store):
+    runs, _, _ = launched
+    run = stack.wait(runs["train"])
+    assert run["work_pool_name"] == "gpu"
+    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert ["gpu" in t["tags"] for t in tasks if t["name"].startswith("train-")] == [True]  # under the "gpu" limit
+
+    evaluation = stack.until("evaluation run", lambda: stack.runs_of("evaluate/after-train"))
+    assert len(evaluation) == 1
+    evaluation = stack.wait(evaluation[0]["id"])
+    assert evaluation["parameters"]["params"]["store"] == small_store
+    assert evaluation["parameters"]["params"]["models"] == str(stack.data / "trained")
+    (version,) = Registry(str(stack.data / "trained")).versions()
+    assert "evaluation" in Registry(str(stack.data / "trained")).info(version["version"])
+
+
+@pytest.mark.slow
+def test_a_submitted_scan_is_segmented_by_the_triggered_run_and_the_sweep_does_the_rest(stack, launched):
+    _, new, submit = launched
+    stdout, stderr = submit.communicate(timeout=180)
+    assert submit.returncode == 0, stderr
+    assert f"emitted brats.scan.arrived NEW_000 {new[0]}" in stdout
+    out = stack.data / "segmentations"
+    (run,) = stack.until("inference run", lambda: stack.runs_of("infer/scans"))
+    run = stack.wait(run["id"])
+    assert run["parameters"]["params"]["inputs"] == [str(new[0])]  # from the event's payload
+    assert run["parameters"]["params"]["out"] == str(out)
+    record = json.loads((out / "NEW_000.json").read_text())
+    assert record["inputs"]["flair"] == str(new[0] / "NEW_000_flair.nii.gz")
+    assert (out / "NEW_000_seg.nii.gz").is_file() and not (out / "NEW_001.json").exists()
+    stamp = (out / "NEW_000_seg.nii.gz").stat().st_mtime_ns
+
+    swept = stack.wait(stack.run("sweep/inbox", {"inbox": [str(stack.data / "inbox")], "out": str(out), "models": str(stack.data / "models"), "settle_s": 0}))
+    table = stack.artifacts(swept["id"])["sweep-cases"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {r["case"]: r["status"] for r in table} == {"NEW_000": "done", "NEW_001": "pending"}
+    assert (out / "NEW_001_seg.nii.gz").is_file()
+    assert (out / "NEW_000_seg.nii.gz").stat().st_mtime_ns == stamp  # not segmented twice
+    assert len(stack.runs_of("infer/scans")) == 1
