@@ -9,6 +9,13 @@ Layouts accepted (``discover``)::
 Any case-folder name made of letters, digits, ``._-`` is a case id (``BraTS19_…``, ``Brats18_…``,
 ``BraTS20_…`` alike). ``naming="brats2021"`` reads the 2021+ names (``t2f, t1n, t1c, t2w``, ET label 3).
 
+Discovery survives what a real disk holds: a symlink loop or a dangling link is a problem named by
+its path, not a silent skip or a hang; a name that is not UTF-8 is refused as an unsafe case id and
+shown with ``\\xNN`` escapes (messages stay printable, JSON-safe one-liners); a case id is a full
+match of ``CASE_ID`` (no path separators, no ``..``, no trailing newline). With several roots, an
+empty or unreadable one is reported as a problem and the others are still read; when nothing at
+all is found, discovery raises ``FileNotFoundError`` naming every root and why.
+
 Every problem with a case is an ``InvalidCase`` whose message is one line: ``<file>: <reason>``.
 Reading never trusts the header blindly: the data size the header promises is checked against the
 bytes actually there before any array is allocated, so a truncated or absurd file costs nothing.
@@ -16,6 +23,7 @@ bytes actually there before any array is allocated, so a truncated or absurd fil
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
@@ -40,18 +48,28 @@ NAMINGS = {
     "brats2021": (dict(flair="t2f", t1="t1n", t1ce="t1c", t2="t2w"), "seg", (1, 2, 3)),
 }
 GRADES = ("HGG", "LGG")
-CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 MAX_DIM = 1024  # larger is not a brain MRI; refuse before allocating
 AFFINE_ATOL = 1e-3
 SEG_DTYPES = (np.dtype(np.int16), np.dtype(np.uint8))
 
 
+def shown(path: str | os.PathLike) -> str:
+    """A path as a printable one-line string: bytes that are not UTF-8 become ``\\xNN``, newlines ``\\n``."""
+    text = os.fspath(path)
+    try:
+        text = os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeError:  # a lone surrogate that did not come from the file system
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\n", "\\n").replace("\r", "\\r")
+
+
 class InvalidCase(ValueError):
-    """Invalid input data: never retried; the message names the file and the reason."""
+    """Invalid input data: never retried; the message names the file and the reason, on one line."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = shown(path), " ".join(str(reason).split())
+        super().__init__(f"{self.path}: {self.reason}")
 
     def __reduce__(self):  # crosses process boundaries (Dask workers) intact
         return InvalidCase, (self.path, self.reason)
@@ -101,11 +119,30 @@ class Case:
 # ------------------------------------------------------------------ discovery
 
 
+def _unreachable(path: Path) -> str | None:
+    """Why a path that is there cannot be followed (a symlink loop, a dangling link), else None."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links)"
+        if path.is_symlink():
+            return f"broken symlink to {shown(os.readlink(path))}"
+        return None if e.errno == errno.ENOENT else f"cannot read ({e.strerror or e})"
+    if path.is_symlink() and path.is_dir():  # a folder link back to itself or an ancestor: a loop in the tree
+        target, parent = path.resolve(), path.parent.resolve()
+        if target == parent or target in parent.parents:
+            return f"symlink loop (points back to {shown(target)})"
+    return None
+
+
 def _nifti(folder: Path, stem: str) -> Path | None:
     for ext in (".nii.gz", ".nii"):
         p = folder / f"{stem}{ext}"
         if p.is_file():
             return p
+        if os.path.lexists(p) and (why := _unreachable(p) or "not a regular file"):
+            raise InvalidCase(p, why)
     return None
 
 
@@ -123,8 +160,10 @@ def case_files(folder: str | Path, grade: str | None = None, naming: str = "brat
     """The files of one case folder; raises InvalidCase for an unsafe name or a missing modality."""
     folder = Path(folder)
     case_id = folder.name
-    if not CASE_ID.match(case_id) or ".." in case_id:
-        raise InvalidCase(folder, f"unsafe case id {case_id!r}: use letters, digits and . _ - only")
+    if not CASE_ID.fullmatch(case_id) or ".." in case_id:
+        raise InvalidCase(folder, f"unsafe case id '{shown(case_id)}': use letters, digits and . _ - only")
+    if why := _unreachable(folder):
+        raise InvalidCase(folder, why)
     suffixes, seg_suffix, _ = NAMINGS[naming]
     files: dict[str, str] = {}
     for channel in MODALITIES:
@@ -138,23 +177,37 @@ def case_files(folder: str | Path, grade: str | None = None, naming: str = "brat
     return CaseFiles(case_id, files, grade, naming)
 
 
+def _listing(folder: Path) -> list[Path]:
+    """A folder's entries by name; OSError when it cannot be listed (missing, a file, unreadable, a loop)."""
+    return sorted(folder.iterdir(), key=lambda p: p.name)
+
+
 def discover(*roots: str | Path, naming: str = "brats2019") -> Discovery:
-    """Find every case under the given roots. Root-level problems raise; case-level ones are collected."""
+    """Find every case under the given roots. Case-level problems are collected; so are those of a root
+    that is empty or cannot be read, as long as another root yields something; else FileNotFoundError."""
     if naming not in NAMINGS:
         raise ValueError(f"unknown naming {naming!r}; choose one of {sorted(NAMINGS)}")
     found = Discovery()
     seen: dict[str, str] = {}
+    unusable: list[InvalidCase] = []  # roots that gave nothing at all
     for root in map(Path, roots):
         try:
-            entries = sorted(root.iterdir(), key=lambda p: p.name)
+            entries = _listing(root)
         except OSError as e:
-            raise FileNotFoundError(f"{root}: cannot read raw root ({e.strerror or e})") from None
+            unusable.append(InvalidCase(root, f"cannot read raw root ({e.strerror or e})"))
+            continue
+        problems_before = len(found.problems)
         folders: list[tuple[Path, str | None]] = []
         if _is_case_dir(root, naming):
             folders.append((root, None))
         for entry in entries:
-            if entry.name in GRADES and entry.is_dir():
-                folders += [(p, entry.name) for p in sorted(entry.iterdir(), key=lambda p: p.name) if p.is_dir()]
+            if why := _unreachable(entry):
+                found.problems.append(InvalidCase(entry, why))
+            elif entry.name in GRADES and entry.is_dir():
+                try:
+                    folders += [(p, entry.name) for p in _listing(entry) if p.is_dir() or _unreachable(p)]
+                except OSError as e:
+                    found.problems.append(InvalidCase(entry, f"cannot read grade folder ({e.strerror or e})"))
             elif entry.is_dir() and _is_case_dir(entry, naming):
                 folders.append((entry, None))
         for folder, grade in folders:
@@ -164,13 +217,16 @@ def discover(*roots: str | Path, naming: str = "brats2019") -> Discovery:
                 found.problems.append(e)
                 continue
             if case.case_id in seen:
-                found.problems.append(InvalidCase(folder, f"case id {case.case_id} also found at {seen[case.case_id]}; skipped both copies"))
+                found.problems.append(InvalidCase(folder, f"case id {case.case_id} also found at {shown(seen[case.case_id])}; skipped both copies"))
                 found.cases = [c for c in found.cases if c.case_id != case.case_id]
                 continue
             seen[case.case_id] = str(folder)
             found.cases.append(case)
-        if not folders and not found.problems:
-            raise FileNotFoundError(f"{root}: no BraTS cases found (expected HGG/ and LGG/ folders or case folders)")
+        if not folders and len(found.problems) == problems_before:
+            unusable.append(InvalidCase(root, "no BraTS cases found (expected HGG/ and LGG/ folders or case folders)"))
+    if unusable and not found.cases and not found.problems:
+        raise FileNotFoundError("; ".join(map(str, unusable)))
+    found.problems += unusable
     return found
 
 
