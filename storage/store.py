@@ -15,22 +15,55 @@ compresses the zeros around the brain away at near-memcpy speed (see benchmarks/
 Atomicity: a case group is created with ``complete: false``, its arrays are written, and only then
 ``complete: true`` is set. Readers list only complete cases, so a killed writer never leaves a half
 case that looks whole; the next ingest overwrites it. The store is a local path or any fsspec URL.
+
+Concurrency (two ingestions, or two Dask workers, writing the same case at once): on a local store
+``write_case`` holds an exclusive ``flock`` on ``<store>/.locks/<case_id>.lock`` from creating the
+group to setting ``complete``, so writers of one case take turns and the last one's case stands
+whole; without it, writer B's ``overwrite`` could delete A's arrays and A then mark B's half-written
+arrays complete. An older copy of the case is marked incomplete before it is deleted, so a reader
+never finds it complete while its arrays go (a reader that must be sure re-reads the attrs after the
+arrays: the same complete attrs before and after mean it read one whole copy). Writers of different
+cases never wait for each other. The kernel drops a lock when its holder dies (even by ``kill -9``),
+so there are no stale locks; the empty lock files stay. Root attrs (schema, profile, split,
+fingerprint) change under a store-wide lock the same way, from a fresh read, so two first ingestions
+cannot record two profiles nor undo each other's keys. Locks hold between processes of one machine
+and on shared file systems with working ``flock`` (local disks; NFSv4). On object storage
+(``s3://``, ``gs://``, …) there is no lock and no atomic rename: run one ingestion per store at a
+time; if two do write one case at once, the last writer wins and, since both write the same bytes
+for the same inputs, the case normally ends whole, but for a moment (or for good, if a writer dies
+in that moment) it can be marked complete over the other writer's unfinished arrays. Case ids are
+checked (``storage.nifti.CASE_ID``) before they become keys or lock-file names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec
+from zarr.errors import ContainsGroupError
+
+from storage.nifti import CASE_ID
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking, as on object storage
+    fcntl = None
 
 SCHEMA = 1
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 WRITE = {"write_empty_chunks": True}  # inside a shard an empty chunk costs bytes; checking costs 2x the write
+LOCKS = ".locks"  # <store>/.locks/<case_id>.lock (local stores); outside the cases/ group readers list
+STORE_LOCK = "_store"  # not a valid case id, so never a case's lock
 
 
 def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
@@ -47,8 +80,10 @@ class SliceStore:
             self.root = open_root(self.url, mode, storage_options)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}: no slice store here (run `brats ingest` first)") from None
+        except ContainsGroupError:  # another process created the store this very moment: open theirs
+            self.root = open_root(self.url, mode, storage_options)
         if mode != "r" and "schema" not in self.root.attrs:
-            self.root.attrs.update({"schema": SCHEMA})
+            self._update_root(lambda attrs: {} if "schema" in attrs else {"schema": SCHEMA})
         elif self.root.attrs.get("schema", SCHEMA) != SCHEMA:
             raise ValueError(f"{self.url}: store schema {self.root.attrs.get('schema')} but this code reads {SCHEMA}")
 
@@ -60,11 +95,14 @@ class SliceStore:
 
     def claim_profile(self, profile: str) -> None:
         """Record the preprocessing profile, refusing to mix two in one store."""
-        have = self.profile
-        if have is None:
-            self.root.attrs["profile"] = profile
-        elif have != profile:
-            raise ValueError(f"{self.url}: store holds profile {have!r}, not {profile!r}; use another store")
+
+        def claim(attrs: dict) -> dict:
+            have = attrs.get("profile")
+            if have not in (None, profile):
+                raise ValueError(f"{self.url}: store holds profile {have!r}, not {profile!r}; use another store")
+            return {"profile": profile}
+
+        self._update_root(claim)
 
     @property
     def split(self) -> dict[str, list[str]]:
@@ -85,8 +123,16 @@ class SliceStore:
             a = self.attrs(case_id)
             digest.update(json.dumps([case_id, a["sha256"], a["profile"]], sort_keys=True).encode())
         fp = digest.hexdigest()[:16]
-        self.root.attrs.update({"split": split, "fingerprint": fp, "quarantine": list(quarantine)})
+        self._update_root(lambda attrs: {"split": split, "fingerprint": fp, "quarantine": list(quarantine)})
         return fp
+
+    def _update_root(self, change) -> None:
+        """Read-modify-write of the root attrs under the store lock, from a fresh read: ``change(attrs)``
+        returns the keys to set. Another process's keys are never overwritten by a stale copy."""
+        with self._lock(STORE_LOCK):
+            self.root = open_root(self.url, "r+", self.storage_options)
+            if update := change(dict(self.root.attrs)):
+                self.root.attrs.update(update)
 
     # ------------------------------------------------------------ cases
 
@@ -128,18 +174,57 @@ class SliceStore:
             return None
 
     def write_case(self, case_id: str, image: np.ndarray, label: np.ndarray | None, attrs: dict) -> None:
-        """Write (or replace) one case; it becomes visible only when everything is on disk."""
-        group = self.root.create_group(f"cases/{case_id}", overwrite=True, attributes={"complete": False})
-        z, c, h, w = image.shape
-        group.create_array("image", data=image, chunks=(1, c, h, w), shards=(z, c, h, w), compressors=COMPRESSOR, config=WRITE)
-        if label is not None:
-            group.create_array("label", data=label, chunks=(1, h, w), shards=(z, h, w), compressors=COMPRESSOR, config=WRITE)
-        group.attrs.update({**_jsonable(attrs), "complete": True})
+        """Write (or replace) one case; it becomes visible only when everything is on disk.
+
+        On a local store, writers of the same case take turns (see the module docstring)."""
+        _check_id(self.url, case_id)
+        with self._lock(case_id):
+            try:  # an older copy: hide it before deleting it, so no reader takes a half-deleted case for whole
+                self.root[f"cases/{case_id}"].attrs.update({"complete": False})
+            except KeyError:
+                pass
+            group = self.root.create_group(f"cases/{case_id}", overwrite=True, attributes={"complete": False})
+            z, c, h, w = image.shape
+            group.create_array("image", data=image, chunks=(1, c, h, w), shards=(z, c, h, w), compressors=COMPRESSOR, config=WRITE)
+            if label is not None:
+                group.create_array("label", data=label, chunks=(1, h, w), shards=(z, h, w), compressors=COMPRESSOR, config=WRITE)
+            group.attrs.update({**_jsonable(attrs), "complete": True})
 
     def delete_case(self, case_id: str) -> None:
-        cases = self._cases()
-        if cases is not None and case_id in cases:
-            del cases[case_id]
+        _check_id(self.url, case_id)
+        with self._lock(case_id):
+            cases = self._cases()
+            if cases is not None and case_id in cases:
+                del cases[case_id]
+
+    # ------------------------------------------------------------ locking
+
+    def local_path(self) -> Path | None:
+        """The store's folder when it is on the local file system (lockable), else None."""
+        fs, path = url_to_fs(self.url, **(self.storage_options or {}))
+        return Path(path) if isinstance(fs, LocalFileSystem) else None
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        """Hold ``<store>/.locks/<name>.lock`` exclusively (flock); a no-op off the local file system."""
+        root = self.local_path()
+        if root is None or fcntl is None:
+            yield
+            return
+        path = root / LOCKS / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other writer; released on close or death
+            yield
+        finally:
+            os.close(fd)
+
+
+def _check_id(url: str, case_id: str) -> None:
+    """A case id must be safe as a key and a file name: no separators, no ``..``, nothing hidden."""
+    if not isinstance(case_id, str) or not CASE_ID.fullmatch(case_id) or ".." in case_id:
+        raise ValueError(f"{url}: unsafe case id {case_id!r}: use letters, digits and . _ - only")
 
 
 def _jsonable(obj: Any) -> Any:

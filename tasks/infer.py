@@ -2,7 +2,8 @@
 
 Read and validated like ingestion (``read_case``), preprocessed with the model's recorded profile,
 predicted slice by slice (``unet.predict.segment_case``), written on the input's own grid with its
-affine and header. Both files are written atomically and the JSON comes last: it is the "done"
+affine and header. Both files are written atomically, under an output-folder lock (two runs of one
+case at once leave one segmentation and its own record), and the JSON comes last: it is the "done"
 marker, so a killed run leaves nothing half-written at an output path, and a rerun skips a case
 only when its JSON names the same model version, the same input sha256s and the same TTA setting.
 
@@ -12,6 +13,7 @@ Also home of what both prediction flows share: device choice and the torch threa
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -55,6 +57,19 @@ def torch_threads(n: int | None = None):
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def writing(folder: Path):
+    """One writer of outputs at a time in ``folder`` (an flock on the folder itself, no lock file left),
+    so that a segmentation and its record stay a pair when two runs segment the same case at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
@@ -101,21 +116,23 @@ def infer_case(
     model, info = cached_model(models, version, device)
     labels, attrs = segment_case(model, scan, info["profile"], tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)
-    write_segmentation(labels, load_reference(case.files["flair"]), seg_path)  # the input's grid and header
-    record = {
-        "case": case.case_id,
-        "model_version": version,
-        "profile": info["profile"],
-        "tta": tta,
-        "segmentation": str(seg_path),
-        "inputs": case.files,
-        "sha256": scan.sha256,
-        "shape": attrs["shape"],
-        "zooms": attrs["zooms"],
-        "volumes_ml": volumes_ml(labels, scan.zooms),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
+    reference = load_reference(case.files["flair"])  # the input's grid and header
+    with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
+        write_segmentation(labels, reference, seg_path)
+        record = {
+            "case": case.case_id,
+            "model_version": version,
+            "profile": info["profile"],
+            "tta": tta,
+            "segmentation": str(seg_path),
+            "inputs": case.files,
+            "sha256": scan.sha256,
+            "shape": attrs["shape"],
+            "zooms": attrs["zooms"],
+            "volumes_ml": volumes_ml(labels, scan.zooms),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
     return row(record, "written", record["seconds"])
 
 
