@@ -84,6 +84,10 @@ class CaseFiles:
     grade: str | None = None  # "HGG" / "LGG" when the layout says
     naming: str = "brats2019"
 
+    def __post_init__(self):  # a case id becomes store keys, output file names, lock names: checked here too
+        if not CASE_ID.fullmatch(self.case_id) or ".." in self.case_id:
+            raise InvalidCase(self.case_id, "unsafe case id: use letters, digits and . _ - only")
+
     @property
     def has_seg(self) -> bool:
         return "seg" in self.files
