@@ -4,7 +4,8 @@ Without a server: the watcher (complete = four modalities, unchanged across two 
 version of the files; state survives a restart) and the sweep flow (done / arriving / announced /
 pending).
 
-With a server: ``prefect server start`` on 127.0.0.1 (SQLite, its own PREFECT_HOME), the pools, the
+With a server: ``prefect server start`` on 127.0.0.1 (SQLite, its own PREFECT_HOME, basic auth as in
+deploy/docker-compose.yml), the pools, the
 "gpu" concurrency limit and every deployment of deploy/prefect.yaml made by deploy/bootstrap.sh
 (the gpu pool as a process pool here), a process worker per pool. Then, for real: the ingest
 deployment runs on the cpu worker and its artifacts are read through the REST API; a training run
@@ -37,6 +38,7 @@ from unet.model import UNet, UNetConfig
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+AUTH = "brats:not-a-secret"  # the server's basic auth, as docker-compose sets it up
 
 
 def register(root: Path, seed: int = 0) -> str:
@@ -190,7 +192,8 @@ class Stack:
         import httpx
 
         self.api, self.env, self.data, self.logs = api, env, data, logs
-        self.http = httpx.Client(base_url=api, timeout=30)
+        user, password = AUTH.split(":")
+        self.http = httpx.Client(base_url=api, timeout=30, auth=httpx.BasicAuth(user, password))
 
     def get(self, path: str):
         r = self.http.get(path)
@@ -254,6 +257,8 @@ def stack(tmp_path_factory, small_raw):
         "PREFECT_UI_API_URL": api,  # a port other than 4200: the UI must be told where its API is
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_AUTH_STRING": AUTH,  # the server asks every client for it ...
+        "PREFECT_API_AUTH_STRING": AUTH,  # ... and every client (CLI, workers, flow runs, brats) gives it
         "PREFECT_LOGGING_LEVEL": "INFO",
         "BRATS_REPO": str(ROOT),
         "BRATS_DATA": str(data),
@@ -345,7 +350,11 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
     assert trained["actions"][0]["deployment_id"] == deployments["after-train"]["id"]
 
     ui = stack.http.get(stack.api.removesuffix("/api") + "/ui-settings").json()
-    assert ui["api_url"] == stack.api
+    assert ui["api_url"] == stack.api and ui["auth"] == "BASIC"
+    import httpx
+
+    assert httpx.post(f"{stack.api}/deployments/filter", json={}).status_code == 401  # no credentials, no API
+    assert httpx.get(f"{stack.api}/health").status_code == 200  # except the health check
 
 
 @pytest.mark.slow
