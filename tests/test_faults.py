@@ -159,14 +159,15 @@ def arm_store(k, when, count):
     zarr.storage._local._put = put
 
 
-def arm_outputs(k, when, count):
-    """SIGKILL inside the k-th atomic output write (storage.nifti.atomic_write_bytes): "mid" with half
-    the bytes in its temp file, "before" the rename, "after" the rename."""
+def arm_outputs(k, when, count, out):
+    """SIGKILL inside the k-th file written in the output folder (storage.nifti.atomic_write_bytes):
+    "mid" with half its bytes written, "before" its rename into place, "after" the rename."""
     real_fdopen, real_replace = os.fdopen, os.replace
+    out = os.path.realpath(out)
 
     def is_part(fd_or_path):
-        p = os.readlink(f"/proc/self/fd/{fd_or_path}") if isinstance(fd_or_path, int) else str(fd_or_path)
-        return p.endswith(".part")
+        p = os.readlink(f"/proc/self/fd/{fd_or_path}") if isinstance(fd_or_path, int) else os.path.realpath(fd_or_path)
+        return os.path.dirname(p) == out
 
     class Half:
         def __init__(self, f):
@@ -205,7 +206,10 @@ def child(t):
     torch.set_num_threads(1)
     count = [0]  # files written; a clean run reports how many, so kill points can be drawn among them
     k, when = t.get("kill") or (None, None)
-    (arm_store if t["job"] == "ingest" else arm_outputs)(k, when, count)
+    if t["job"] == "ingest":
+        arm_store(k, when, count)
+    else:
+        arm_outputs(k, when, count, t["out"])
     if t["job"] == "ingest":
         ingest_all(t["raw"], t["store"])
     else:
@@ -372,7 +376,11 @@ def test_inference_killed_mid_write_leaves_no_partial_output_and_the_rerun_compl
         outputs = sorted(out.glob("[!.]*")) if out.exists() else []
         for path in outputs:  # every file at an output path is whole, and the clean run's
             if path.name.endswith("_seg.nii.gz"):
-                assert infer_snapshot_one(path) == reference[path.name], (trial, path.name)
+                try:
+                    got = infer_snapshot_one(path)
+                except Exception as e:
+                    pytest.fail(f"{trial}: a partial NIfTI at the output path {path.name}: {type(e).__name__}: {e}")
+                assert got == reference[path.name], (trial, path.name)
             else:
                 assert path.name.endswith(".json") and (out / path.name.replace(".json", "_seg.nii.gz")).exists(), (trial, path.name)
         leftovers += len(list(out.glob(".*.part"))) if out.exists() else 0
