@@ -71,7 +71,7 @@ def evaluate(params: EvaluateParams) -> dict:
 
     run = dict(store_url=params.store, models=params.models, version=version, device=device, tta=params.tta)
     rows, failures = [], []
-    with torch_threads(), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
+    with torch_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
         for future in as_completed(evaluate_stored_case.map(cases, batch_size=params.batch_size, **run)):
             future.wait()
             if future.state.is_completed():
@@ -84,21 +84,7 @@ def evaluate(params: EvaluateParams) -> dict:
         figures = _overlays(rows, run)
 
     summary = summarize(rows)
-    files = {name: {"case": case, "file": registry.put(version, f"evaluation-{params.split}-{name}.png", png)} for name, (case, png) in figures.items()}
-    record = {
-        "split": params.split,
-        "store": params.store,
-        "fingerprint": store.fingerprint,
-        "tta": params.tta,
-        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "train_overlap": overlap,
-        "failed": failures,
-        "summary": {k: v for k, v in summary.items() if k != "seconds"},
-        "per_case": rows,
-        "figures": files,
-    }
-    registry.put(version, "evaluation.json", json.dumps(record, indent=2).encode())
-    registry.update_info(version, evaluation=record)
+    record = _save(registry, version, params, store.fingerprint, rows, summary, figures, overlap, failures)
     result = {
         "model": version,
         "split": params.split,
@@ -112,6 +98,29 @@ def evaluate(params: EvaluateParams) -> dict:
     if failures:
         return Failed(message=f"{len(failures)} case(s) failed: " + "; ".join(failures), data=result)
     return result
+
+
+def _save(registry: Registry, version: str, params: EvaluateParams, fingerprint, rows, summary, figures, overlap, failures) -> dict:
+    """The evaluation, kept with the model version: info.json "evaluation", evaluation.json, PNGs."""
+    files = {
+        name: {"case": case, "file": registry.put(version, f"evaluation-{params.split}-{name}.png", png)}
+        for name, (case, png) in figures.items()
+    }
+    record = {
+        "split": params.split,
+        "store": params.store,
+        "fingerprint": fingerprint,
+        "tta": params.tta,
+        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "train_overlap": overlap,
+        "failed": failures,
+        "summary": {k: v for k, v in summary.items() if k != "seconds"},
+        "per_case": rows,
+        "figures": files,
+    }
+    registry.put(version, "evaluation.json", json.dumps(record, indent=2).encode())
+    registry.update_info(version, evaluation=record)
+    return record
 
 
 def _overlays(rows: list[dict], run: dict) -> dict[str, tuple[str, bytes]]:

@@ -45,7 +45,7 @@ def infer(params: InferParams) -> dict:
     log.info("model %s (profile %s) on %s: %d case(s) -> %s", version, profile, device, len(found.cases), params.out)
 
     rows, failures = [], [str(p) for p in found.problems]
-    with torch_threads(), RunProgress(len(found.cases), "infer-progress", "segmenting scans") as progress:
+    with torch_threads(len(found.cases)), RunProgress(len(found.cases), "infer-progress", "segmenting scans") as progress:
         futures = infer_case.map(
             found.cases, out=params.out, models=params.models, version=version,
             device=device, tta=params.tta, batch_size=params.batch_size,

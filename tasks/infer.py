@@ -49,10 +49,11 @@ def pick_device(device: str = "auto") -> str:
 
 
 @contextmanager
-def torch_threads(n: int | None = None):
-    """Cap torch's intra-op threads so that CASES_AT_ONCE cases share the cores, then restore."""
+def torch_threads(cases: int):
+    """Cap torch's intra-op threads so that the cases predicted at once share the cores; restore after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n or max(1, (os.cpu_count() or 1) // CASES_AT_ONCE))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, min(CASES_AT_ONCE, cases))))
     try:
         yield torch.get_num_threads()
     finally:

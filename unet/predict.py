@@ -15,6 +15,7 @@ volume would give there (``segment(..., only=[z])`` predicts one slice for a fig
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -29,10 +30,18 @@ from unet.preprocess import PROFILES, Profile, preprocess_case, restore_grid
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # mirror TTA: none, W, H, both
 
 
-@lru_cache(maxsize=4)
+_loading = threading.Lock()
+
+
 def cached_model(models: str, version: str, device: str = "cpu") -> tuple[UNet, dict]:
     """``load_model`` once per process for (registry root, version, device); the model is shared
     read-only by every thread that predicts with it. Pass a resolved version, not "best"."""
+    with _loading:  # two threads asking at once load it once
+        return _load(models, version, device)
+
+
+@lru_cache(maxsize=4)
+def _load(models: str, version: str, device: str) -> tuple[UNet, dict]:
     return load_model(Registry(models), version, device)
 
 
