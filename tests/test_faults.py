@@ -282,6 +282,7 @@ def zygote(tmp_path_factory):
 # ----------------------------------------------------------------------------- ingestion killed
 
 
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized")  # zarr's temp file left by a kill: harmless
 def test_ingest_killed_at_random_points_then_rerun_equals_a_clean_run(zygote, tmp_path):
     raw = synth_raw(tmp_path / "raw")
     clean_url = str(tmp_path / "clean.zarr")
@@ -299,10 +300,9 @@ def test_ingest_killed_at_random_points_then_rerun_equals_a_clean_run(zygote, tm
         result = zygote.run(job="ingest", raw=str(raw), store=url, **trial)
         if "kill" in trial:
             assert result["signal"] == signal.SIGKILL, (trial, result)
-        if not Path(url).exists():
-            continue  # killed before its first write: nothing to see
-        assert_visible_cases_whole(url, reference)
-        seen_half += bool(half_written(url))
+        if (Path(url) / "zarr.json").exists():  # else killed before the store existed: nothing to see
+            assert_visible_cases_whole(url, reference)
+            seen_half += bool(half_written(url))
         ingest_all(raw, url)  # the rerun
         assert store_snapshot(url) == reference, trial
         assert not half_written(url)
