@@ -196,7 +196,7 @@ def test_model_registry_on_s3(s3):
 
     registry.set_best(second)
     assert registry.best() == second == registry.resolve(None)
-    assert [v["version"] for v in registry.versions()] == sorted([first, second])
+    assert [v["version"] for v in registry.versions()] == [first, second]  # oldest first
     assert [v["best"] for v in registry.versions()] == [v["version"] == second for v in registry.versions()]
     assert registry.update_info(first, status="complete")["status"] == "complete"
 
