@@ -28,7 +28,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
 
-from flows.dask import dask_runner  # noqa: E402
+from flows.dask_runner import dask_runner  # noqa: E402
 from flows.embedded import prefect_api  # noqa: E402
 from flows.ingest import IngestParams, ingest  # noqa: E402
 from storage.nifti import discover  # noqa: E402

@@ -13,7 +13,7 @@ from prefect.futures import as_completed
 from prefect.states import Failed
 from pydantic import BaseModel, Field
 
-from flows.dask import dask_runner
+from flows.dask_runner import dask_runner
 from flows.report import report
 from storage.nifti import discover
 from storage.store import SliceStore, make_split

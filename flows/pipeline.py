@@ -65,7 +65,7 @@ def add_command(sub) -> None:
     p.add_argument("--workdir", default="runs/demo", help="where data, store, models and outputs go")
     p.add_argument("--cases", type=int, default=16, help="synthetic training cases")
     p.add_argument("--new-scans", type=int, default=2, help="fresh synthetic scans to segment at the end")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--base-channels", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_cli)
@@ -93,7 +93,7 @@ def demo_params(work: Path, epochs: int, base_channels: int, seed: int) -> Pipel
         profile="tp",
         train={
             "epochs": epochs, "base_channels": base_channels, "depth": 4, "padding": "same", "norm": "batch",
-            "batch_size": 16, "lr": 3e-3, "max_steps_per_epoch": 60, "max_val_batches": 20,
+            "batch_size": 8, "lr": 3e-3, "max_steps_per_epoch": 40, "max_val_batches": 20,
             "oversample_tumour": 3.0, "class_weight_power": 0.5, "seed": seed, "workers": 1, "fresh": True,
         },
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from prefect.artifacts import Artifact
 
-from flows.dask import dask_runner
+from flows.dask_runner import dask_runner
 from flows.ingest import IngestParams, ingest
 from storage.store import SliceStore
 from storage.synth import make_case, write_case

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.dask import dask_runner
+from flows.dask_runner import dask_runner
 from flows.ingest import IngestParams, ingest
 from storage.registry import Registry
 from storage.store import SliceStore
