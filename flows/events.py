@@ -29,13 +29,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from flows.infer import InferParams, infer
+from flows.infer import InferParams, PredictOptions, infer
 from flows.report import report
 from storage.nifti import GRADES, MODALITIES, CaseFiles, InvalidCase, case_files
 from storage.registry import DEFAULT_ROOT, Registry
@@ -230,17 +230,10 @@ def save_state(path: Path, emitted: dict[str, dict]) -> None:
 # ------------------------------------------------------------------ the sweep flow
 
 
-class SweepParams(BaseModel):
+class SweepParams(PredictOptions):
     """Parameters of an inbox sweep (rendered as a form in the Prefect UI)."""
 
     inbox: list[str] = Field(description="Inbox folders: <case>/ or {HGG,LGG}/<case>/ with the four modalities", min_length=1)
-    out: str = Field(description="Output folder: <case>_seg.nii.gz and <case>.json per case")
-    model: str | None = Field(None, description="Model version, 'latest', or empty for the best")
-    models: str = Field(DEFAULT_ROOT, description="Model registry: a local path or an fsspec URL")
-    naming: Literal["brats2019", "brats2021"] = "brats2019"
-    tta: bool = Field(False, description="Mirror test-time augmentation (4x the compute)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
-    batch_size: int = Field(16, ge=1, description="Slices per forward pass")
     settle_s: float = Field(60.0, ge=0, description="Leave a scan whose files changed less than this many seconds ago (still arriving)")
     grace_s: float = Field(900.0, ge=0, description="Leave a scan the watcher announced less than this many seconds ago (its triggered run is on its way)")
 

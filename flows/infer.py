@@ -21,10 +21,9 @@ from tasks.artifacts import RunProgress, markdown, table
 from tasks.infer import infer_case, pick_device, predict_runner, torch_threads
 
 
-class InferParams(BaseModel):
-    """Parameters of an inference run (rendered as a form in the Prefect UI)."""
+class PredictOptions(BaseModel):
+    """How scans are segmented: which model, on what, how (shared by infer and the inbox sweep)."""
 
-    inputs: list[str] = Field(description="Scans in the BraTS layout: roots ({HGG,LGG}/<case>/ or <case>/) or case folders", min_length=1)
     out: str = Field(description="Output folder: <case>_seg.nii.gz and <case>.json per case")
     model: str | None = Field(None, description="Model version, 'latest', or empty for the best")
     models: str = Field(DEFAULT_ROOT, description="Model registry: a local path or an fsspec URL")
@@ -32,6 +31,12 @@ class InferParams(BaseModel):
     tta: bool = Field(False, description="Mirror test-time augmentation (4x the compute)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
     batch_size: int = Field(16, ge=1, description="Slices per forward pass")
+
+
+class InferParams(PredictOptions):
+    """Parameters of an inference run (rendered as a form in the Prefect UI)."""
+
+    inputs: list[str] = Field(description="Scans in the BraTS layout: roots ({HGG,LGG}/<case>/ or <case>/) or case folders", min_length=1)
 
 
 @flow(name="infer", task_runner=predict_runner(), log_prints=True)
