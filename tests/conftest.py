@@ -22,6 +22,17 @@ REAL = Path(os.environ.get("BRATS_REAL_DATA", ROOT.parent / "shared" / "data" / 
 SMALL = (64, 64, 40)  # small synthetic grid: fast, still brain + tumour on many slices
 
 
+def rewrite_nifti(path, data, affine=None, dtype=None) -> None:
+    """Rewrite a NIfTI file in place with new voxels (and optionally affine or dtype): a bad-input maker."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    out = nib.Nifti1Image(data if dtype is None else data.astype(dtype), img.affine if affine is None else affine, img.header)
+    if dtype is not None:
+        out.set_data_dtype(dtype)
+    nib.save(out, path)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (ephemeral, SQLite) for the whole session, visible to Dask worker processes too."""

@@ -21,6 +21,7 @@ from prefect.artifacts import Artifact
 
 from storage.nifti import InvalidCase, case_files, discover, read_case
 from storage.synth import make_case, write_case
+from tests.conftest import rewrite_nifti
 
 SHAPE = (48, 48, 24)
 
@@ -30,14 +31,6 @@ def _case(parent: Path, case_id: str, seed: int = 0, grade: str = "HGG") -> Path
     folder.mkdir(parents=True)
     write_case(folder, Path(folder).name, make_case(np.random.default_rng(seed), SHAPE, grade), SHAPE)
     return folder
-
-
-def _rewrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None, dtype=None) -> None:
-    img = nib.load(path)
-    out = nib.Nifti1Image(data if dtype is None else data.astype(dtype), img.affine if affine is None else affine, img.header)
-    if dtype is not None:
-        out.set_data_dtype(dtype)
-    nib.save(out, path)
 
 
 def _one_line_json_safe(message: str) -> None:
@@ -172,33 +165,33 @@ def _catalogue(tmp_path: Path) -> tuple[list[Path], list[str], dict[str, tuple[s
     bad["not NIfTI"] = (f(c, "flair").name, "not a readable NIfTI", True)
 
     c = make("SHAPE", 13)
-    _rewrite(f(c, "t1"), np.ones((48, 48, 20), np.int16))
+    rewrite_nifti(f(c, "t1"), np.ones((48, 48, 20), np.int16))
     bad["shape mismatch"] = (f(c, "t1").name, "shape (48, 48, 20) differs from", True)
 
     c = make("AFFINE", 14)
-    _rewrite(f(c, "t1"), np.asanyarray(nib.load(f(c, "t1")).dataobj), affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    rewrite_nifti(f(c, "t1"), np.asanyarray(nib.load(f(c, "t1")).dataobj), affine=np.diag([2.0, 2.0, 2.0, 1.0]))
     bad["affine mismatch"] = (f(c, "t1").name, "affine differs from", True)
 
     for kind, value, seed in (("NAN", np.nan, 15), ("INF", np.inf, 16)):
         c = make(kind, seed)
         data = np.asanyarray(nib.load(f(c, "t1ce")).dataobj).astype(np.float32)
         data[20, 20, 10] = value
-        _rewrite(f(c, "t1ce"), data, dtype=np.float32)
+        rewrite_nifti(f(c, "t1ce"), data, dtype=np.float32)
         bad[f"{kind} voxels"] = (f(c, "t1ce").name, "NaN or Inf", True)
 
     c = make("ZERO", 17)
     for m in ("flair", "t1", "t1ce", "t2"):
-        _rewrite(f(c, m), np.zeros(SHAPE, np.int16))
+        rewrite_nifti(f(c, m), np.zeros(SHAPE, np.int16))
     bad["all-zero brain"] = (f(c, "flair").name, "all zero: no brain", True)
 
     c = make("LABELS", 18)
     seg = np.asanyarray(nib.load(f(c, "seg")).dataobj).copy()
     seg[0, 0, 0] = 3
-    _rewrite(f(c, "seg"), seg)
+    rewrite_nifti(f(c, "seg"), seg)
     bad["labels outside {0,1,2,4}"] = (f(c, "seg").name, "labels [3] outside [0, 1, 2, 4]", False)  # inference reads no seg
 
     c = make("FOURD", 19)
-    _rewrite(f(c, "t2"), np.ones((*SHAPE, 3), np.int16))
+    rewrite_nifti(f(c, "t2"), np.ones((*SHAPE, 3), np.int16))
     bad["4D image"] = (f(c, "t2").name, "image is 4D", True)
 
     c = make("ABSURD", 20)

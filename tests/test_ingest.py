@@ -16,6 +16,7 @@ from storage.store import SliceStore, make_split
 from storage.synth import make_case, write_case
 from tasks.ingest import ingest_case
 from unet.preprocess import PROFILES, preprocess_case
+from tests.conftest import rewrite_nifti
 
 SHAPE = (48, 48, 24)
 REAL_COUNTS = {0: 8_866_915, 1: 4_514, 2: 34_894, 4: 21_677}
@@ -26,14 +27,6 @@ def _case(root: Path, case_id: str = "BraTS19_T_0001_1", grade: str | None = "HG
     folder.mkdir(parents=True)
     write_case(folder, case_id, make_case(np.random.default_rng(seed), SHAPE, "HGG"), SHAPE)
     return folder
-
-
-def _rewrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None, dtype=None) -> None:
-    img = nib.load(path)
-    out = nib.Nifti1Image(data if dtype is None else data.astype(dtype), img.affine if affine is None else affine, img.header)
-    if dtype is not None:
-        out.set_data_dtype(dtype)
-    nib.save(out, path)
 
 
 def _invalid(folder: Path, *needles: str) -> str:
@@ -117,7 +110,7 @@ def test_brats2021_naming_is_an_explicit_option(tmp_path):
     for old, new in {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}.items():
         (folder / f"{folder.name}_{old}.nii.gz").rename(folder / f"{folder.name}_{new}.nii.gz")
     seg = folder / f"{folder.name}_seg.nii.gz"
-    _rewrite(seg, np.where(np.asanyarray(nib.load(seg).dataobj) == 4, 3, np.asanyarray(nib.load(seg).dataobj)).astype(np.int16))
+    rewrite_nifti(seg, np.where(np.asanyarray(nib.load(seg).dataobj) == 4, 3, np.asanyarray(nib.load(seg).dataobj)).astype(np.int16))
     assert discover(tmp_path).problems  # 2019 names missing -> refused
     case = read_case(discover(tmp_path, naming="brats2021").cases[0])
     assert set(np.unique(case.seg)) <= {0, 1, 2, 4} and (case.seg == 4).any()
@@ -180,7 +173,7 @@ def test_not_nifti(tmp_path):
 def test_shape_mismatch(tmp_path):
     folder = _case(tmp_path)
     f = folder / f"{folder.name}_t1.nii.gz"
-    _rewrite(f, np.ones((48, 48, 20), np.int16))
+    rewrite_nifti(f, np.ones((48, 48, 20), np.int16))
     _invalid(folder, f.name, "shape (48, 48, 20) differs")
 
 
@@ -188,7 +181,7 @@ def test_affine_mismatch(tmp_path):
     folder = _case(tmp_path)
     f = folder / f"{folder.name}_t1.nii.gz"
     data = np.asanyarray(nib.load(f).dataobj)
-    _rewrite(f, data, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    rewrite_nifti(f, data, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
     _invalid(folder, f.name, "affine differs")
 
 
@@ -197,14 +190,14 @@ def test_nan_voxels(tmp_path):
     f = folder / f"{folder.name}_flair.nii.gz"
     data = np.asanyarray(nib.load(f).dataobj).astype(np.float32)
     data[10, 10, 10] = np.nan
-    _rewrite(f, data, dtype=np.float32)
+    rewrite_nifti(f, data, dtype=np.float32)
     _invalid(folder, f.name, "NaN or Inf")
 
 
 def test_all_zero_brain(tmp_path):
     folder = _case(tmp_path)
     f = folder / f"{folder.name}_t1.nii.gz"
-    _rewrite(f, np.zeros(SHAPE, np.int16))
+    rewrite_nifti(f, np.zeros(SHAPE, np.int16))
     _invalid(folder, f.name, "all zero")
 
 
@@ -213,21 +206,21 @@ def test_labels_outside_brats(tmp_path):
     f = folder / f"{folder.name}_seg.nii.gz"
     data = np.asanyarray(nib.load(f).dataobj).copy()
     data[0, 0, 0] = 3
-    _rewrite(f, data)
+    rewrite_nifti(f, data)
     _invalid(folder, f.name, "labels [3] outside [0, 1, 2, 4]")
 
 
 def test_seg_dtype(tmp_path):
     folder = _case(tmp_path)
     f = folder / f"{folder.name}_seg.nii.gz"
-    _rewrite(f, np.asanyarray(nib.load(f).dataobj), dtype=np.float32)
+    rewrite_nifti(f, np.asanyarray(nib.load(f).dataobj), dtype=np.float32)
     _invalid(folder, f.name, "segmentation dtype float32")
 
 
 def test_4d_image(tmp_path):
     folder = _case(tmp_path)
     f = folder / f"{folder.name}_t2.nii.gz"
-    _rewrite(f, np.ones((*SHAPE, 2), np.int16))
+    rewrite_nifti(f, np.ones((*SHAPE, 2), np.int16))
     _invalid(folder, f.name, "4D")
 
 
