@@ -18,7 +18,7 @@ os.environ.pop("PREFECT_API_URL", None)
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("BRATS_REAL_DATA", ROOT.parent / "shared" / "data" / "brats_real"))
+REAL = Path(os.environ.get("BRATS_REAL_DATA", ROOT / "tests" / "data"))  # one real case, committed
 SMALL = (64, 64, 40)  # small synthetic grid: fast, still brain + tumour on many slices
 
 
