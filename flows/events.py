@@ -37,7 +37,7 @@ from pydantic import Field
 
 from flows.infer import InferParams, PredictOptions, infer
 from flows.report import report
-from storage.nifti import GRADES, MODALITIES, CaseFiles, InvalidCase, case_files
+from storage.nifti import GRADES, MODALITIES, NAMINGS, CaseFiles, InvalidCase, case_files
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks.artifacts import markdown, table
 from tasks.infer import outputs
@@ -58,9 +58,10 @@ class Scan:
     path: str  # the case folder, absolute
     signature: tuple  # ((channel, size, mtime_ns), ...) of the modality files
     newest: float  # newest mtime of those files (s)
+    naming: str = "auto"  # how its files were found (passed on to the inference run)
 
 
-def _scan(case: CaseFiles) -> Scan | None:
+def _scan(case: CaseFiles, naming: str = "auto") -> Scan | None:
     sig = []
     for channel in MODALITIES:
         try:
@@ -71,7 +72,7 @@ def _scan(case: CaseFiles) -> Scan | None:
             return None
         sig.append((channel, st.st_size, st.st_mtime_ns))
     folder = str(Path(case.files[MODALITIES[0]]).parent.resolve())
-    return Scan(case, folder, tuple(sig), max(s[2] for s in sig) / 1e9)
+    return Scan(case, folder, tuple(sig), max(s[2] for s in sig) / 1e9, naming)
 
 
 def case_folders(root: Path) -> list[tuple[Path, str | None]]:
@@ -94,13 +95,13 @@ def case_folders(root: Path) -> list[tuple[Path, str | None]]:
     return folders
 
 
-def scan_inbox(root: str | Path, naming: str = "brats2019") -> tuple[dict[str, Scan], list[str]]:
+def scan_inbox(root: str | Path, naming: str = "auto") -> tuple[dict[str, Scan], list[str]]:
     """Complete scans of an inbox by case id, and the folders not complete (yet)."""
     complete: dict[str, Scan] = {}
     waiting: list[str] = []
     for folder, grade in case_folders(Path(root)):
         try:
-            scan = _scan(case_files(folder, grade, naming))
+            scan = _scan(case_files(folder, grade, naming), naming)
         except InvalidCase as e:  # a modality missing (still arriving) or an unusable name
             waiting.append(str(e))
             continue
@@ -125,7 +126,7 @@ def scan_event(scan: Scan, source: str):
         payload={
             "path": scan.path,
             "case": scan.case.case_id,
-            "naming": scan.case.naming,
+            "naming": scan.naming,
             "files": {c: scan.case.files[c] for c in MODALITIES},
             "source": source,
             "host": socket.gethostname(),
@@ -172,7 +173,7 @@ class Watcher:
     atomically, so a restarted watcher emits neither twice nor never.
     """
 
-    def __init__(self, inbox: str | Path, state: str | Path | None = None, naming: str = "brats2019",
+    def __init__(self, inbox: str | Path, state: str | Path | None = None, naming: str = "auto",
                  emit: Callable[[list], None] = send):
         self.inbox = Path(inbox)
         if not self.inbox.is_dir():
@@ -307,14 +308,14 @@ def add_command(sub) -> None:
     p.add_argument("inbox", help="inbox folder: <case>/ or {HGG,LGG}/<case>/")
     p.add_argument("--interval", type=float, default=10.0, help="seconds between polls (a scan is complete once unchanged across two)")
     p.add_argument("--state", default=None, help=f"state file (default: INBOX/{STATE_NAME})")
-    p.add_argument("--naming", choices=["brats2019", "brats2021"], default="brats2019")
+    p.add_argument("--naming", choices=NAMINGS, default="auto")
     p.add_argument("--max-polls", type=int, default=0, help="stop after N polls (default: run until stopped)")
     p.add_argument("--baseline", action="store_true", help="record the scans already there as announced, without emitting")
     p.set_defaults(run=run_watch)
 
     p = sub.add_parser("submit", help=f"emit {EVENT} by hand for case folder(s) or every case under a root")
     p.add_argument("paths", nargs="+", metavar="PATH", help="case folder(s) or inbox root(s)")
-    p.add_argument("--naming", choices=["brats2019", "brats2021"], default="brats2019")
+    p.add_argument("--naming", choices=NAMINGS, default="auto")
     p.set_defaults(run=run_submit)
 
     p = sub.add_parser("sweep", help="segment every complete scan in the inbox not yet segmented by the current model")
@@ -322,7 +323,7 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="model version or 'latest' (default: the best)")
     p.add_argument("--models", default=DEFAULT_ROOT, help=f"model registry (default: {DEFAULT_ROOT}, or $BRATS_MODELS)")
-    p.add_argument("--naming", choices=["brats2019", "brats2021"], default="brats2019")
+    p.add_argument("--naming", choices=NAMINGS, default="auto")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
@@ -369,7 +370,7 @@ def run_submit(args) -> int:
     scans: list[Scan] = []
     for path in map(Path, args.paths):
         try:
-            scan = _scan(case_files(path, None, args.naming))
+            scan = _scan(case_files(path, None, args.naming), args.naming)
         except InvalidCase as e:
             if not any(path.glob("*.nii*")):  # not a case folder: a root of cases
                 complete, waiting = scan_inbox(path, args.naming)

@@ -15,10 +15,10 @@ from prefect.states import Failed
 from pydantic import BaseModel, Field
 
 from flows.report import report
-from storage.nifti import discover
+from storage.nifti import NAMINGS, Naming, discover
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks.artifacts import RunProgress, markdown, table
-from tasks.infer import infer_case, pick_device, predict_runner, torch_threads
+from tasks.infer import case_threads, device_name, infer_case, predict_runner
 
 
 class PredictOptions(BaseModel):
@@ -27,10 +27,11 @@ class PredictOptions(BaseModel):
     out: str = Field(description="Output folder: <case>_seg.nii.gz and <case>.json per case")
     model: str | None = Field(None, description="Model version, 'latest', or empty for the best")
     models: str = Field(DEFAULT_ROOT, description="Model registry: a local path or an fsspec URL")
-    naming: Literal["brats2019", "brats2021"] = "brats2019"
-    tta: bool = Field(False, description="Mirror test-time augmentation (4x the compute)")
+    naming: Naming = Field("auto", description="file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)")
+    tta: bool = Field(False, description="Mirror test-time augmentation (2x the compute)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
     batch_size: int = Field(16, ge=1, description="Slices per forward pass")
+    et_label: Literal[3, 4] | None = Field(None, description="Label written for enhancing tumour: 4 (BraTS up to 2021) or 3 (2023+); empty: the input's own edition")
 
 
 class InferParams(PredictOptions):
@@ -46,14 +47,14 @@ def infer(params: InferParams) -> dict:
     version = registry.resolve(params.model)
     profile = registry.info(version)["profile"]
     found = discover(*params.inputs, naming=params.naming)
-    device = pick_device(params.device)
+    device = device_name(params.device)
     log.info("model %s (profile %s) on %s: %d case(s) -> %s", version, profile, device, len(found.cases), params.out)
 
     rows, failures = [], [str(p) for p in found.problems]
-    with torch_threads(len(found.cases)), RunProgress(len(found.cases), "infer-progress", "segmenting scans") as progress:
+    with case_threads(len(found.cases)), RunProgress(len(found.cases), "infer-progress", "segmenting scans") as progress:
         futures = infer_case.map(
             found.cases, out=params.out, models=params.models, version=version,
-            device=device, tta=params.tta, batch_size=params.batch_size,
+            device=device, tta=params.tta, batch_size=params.batch_size, et_label=params.et_label,
         )
         for future in as_completed(futures):
             future.wait()
@@ -99,16 +100,17 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="model version or 'latest' (default: the best)")
     p.add_argument("--models", default=DEFAULT_ROOT, help=f"model registry (default: {DEFAULT_ROOT}, or $BRATS_MODELS)")
-    p.add_argument("--naming", choices=["brats2019", "brats2021"], default="brats2019")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (4x the compute)")
+    p.add_argument("--naming", choices=NAMINGS, default="auto")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (2x the compute)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, … (default: auto)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--et-label", type=int, choices=[3, 4], default=None, help="label written for enhancing tumour (default: the input's edition: 4 up to 2021, 3 for 2023+)")
     p.set_defaults(run=run_cli)
 
 
 def run_cli(args) -> int:
     params = InferParams(
         inputs=args.inputs, out=args.out, model=args.model, models=args.models, naming=args.naming,
-        tta=args.tta, device=args.device, batch_size=args.batch_size,
+        tta=args.tta, device=args.device, batch_size=args.batch_size, et_label=args.et_label,
     )
     return report(infer(params, return_state=True))

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from flows.dask_runner import dask_runner
 from flows.report import report
-from storage.nifti import discover
+from storage.nifti import NAMINGS, Naming, discover
 from storage.store import SliceStore, make_split
 from tasks.artifacts import RunProgress, markdown, table
 from tasks.ingest import ingest_case
@@ -27,7 +27,7 @@ class IngestParams(BaseModel):
     raw: list[str] = Field(description="Raw roots in the BraTS layout ({HGG,LGG}/<case>/ or <case>/)", min_length=1)
     store: str = Field(description="Slice store: a local path or an fsspec URL (s3://…)")
     profile: Literal["full", "tp"] = Field("full", description="full: 240×240 slices; tp: crop 192, downsample → 96×96")
-    naming: Literal["brats2019", "brats2021"] = Field("brats2019", description="file names: flair/t1/t1ce/t2 or t2f/t1n/t1c/t2w")
+    naming: Naming = Field("auto", description="file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)")
     dtype: Literal["float16", "float32"] = "float16"
     split_ratios: tuple[float, float, float] = Field((0.7, 0.15, 0.15), description="train/val/test, by patient")
     split_seed: int = 0
@@ -54,8 +54,9 @@ def ingest(params: IngestParams) -> dict:
             progress.advance()
 
     rows.sort(key=lambda r: r["case"])
-    grades = {c: store.attrs(c).get("grade") for c in store.case_ids()}
-    split = make_split(grades, params.split_ratios, params.split_seed)
+    attrs = {c: store.attrs(c) for c in store.case_ids()}
+    labelled = {c: a.get("grade") for c, a in attrs.items() if a.get("slice_tumour") is not None}
+    split = make_split(labelled, params.split_ratios, params.split_seed)  # unlabelled scans are never trained on
     fingerprint = store.publish(split, quarantine)
     summary = {
         "store": params.store,
@@ -63,7 +64,8 @@ def ingest(params: IngestParams) -> dict:
         "ingested": sum(r["status"] == "ingested" for r in rows),
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "quarantined": len(quarantine),
-        "cases_in_store": len(grades),
+        "cases_in_store": len(attrs),
+        "unlabelled": len(attrs) - len(labelled),
         "split": {k: len(v) for k, v in split.items()},
         "fingerprint": fingerprint,
     }
@@ -89,7 +91,7 @@ def add_command(sub) -> None:
     p.add_argument("raw", nargs="+", help="raw root(s) in the BraTS layout")
     p.add_argument("--store", required=True, help="slice store path or fsspec URL")
     p.add_argument("--profile", choices=["full", "tp"], default="full")
-    p.add_argument("--naming", choices=["brats2019", "brats2021"], default="brats2019")
+    p.add_argument("--naming", choices=NAMINGS, default="auto")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--dask-address", default=None, help="existing Dask scheduler (default: a LocalCluster)")

@@ -7,7 +7,17 @@ Layouts accepted (``discover``)::
     <root>/<case>_{...}.nii[.gz]                                  # root is itself one case folder
 
 Any case-folder name made of letters, digits, ``._-`` is a case id (``BraTS19_…``, ``Brats18_…``,
-``BraTS20_…`` alike). ``naming="brats2021"`` reads the 2021+ names (``t2f, t1n, t1c, t2w``, ET label 3).
+``BraTS20_…``, ``BraTS2021_00006``, ``BraTS-GLI-00000-000`` alike). Files are ``<case>_<suffix>`` or
+``<case>-<suffix>`` (BraTS 2023 uses the dash), with either suffix family::
+
+    flair  t1   t1ce  t2     (BraTS 2012–2021)
+    t2f    t1n  t1c   t2w    (BraTS 2023+)
+
+``naming="auto"`` (the default) finds the family per case. The *edition* decides the label of
+enhancing tumour: 4 up to BraTS 2021, 3 from BraTS 2023 on (suffixes ``t2f…`` or a ``BraTS-…`` id).
+Segmentations are read in any integer dtype (int16, uint8, uint16, int32, …) or as floats holding
+whole numbers, and come out as uint8 in the canonical BraTS 2019 labels {0, 1, 2, 4} whatever the
+edition; writers map ET back (``et_label``).
 
 Discovery survives what a real disk holds: a symlink loop or a dangling link is a problem named by
 its path, not a silent skip or a hang; a name that is not UTF-8 is refused as an unsafe case id and
@@ -31,6 +41,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import fsspec
 import nibabel as nib
@@ -42,16 +53,20 @@ try:  # ISA-L inflates gzip ~2.5x faster than zlib; optional
     from isal.igzip import decompress as _gunzip
 except ImportError:  # pragma: no cover
     _gunzip = gzip.decompress
-NAMINGS = {
-    # naming -> (file suffix per channel, seg suffix, BraTS label values: NCR, ED, ET)
-    "brats2019": (dict(flair="flair", t1="t1", t1ce="t1ce", t2="t2"), "seg", (1, 2, 4)),
-    "brats2021": (dict(flair="t2f", t1="t1n", t1ce="t1c", t2="t2w"), "seg", (1, 2, 3)),
+# edition -> file suffix per channel; the segmentation is "<case>_seg" in every edition
+SUFFIXES = {
+    "brats2019": dict(flair="flair", t1="t1", t1ce="t1ce", t2="t2"),  # BraTS 2012–2021
+    "brats2023": dict(flair="t2f", t1="t1n", t1ce="t1c", t2="t2w"),  # BraTS 2023+
 }
+ET_LABEL = {"brats2019": 4, "brats2023": 3}  # the label of enhancing tumour in each edition
+NAMINGS = ("auto", *SUFFIXES, "brats2021")  # brats2021: the old name of brats2023's suffixes, kept working
+Naming = Literal["auto", "brats2019", "brats2023", "brats2021"]
+SEPARATORS = ("_", "-")  # <case>_flair.nii.gz (2012–2021), <case>-t2f.nii.gz (2023)
+EXTENSIONS = (".nii.gz", ".nii")
 GRADES = ("HGG", "LGG")
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 MAX_DIM = 1024  # larger is not a brain MRI; refuse before allocating
 AFFINE_ATOL = 1e-3
-SEG_DTYPES = (np.dtype(np.int16), np.dtype(np.uint8))
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -82,15 +97,17 @@ class CaseFiles:
     case_id: str
     files: dict[str, str]  # channel name (flair, t1, t1ce, t2, seg) -> path
     grade: str | None = None  # "HGG" / "LGG" when the layout says
-    naming: str = "brats2019"
+    edition: str = "brats2019"  # "brats2019" (ET label 4, up to 2021) or "brats2023" (ET label 3)
 
     def __post_init__(self):  # a case id becomes store keys, output file names, lock names: checked here too
         if not CASE_ID.fullmatch(self.case_id) or ".." in self.case_id:
             raise InvalidCase(self.case_id, "unsafe case id: use letters, digits and . _ - only")
+        if self.edition not in ET_LABEL:
+            raise ValueError(f"unknown edition {self.edition!r}; choose one of {sorted(ET_LABEL)}")
 
     @property
-    def has_seg(self) -> bool:
-        return "seg" in self.files
+    def et_label(self) -> int:
+        return ET_LABEL[self.edition]
 
 
 @dataclass
@@ -105,7 +122,7 @@ class Case:
 
     files: CaseFiles
     volumes: dict[str, np.ndarray]  # flair, t1, t1ce, t2 -> (X, Y, Z) as stored (int16 usually), no copy
-    seg: np.ndarray | None  # (X, Y, Z) BraTS labels {0,1,2,4}, or None
+    seg: np.ndarray | None  # (X, Y, Z) uint8 BraTS labels {0,1,2,4} (ET 4 whatever the edition), or None
     affine: np.ndarray  # 4x4
     zooms: tuple[float, float, float]
     sha256: dict[str, str]  # channel -> hex digest of the file's bytes
@@ -140,45 +157,60 @@ def _unreachable(path: Path) -> str | None:
     return None
 
 
-def _nifti(folder: Path, stem: str) -> Path | None:
-    for ext in (".nii.gz", ".nii"):
-        p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
-        if os.path.lexists(p) and (why := _unreachable(p) or "not a regular file"):
-            raise InvalidCase(p, why)
+def _nifti(folder: Path, case_id: str, suffix: str) -> Path | None:
+    """``<case>_<suffix>.nii.gz`` (or ``-`` for ``_``, or ``.nii``) in ``folder``, if there."""
+    for sep in SEPARATORS:
+        for ext in EXTENSIONS:
+            p = folder / f"{case_id}{sep}{suffix}{ext}"
+            if p.is_file():
+                return p
+            if os.path.lexists(p) and (why := _unreachable(p) or "not a regular file"):
+                raise InvalidCase(p, why)
     return None
 
 
+def _families(naming: str) -> tuple[str, ...]:
+    if naming not in NAMINGS:
+        raise ValueError(f"unknown naming {naming!r}; choose one of {list(NAMINGS)}")
+    return tuple(SUFFIXES) if naming == "auto" else ("brats2023" if naming == "brats2021" else naming,)
+
+
 def _is_case_dir(folder: Path, naming: str) -> bool:
-    """A case folder holds at least one ``*_<modality>.nii[.gz]`` file."""
-    suffixes, seg_suffix, _ = NAMINGS[naming]
-    ends = tuple(f"_{s}{ext}" for s in (*suffixes.values(), seg_suffix) for ext in (".nii.gz", ".nii"))
+    """A case folder holds at least one ``*_<suffix>.nii[.gz]`` file (any suffix the naming allows)."""
+    suffixes = {s for family in _families(naming) for s in SUFFIXES[family].values()} | {"seg"}
+    ends = tuple(f"{sep}{s}{ext}" for s in suffixes for sep in SEPARATORS for ext in EXTENSIONS)
     try:
         return any(f.name.endswith(ends) for f in folder.iterdir())
     except OSError:
         return False
 
 
-def case_files(folder: str | Path, grade: str | None = None, naming: str = "brats2019") -> CaseFiles:
-    """The files of one case folder; raises InvalidCase for an unsafe name or a missing modality."""
+def case_files(folder: str | Path, grade: str | None = None, naming: str = "auto") -> CaseFiles:
+    """The files of one case folder; raises InvalidCase for an unsafe name or a missing modality.
+
+    ``naming="auto"`` takes the suffix family whose four modalities are all there (both: ambiguous,
+    refused); ``brats2019`` or ``brats2023`` (alias ``brats2021``) insists on one.
+    """
     folder = Path(folder)
     case_id = folder.name
     if not CASE_ID.fullmatch(case_id) or ".." in case_id:
         raise InvalidCase(folder, f"unsafe case id '{shown(case_id)}': use letters, digits and . _ - only")
     if why := _unreachable(folder):
         raise InvalidCase(folder, why)
-    suffixes, seg_suffix, _ = NAMINGS[naming]
-    files: dict[str, str] = {}
-    for channel in MODALITIES:
-        p = _nifti(folder, f"{case_id}_{suffixes[channel]}")
-        if p is None:
-            raise InvalidCase(folder / f"{case_id}_{suffixes[channel]}.nii.gz", f"missing {channel} modality")
-        files[channel] = str(p)
-    seg = _nifti(folder, f"{case_id}_{seg_suffix}")
-    if seg is not None:
+    found = {family: {c: _nifti(folder, case_id, s) for c, s in SUFFIXES[family].items()} for family in _families(naming)}
+    whole = [family for family, files in found.items() if all(files.values())]
+    if len(whole) > 1:
+        raise InvalidCase(folder, "holds both flair/t1/t1ce/t2 and t2f/t1n/t1c/t2w files; choose one with --naming")
+    if not whole:  # name the first missing modality of the family most nearly there
+        family = max(found, key=lambda f: sum(p is not None for p in found[f].values()))
+        channel = next(c for c, p in found[family].items() if p is None)
+        raise InvalidCase(folder / f"{case_id}_{SUFFIXES[family][channel]}.nii.gz", f"missing {channel} modality")
+    family = whole[0]
+    files = {c: str(p) for c, p in found[family].items()}
+    if (seg := _nifti(folder, case_id, "seg")) is not None:
         files["seg"] = str(seg)
-    return CaseFiles(case_id, files, grade, naming)
+    edition = "brats2023" if family == "brats2023" or case_id.startswith("BraTS-") else "brats2019"
+    return CaseFiles(case_id, files, grade, edition)
 
 
 def _listing(folder: Path) -> list[Path]:
@@ -186,11 +218,10 @@ def _listing(folder: Path) -> list[Path]:
     return sorted(folder.iterdir(), key=lambda p: p.name)
 
 
-def discover(*roots: str | Path, naming: str = "brats2019") -> Discovery:
+def discover(*roots: str | Path, naming: str = "auto") -> Discovery:
     """Find every case under the given roots. Case-level problems are collected; so are those of a root
     that is empty or cannot be read, as long as another root yields something; else FileNotFoundError."""
-    if naming not in NAMINGS:
-        raise ValueError(f"unknown naming {naming!r}; choose one of {sorted(NAMINGS)}")
+    _families(naming)  # an unknown naming is the caller's error, raised before anything is read
     found = Discovery()
     seen: dict[str, str] = {}
     unusable: list[InvalidCase] = []  # roots that gave nothing at all
@@ -295,13 +326,7 @@ def read_case(case: CaseFiles) -> Case:
         elif not np.allclose(img.affine, ref[1].affine, atol=AFFINE_ATOL):
             raise InvalidCase(path, f"affine differs from {Path(ref[0]).name}")
         if channel == "seg":
-            if arr.dtype not in SEG_DTYPES:
-                raise InvalidCase(path, f"segmentation dtype {arr.dtype}; expected int16 or uint8")
-            allowed = (0, *NAMINGS[case.naming][2])
-            present = np.flatnonzero(np.bincount(arr.ravel(order="K").view(arr.dtype.str.replace("i", "u"))))
-            bad = np.setdiff1d(present.astype(arr.dtype), allowed)  # bincount: 3x faster than unique
-            if bad.size:
-                raise InvalidCase(path, f"labels {bad.tolist()} outside {list(allowed)}")
+            arr = labels(path, arr, case.et_label)
         else:
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise InvalidCase(path, "contains NaN or Inf voxels")
@@ -309,11 +334,44 @@ def read_case(case: CaseFiles) -> Case:
                 raise InvalidCase(path, f"{channel} is all zero: no brain")
         arrays[channel] = arr
     seg = arrays.pop("seg", None)
-    if seg is not None and case.naming != "brats2019":  # canonical BraTS 2019 labels from here on
-        seg = np.where(seg == NAMINGS[case.naming][2][2], 4, seg).astype(seg.dtype)
     img = ref[1]
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return Case(case, arrays, seg, img.affine.copy(), zooms, sha)
+
+
+def labels(path: str, arr: np.ndarray, et_label: int = 4) -> np.ndarray:
+    """A segmentation as stored (any integer dtype, or floats holding whole numbers) -> uint8 BraTS
+    labels {0, 1, 2, 4}, ET mapped from ``et_label``; InvalidCase for anything else."""
+    allowed = (0, 1, 2, et_label)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InvalidCase(path, "segmentation contains NaN or Inf voxels")
+        fractional = arr != np.round(arr)
+        if fractional.any():
+            raise InvalidCase(path, f"segmentation holds non-integral values (e.g. {float(arr[fractional][0]):g}); labels must be whole numbers")
+    elif arr.dtype.kind not in "iu":
+        raise InvalidCase(path, f"segmentation dtype {arr.dtype}; expected integer labels")
+    lo, hi = arr.min(), arr.max()
+    if 0 <= lo and hi <= 255:  # the usual case: one cast, one bincount (3x faster than unique)
+        out = arr.astype(np.uint8)
+        present = np.flatnonzero(np.bincount(out.ravel(order="K"), minlength=1))
+    else:
+        out, present = None, np.unique(arr)
+    bad = sorted({int(v) for v in present} - set(allowed))  # whole numbers by now
+    if bad:
+        raise InvalidCase(path, f"labels {bad} outside {list(allowed)} (enhancing tumour is {et_label} in this edition)")
+    if et_label != 4:
+        out[out == et_label] = 4
+    return out
+
+
+def read_labels(path: str, edition: str = "brats2019", sha256: str | None = None) -> np.ndarray:
+    """A segmentation file -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} (``labels``); with ``sha256``,
+    InvalidCase unless the file's bytes still have that digest."""
+    raw = read_bytes(path)
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise InvalidCase(path, "changed since ingestion (sha256 differs)")
+    return labels(path, _decode(path, raw)[0], ET_LABEL[edition])
 
 
 def load_reference(path: str) -> nib.Nifti1Image:

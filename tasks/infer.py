@@ -8,7 +8,7 @@ marker, so a killed run leaves nothing half-written at an output path, and a rer
 only when its JSON names the same model version, the same input sha256s and the same TTA setting.
 
 Retried on transient I/O errors (``OSError``), never on invalid data (``InvalidCase``).
-Also home of what both prediction flows share: device choice and the torch thread cap.
+Also home of what both prediction flows share: the task runner, the device check, the thread cap.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.nifti import CaseFiles, atomic_write_bytes, load_reference, read_case, sha256_file, write_segmentation
 from tasks.ingest import is_transient
+from unet.device import cores, pick_device, torch_threads
+from unet.postprocess import PostProcess
 from unet.predict import cached_model, segment_case, volumes_ml
 
 # Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
@@ -40,24 +42,14 @@ def predict_runner() -> ThreadPoolTaskRunner:
     return ThreadPoolTaskRunner(max_workers=CASES_AT_ONCE)
 
 
-def pick_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return device
+def device_name(device: str = "auto") -> str:
+    """The device a prediction flow passes to its tasks (checked here: ValueError when it is not there)."""
+    return str(pick_device(device))
 
 
-@contextmanager
-def torch_threads(cases: int):
-    """Cap torch's intra-op threads so that the cases predicted at once share the cores; restore after."""
-    before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, min(CASES_AT_ONCE, cases))))
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
+def case_threads(cases: int):
+    """Cap torch's intra-op threads so that the cases predicted at once share the cores."""
+    return torch_threads(cores() // max(1, min(CASES_AT_ONCE, cases)))
 
 
 @contextmanager
@@ -83,7 +75,7 @@ def scans_only(case: CaseFiles) -> CaseFiles:
     return replace(case, files={k: v for k, v in case.files.items() if k != "seg"})
 
 
-def _done(case: CaseFiles, out: str, version: str, tta: bool) -> dict | None:
+def _done(case: CaseFiles, out: str, version: str, tta: bool, et_label: int) -> dict | None:
     """The record of a finished earlier run by the same model on the same bytes, else None."""
     seg, record = outputs(out, case.case_id)
     if not (seg.is_file() and record.is_file()):
@@ -93,7 +85,7 @@ def _done(case: CaseFiles, out: str, version: str, tta: bool) -> dict | None:
     except (OSError, ValueError):
         return None
     sha = {channel: sha256_file(path) for channel, path in case.files.items()}
-    same = done.get("model_version") == version and done.get("sha256") == sha and done.get("tta") == tta
+    same = done.get("model_version") == version and done.get("sha256") == sha and done.get("tta") == tta and done.get("et_label", 4) == et_label
     return done if same else None
 
 
@@ -106,30 +98,37 @@ def _done(case: CaseFiles, out: str, version: str, tta: bool) -> dict | None:
     cache_policy=NONE,
 )
 def infer_case(
-    case: CaseFiles, out: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16
+    case: CaseFiles, out: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16, et_label: int | None = None
 ) -> dict:
+    """``et_label``: the label written for enhancing tumour, 4 or 3; None: the input's own edition's."""
     start = time.perf_counter()
     case = scans_only(case)
-    done = _done(case, out, version, tta)
+    et = et_label or case.et_label
+    done = _done(case, out, version, tta, et)
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
     scan = read_case(case)  # InvalidCase: a one-line reason, no retry
     model, info = cached_model(models, version, device)
-    labels, attrs = segment_case(model, scan, info["profile"], tta=tta, batch_size=batch_size)
+    post = PostProcess.from_dict(info.get("postprocess"))
+    labels, attrs = segment_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)
     reference = load_reference(case.files["flair"])  # the input's grid and header
+    written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
     with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
-        write_segmentation(labels, reference, seg_path)
+        write_segmentation(written, reference, seg_path)
         record = {
             "case": case.case_id,
             "model_version": version,
             "profile": info["profile"],
+            "postprocess": post.to_dict(),
             "tta": tta,
+            "et_label": et,
             "segmentation": str(seg_path),
             "inputs": case.files,
             "sha256": scan.sha256,
             "shape": attrs["shape"],
             "zooms": attrs["zooms"],
+            "geometry": attrs["geometry"],
             "volumes_ml": volumes_ml(labels, scan.zooms),
             "seconds": round(time.perf_counter() - start, 2),
         }

@@ -78,7 +78,8 @@ def test_tp_profile_crops_and_halves(real_case):
     case = read_case(discover(real_case).cases[0])
     image, label, attrs = preprocess_case(case, PROFILES["tp"])
     assert image.shape == (155, 4, 96, 96) and label.shape == (155, 96, 96)
-    assert attrs["crop_box"] == [24, 216, 24, 216]
+    # the 192 window, grid-centred, moved 4 voxels along W to hold the whole brain (rows 41..219)
+    assert attrs["geometry"]["box"] == (24, 216, 28, 220) and attrs["brain_outside_window"] == 0
     assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 3).any()
 
 
@@ -105,14 +106,15 @@ def test_reads_uncompressed_nii(tmp_path):
     assert case.image.shape == (4, *SHAPE) and case.files.files["t1"].endswith("_t1.nii")
 
 
-def test_brats2021_naming_is_an_explicit_option(tmp_path):
+def test_brats2023_names_are_found_without_being_asked(tmp_path):
     folder = _case(tmp_path, grade=None)
     for old, new in {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}.items():
         (folder / f"{folder.name}_{old}.nii.gz").rename(folder / f"{folder.name}_{new}.nii.gz")
     seg = folder / f"{folder.name}_seg.nii.gz"
     rewrite_nifti(seg, np.where(np.asanyarray(nib.load(seg).dataobj) == 4, 3, np.asanyarray(nib.load(seg).dataobj)).astype(np.int16))
-    assert discover(tmp_path).problems  # 2019 names missing -> refused
-    case = read_case(discover(tmp_path, naming="brats2021").cases[0])
+    assert "missing flair modality" in str(discover(tmp_path, naming="brats2019").problems[0])  # insisting on 2019 names
+    case = read_case(discover(tmp_path).cases[0])
+    assert case.files.edition == "brats2023"
     assert set(np.unique(case.seg)) <= {0, 1, 2, 4} and (case.seg == 4).any()
 
 
@@ -213,8 +215,8 @@ def test_labels_outside_brats(tmp_path):
 def test_seg_dtype(tmp_path):
     folder = _case(tmp_path)
     f = folder / f"{folder.name}_seg.nii.gz"
-    rewrite_nifti(f, np.asanyarray(nib.load(f).dataobj), dtype=np.float32)
-    _invalid(folder, f.name, "segmentation dtype float32")
+    rewrite_nifti(f, np.asanyarray(nib.load(f).dataobj) + 0.25, dtype=np.float32)
+    _invalid(folder, f.name, "non-integral values (e.g. 0.25)")
 
 
 def test_4d_image(tmp_path):
@@ -277,3 +279,15 @@ def test_unchanged_case_is_skipped_and_changed_case_rewritten(tmp_path):
     assert ingest_case.fn(case, url, "full")["status"] == "ingested"
     store = SliceStore(url)
     assert np.array_equal(store.image(folder.name)[:, 1], store.image(folder.name)[:, 3])
+
+
+def test_a_full_profile_store_refuses_slices_of_another_grid(real_case, tmp_path):
+    """Profile full keeps each scan's own grid, and training batches need one slice shape."""
+    url = str(tmp_path / "s.zarr")
+    SliceStore(url, mode="a").claim_profile("full")
+    ingest_case.fn(discover(real_case).cases[0], url, "full")
+    small = _case(tmp_path / "raw")
+    with pytest.raises(InvalidCase) as err:
+        ingest_case.fn(case_files(small, "HGG"), url, "full")
+    assert str(err.value).startswith(str(small / f"{small.name}_flair.nii.gz") + ": slices 48x48 differ from the store's 240x240")
+    assert "\n" not in str(err.value) and SliceStore(url).case_ids() == ["Brats18_2013_2_1"]
