@@ -44,7 +44,7 @@ def run_one(model: UNet, case, profile: str, out: Path, device: str, batch_size:
     t.append(time.perf_counter())
     slices, _, attrs = preprocess_case(scan, PROFILES[profile], dtype="float32")
     t.append(time.perf_counter())
-    labels = segment(model, slices, profile, attrs["shape"], attrs["slice_brain"], batch_size=batch_size, device=device)
+    labels = segment(model, slices, attrs["geometry"], attrs["slice_brain"], batch_size=batch_size, device=device)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t.append(time.perf_counter())
@@ -76,7 +76,7 @@ def main() -> None:
             padding, profile = config.split(":")
             torch.manual_seed(0)
             model = UNet(UNetConfig(base_channels=args.base, depth=args.depth, padding=padding)).to(device).eval()
-            side = PROFILES[profile].slice_shape(*SHAPE[:2])[0]
+            side = (PROFILES[profile].window or SHAPE[0]) // PROFILES[profile].factor
             runs = [run_one(model, case, profile, Path(tmp), device, args.batch_size) for case in cases]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             totals = [r["total"] for r in runs]

@@ -59,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no locking, as on object storage
     fcntl = None
 
-SCHEMA = 1
+SCHEMA = 2  # 2: cases carry their geometry (orientation, spacing, window) instead of a crop box
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 WRITE = {"write_empty_chunks": True}  # inside a shard an empty chunk costs bytes; checking costs 2x the write
 LOCKS = ".locks"  # <store>/.locks/<case_id>.lock (local stores); outside the cases/ group readers list
@@ -85,7 +85,7 @@ class SliceStore:
         if mode != "r" and "schema" not in self.root.attrs:
             self._update_root(lambda attrs: {} if "schema" in attrs else {"schema": SCHEMA})
         elif self.root.attrs.get("schema", SCHEMA) != SCHEMA:
-            raise ValueError(f"{self.url}: store schema {self.root.attrs.get('schema')} but this code reads {SCHEMA}")
+            raise ValueError(f"{self.url}: store schema {self.root.attrs.get('schema')} but this code reads {SCHEMA}; ingest into a new store")
 
     # ------------------------------------------------------------ store-level attributes
 
@@ -101,6 +101,23 @@ class SliceStore:
             if have not in (None, profile):
                 raise ValueError(f"{self.url}: store holds profile {have!r}, not {profile!r}; use another store")
             return {"profile": profile}
+
+        self._update_root(claim)
+
+    def claim_slice_shape(self, shape: tuple[int, int]) -> None:
+        """Record the slices' (H, W), refusing a case whose slices have another (training batches
+        stack slices of one shape)."""
+        if self.root.attrs.get("slice_shape") == list(shape):
+            return
+
+        def claim(attrs: dict) -> dict:
+            have = attrs.get("slice_shape")
+            if have not in (None, list(shape)):
+                raise ValueError(
+                    f"slices {shape[0]}x{shape[1]} differ from the store's {have[0]}x{have[1]}: profile "
+                    f"{attrs.get('profile')} keeps each scan's own grid; use another store, or profile tp (a 192x192 window on any grid)"
+                )
+            return {"slice_shape": list(shape)}
 
         self._update_root(claim)
 
@@ -240,10 +257,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def make_split(grades: dict[str, str | None], ratios: Iterable[float] = (0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list[str]]:
-    """Patient-level train/val/test split, deterministic and stratified by grade.
+    """Patient-level train/val/test split of labelled cases, deterministic and stratified by grade.
 
     Within each grade, cases are ordered by a hash of (seed, case id) — so the order does not depend
-    on which other cases exist — and cut by largest-remainder rounding of the ratios.
+    on which other cases exist — and cut by largest-remainder rounding of the ratios. Rounding per
+    grade can leave val or test empty with few cases; whenever there are 3 or more cases, each of
+    them gets at least one (taken from the end of the largest grade's train cases), as long as its
+    ratio is not 0.
     """
     names = ("train", "val", "test")
     ratios = np.asarray(list(ratios), dtype=float)
@@ -254,6 +274,7 @@ def make_split(grades: dict[str, str | None], ratios: Iterable[float] = (0.7, 0.
     by_grade: dict[str, list[str]] = {}
     for case_id, grade in grades.items():
         by_grade.setdefault(grade or "unknown", []).append(case_id)
+    trains: dict[str, list[str]] = {}
     for grade in sorted(by_grade):
         ids = sorted(by_grade[grade], key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
         exact = ratios * len(ids)
@@ -264,4 +285,12 @@ def make_split(grades: dict[str, str | None], ratios: Iterable[float] = (0.7, 0.
         for name, n in zip(names, counts):
             split[name] += ids[start : start + n]
             start += n
+        trains[grade] = ids[: counts[0]]
+    for name, ratio in zip(names[1:], ratios[1:]):
+        if not split[name] and ratio > 0 and len(grades) >= 3:
+            grade = max(sorted(trains), key=lambda g: len(trains[g]))
+            if len(trains[grade]) > 1:
+                moved = trains[grade].pop()
+                split["train"].remove(moved)
+                split[name].append(moved)
     return {n: sorted(v) for n, v in split.items()}

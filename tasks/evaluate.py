@@ -1,4 +1,5 @@
-"""Prefect tasks: BraTS metrics of one stored case on its original grid, and a figure of one case.
+"""Prefect tasks: BraTS metrics of one stored case on its original grid, a figure of one case, and the
+choice of a model's post-processing on its validation cases.
 
 The prediction comes from the store's slices through ``unet.predict.segment`` (the same code path
 inference uses) and is restored to the case's original grid; the ground truth is the case's
@@ -12,16 +13,20 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from storage.nifti import load_reference, sha256_file
+from storage.nifti import InvalidCase, read_labels
+from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.ingest import is_transient
 from tasks.plots import overlay_png
+from unet.geometry import Geometry
 from unet.metrics import evaluate_case
-from unet.predict import cached_model, segment
-from unet.preprocess import PROFILES, restore_grid, to_label_slices
+from unet.checkpoint import load_model
+from unet.postprocess import PostProcess, choose, mean_dice
+from unet.predict import cached_model, segment, slice_probs
+from unet.preprocess import to_labels
 
 NIFTI_TRUTH = "original seg"
 
@@ -33,21 +38,23 @@ def ground_truth(store: SliceStore, case_id: str) -> tuple[np.ndarray, str]:
     why = "no seg file recorded"
     if path:
         try:
-            if sha256_file(path) == attrs["sha256"]["seg"]:
-                labels = np.asanyarray(load_reference(path).dataobj)
-                if list(labels.shape) == attrs["shape"]:
-                    return labels, NIFTI_TRUTH
-                why = f"{path} has shape {labels.shape}, the case {attrs['shape']}"
-            else:
-                why = f"{path} changed since ingestion (sha256 differs)"
+            return read_labels(path, attrs["edition"], sha256=attrs["sha256"]["seg"]), NIFTI_TRUTH
         except FileNotFoundError:
             why = f"{path} is gone"
+        except InvalidCase as e:
+            why = str(e)
     label = store.label(case_id)
     if label is None:
         raise ValueError(f"{case_id}: no ground truth ({why}) and no label in the store")
-    classes = np.asarray(label[:])
-    scores = np.moveaxis(np.eye(4, dtype=np.float32)[classes], -1, 1)  # (Z, 4, h, w) one-hot
-    return restore_grid(scores, PROFILES[attrs["profile"]], attrs["shape"]), f"store label ({why})"
+    geometry = Geometry.from_dict(attrs["geometry"])
+    one_hot = np.moveaxis(np.eye(4, dtype=np.float32)[np.asarray(label[:])], -1, 1)  # (Z, 4, h, w)
+    return to_labels(geometry, geometry.restore(one_hot)), f"store label ({why})"
+
+
+def predict_stored(store: SliceStore, case_id: str, model, tta: bool = False, batch_size: int = 16) -> np.ndarray:
+    """The model's labels for a stored case on its original grid, before post-processing."""
+    attrs = store.attrs(case_id)
+    return segment(model, store.image(case_id), attrs["geometry"], attrs["slice_brain"], tta=tta, batch_size=batch_size)
 
 
 @task(
@@ -59,14 +66,16 @@ def ground_truth(store: SliceStore, case_id: str) -> tuple[np.ndarray, str]:
     cache_policy=NONE,
 )
 def evaluate_stored_case(
-    case_id: str, store_url: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16
+    case_id: str, store_url: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16,
+    postprocess: dict | None = None,
 ) -> dict:
-    """All BraTS metrics of one case (regions WT/TC/ET and labels 1/2/4) as one table row."""
+    """All BraTS metrics of one case (regions WT/TC/ET and labels 1/2/4) as one table row;
+    ``postprocess``: a ``PostProcess`` as a dict (the model's), None for the raw output."""
     start = time.perf_counter()
     store = SliceStore(store_url)
     attrs = store.attrs(case_id)
     model, _ = cached_model(models, version, device)
-    pred = segment(model, store.image(case_id), attrs["profile"], attrs["shape"], attrs["slice_brain"], tta=tta, batch_size=batch_size)
+    pred = PostProcess.from_dict(postprocess).apply(predict_stored(store, case_id, model, tta, batch_size), attrs["zooms"])
     truth, source = ground_truth(store, case_id)
     metrics = evaluate_case(pred, truth, attrs["zooms"])
     return {
@@ -86,12 +95,29 @@ def overlay_case(case_id: str, store_url: str, models: str, version: str, title:
     """
     store = SliceStore(store_url)
     attrs = store.attrs(case_id)
-    profile = PROFILES[attrs["profile"]]
     tumour = attrs.get("slice_tumour") or attrs["slice_brain"]
     z = int(np.argmax(tumour))
     model, _ = cached_model(models, version, device)
-    pred = segment(model, store.image(case_id), profile, attrs["shape"], attrs["slice_brain"], only=[z], tta=tta)
-    pred_classes = to_label_slices(pred[:, :, z : z + 1], profile)[0]
+    image = np.asarray(store.image(case_id)[z : z + 1], dtype=np.float32)
+    pred = slice_probs(model, image, tta).argmax(axis=1)[0]
     label = store.label(case_id)
     truth = np.asarray(label[z]) if label is not None else None
-    return overlay_png(np.asarray(store.image(case_id)[z]), truth, pred_classes, f"{title}: {case_id}, slice {z}")
+    return overlay_png(image[0], truth, pred, f"{title}: {case_id}, slice {z}")
+
+
+@task(name="choose-postprocess", task_run_name="choose-postprocess-{version}", retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, cache_policy=NONE)
+def choose_postprocess(store_url: str, models: str, version: str, device: str = "cpu", batch_size: int = 16) -> dict:
+    """Choose the version's post-processing on its validation cases, scored on their original grids as
+    the test is, and record it in the version's info.json (``postprocess``); evaluation and inference
+    apply it from there."""
+    store, registry = SliceStore(store_url), Registry(models)
+    model, info = load_model(registry, version, device)
+    cases = []
+    for case_id in info["split"]["val"]:
+        truth, _ = ground_truth(store, case_id)
+        cases.append((predict_stored(store, case_id, model, batch_size=batch_size), truth, store.attrs(case_id)["zooms"]))
+    post, tried = choose(cases)
+    before, after = mean_dice(cases, PostProcess()), mean_dice(cases, post)
+    registry.update_info(version, postprocess=post.to_dict(), postprocess_choice={"cases": len(cases), "mean_dice_before": round(before, 5), "mean_dice_after": round(after, 5), "tried": tried})
+    get_run_logger().info("%s: post-processing %s chosen on %d validation case(s): mean Dice %.4f -> %.4f", version, post.to_dict(), len(cases), before, after)
+    return {"postprocess": post.to_dict(), "mean_dice_before": round(before, 4), "mean_dice_after": round(after, 4)}

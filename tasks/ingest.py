@@ -12,7 +12,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NONE
 
-from storage.nifti import CaseFiles, read_case, sha256_file
+from storage.nifti import CaseFiles, InvalidCase, read_case, sha256_file
 from storage.store import SliceStore
 from unet.preprocess import PROFILES, preprocess_case
 
@@ -39,7 +39,11 @@ def ingest_case(case: CaseFiles, store_url: str, profile: str, dtype: str = "flo
         a = store.attrs(case.case_id)
         return _row(a, "skipped", time.perf_counter() - start)
     raw = read_case(case)
-    image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)
+    try:
+        image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)
+        store.claim_slice_shape(image.shape[-2:])
+    except ValueError as e:  # not a brain volume, or slices of another shape than the store's
+        raise InvalidCase(case.files["flair"], str(e).removeprefix(f"{case.files['flair']}: ")) from None
     store.write_case(case.case_id, image, label, attrs)
     return _row(attrs, "ingested", time.perf_counter() - start)
 

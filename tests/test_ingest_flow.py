@@ -37,7 +37,7 @@ def raw(small_raw, real_case, tmp_path):
 
 def test_ingest_flow_quarantines_skips_and_reingests(prefect_api, raw, tmp_path):
     url = str(tmp_path / "slices.zarr")
-    params = IngestParams(raw=[str(raw)], store=url)
+    params = IngestParams(raw=[str(raw)], store=url, profile="tp")  # tp: one 96x96 slice shape for any grid
 
     state, summary = _run(params)
     assert state.is_failed() and "1 case(s) quarantined" in state.message
@@ -47,7 +47,8 @@ def test_ingest_flow_quarantines_skips_and_reingests(prefect_api, raw, tmp_path)
     assert len(store.case_ids()) == 7 and "BraTS19_BAD_0001_1" not in store.case_ids()
     assert sorted(sum(store.split.values(), [])) == store.case_ids()
     assert store.fingerprint == summary["fingerprint"]
-    assert store.image("Brats18_2013_2_1").shape == (155, 4, 240, 240)
+    assert store.image("Brats18_2013_2_1").shape == (155, 4, 96, 96)
+    assert store.image(store.case_ids()[0]).shape == (40, 4, 96, 96)  # a 64x64 synthetic grid, padded
     assert store.quarantine[0]["case"] == "BraTS19_BAD_0001_1"
 
     cases = Artifact.get("ingest-cases")

@@ -4,10 +4,11 @@ One code path for evaluation and inference::
 
     slices (Z, 4, h, w) on the profile's grid          # from the slice store, or preprocess_case
       -> brain slices only, in batches                 # no brain: background, never run
-      -> UNet.predict (overlap-tile in valid mode)     # (+ mirror TTA: mean of 4 flips)
-      -> softmax probabilities (N, K, h, w)
-      -> restore_grid: upsample, argmax, crop box      # per batch, so memory stays one batch
-      -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
+      -> UNet.predict (overlap-tile in valid mode)     # (+ mirror TTA: mean with the left-right mirror)
+      -> softmax probabilities (N, K, h, w)            # pixels without brain: background
+      -> Geometry.restore: upsample, window, spacing   # per batch, so memory stays one batch
+      -> argmax, reorient -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
+      -> PostProcess (unet.postprocess), chosen on the validation cases with the model
 
 Slices are 2D and independent, so predicting any subset of slices gives exactly what the whole
 volume would give there (``segment(..., only=[z])`` predicts one slice for a figure).
@@ -24,10 +25,14 @@ import torch
 
 from storage.registry import Registry
 from unet.checkpoint import load_model
+from unet.geometry import Geometry
 from unet.model import UNet
-from unet.preprocess import PROFILES, Profile, preprocess_case, restore_grid
+from unet.postprocess import PostProcess
+from unet.preprocess import PROFILES, Profile, preprocess_case, to_labels
 
-FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # mirror TTA: none, W, H, both
+# Mirror TTA over the flips training augments with: none and left-right (H is the L-R axis). An
+# anterior-posterior mirror is an anatomy the network never saw, and would only add noise.
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,))
 
 
 _loading = threading.Lock()
@@ -49,8 +54,8 @@ def _load(models: str, version: str, device: str) -> tuple[UNet, dict]:
 def predict_probs(model: UNet, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """(N, C, h, w) slices -> (N, K, h, w) class probabilities, same h, w (any size).
 
-    With ``tta`` the probabilities are the mean over the image and its three in-plane mirrors,
-    each prediction flipped back first.
+    With ``tta`` the probabilities are the mean over the image and its mirrors in ``FLIPS``, each
+    prediction flipped back first.
     """
     flips = FLIPS if tta else FLIPS[:1]
     total = None
@@ -67,11 +72,23 @@ def brain_slices(slices) -> np.ndarray:
     return np.array([np.asarray(slices[z]).any() for z in range(slices.shape[0])], dtype=bool)
 
 
+@torch.inference_mode()
+def slice_probs(model: UNet, x: np.ndarray, tta: bool = False, device: str | torch.device | None = None) -> np.ndarray:
+    """(N, C, h, w) normalized slices -> (N, K, h, w) float32 class probabilities; pixels where every
+    channel is 0 (no brain) are background, whatever the network says."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    probs = predict_probs(model, xt, tta)
+    outside = (xt == 0).all(1)  # (N, h, w)
+    probs[:, 0].masked_fill_(outside, 1.0)
+    probs[:, 1:].masked_fill_(outside[:, None], 0.0)
+    return probs.float().cpu().numpy()
+
+
 def segment(
     model: UNet,
     slices,
-    profile: Profile | str,
-    shape: Sequence[int],
+    geometry: Geometry | dict,
     brain: Sequence[bool] | Sequence[int] | None = None,
     *,
     only: Sequence[int] | None = None,
@@ -79,40 +96,42 @@ def segment(
     batch_size: int = 16,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
-    """Slices on the profile's grid -> (X, Y, Z) uint8 BraTS labels on the input grid ``shape``.
+    """Slices on the profile's grid -> (X, Y, Z) uint8 BraTS labels on the scan's own grid.
 
-    ``slices``: (Z, C, h, w) numpy or Zarr array (read one batch at a time). ``brain``: per slice,
+    ``slices``: (Z, C, h, w) numpy or Zarr array (read one batch at a time); ``geometry``: how they
+    lie on the scan (``attrs["geometry"]`` of a stored or preprocessed case). ``brain``: per slice,
     truthy when it holds brain (e.g. the store's ``slice_brain`` counts); default: found from the
     slices. Slices without brain are background and never reach the network. ``only``: predict
     just these slice indices (the rest stay background).
     """
-    profile = PROFILES[profile] if isinstance(profile, str) else profile
-    h, w, z = (int(s) for s in shape)
-    if slices.shape[0] != z or tuple(slices.shape[2:]) != profile.slice_shape(h, w):
-        raise ValueError(f"slices {tuple(slices.shape)} do not fit profile {profile.name} on grid {(h, w, z)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    geometry = Geometry.from_dict(geometry) if isinstance(geometry, dict) else geometry
+    z = geometry.slices
+    if slices.shape[0] != z or tuple(slices.shape[2:]) != geometry.slice_shape:
+        raise ValueError(f"slices {tuple(slices.shape)} do not fit this scan's geometry ({z}, C, {geometry.slice_shape})")
     keep = np.asarray(brain, dtype=bool) if brain is not None else brain_slices(slices)
     if only is not None:
         keep = keep & np.isin(np.arange(z), np.asarray(only))
-    out = np.zeros((h, w, z), dtype=np.uint8)
+    h0, w0, _ = geometry.oriented
+    classes = np.zeros((h0, w0, z), dtype=np.uint8)
     todo = np.flatnonzero(keep)
     for start in range(0, todo.size, batch_size):
         idx = todo[start : start + batch_size]
         batch = np.asarray(slices[idx[0] : idx[-1] + 1])[idx - idx[0]]  # contiguous read, numpy or Zarr
-        x = torch.from_numpy(batch.astype(np.float32, copy=False)).to(device)
-        probs = predict_probs(model, x, tta).cpu().numpy()
-        out[:, :, idx] = restore_grid(probs, profile, (h, w, idx.size))
-    return out
+        classes[:, :, idx] = geometry.restore(slice_probs(model, batch, tta, device))
+    return to_labels(geometry, classes)
 
 
-def segment_case(model: UNet, case, profile: Profile | str, **kw) -> tuple[np.ndarray, dict]:
+def segment_case(model: UNet, case, profile: Profile | str, post: PostProcess | None = None, **kw) -> tuple[np.ndarray, dict]:
     """A validated ``storage.nifti.Case`` -> ((X, Y, Z) BraTS labels on its grid, case attributes).
 
-    Preprocessed exactly as ingestion does (``preprocess_case``) with the model's profile.
+    Preprocessed exactly as ingestion does (``preprocess_case``) with the model's profile; the
+    window grows to hold a brain larger than the profile's, so every brain voxel is predicted.
     """
     profile = PROFILES[profile] if isinstance(profile, str) else profile
-    slices, _, attrs = preprocess_case(case, profile, dtype=np.float32)
-    labels = segment(model, slices, profile, attrs["shape"], attrs["slice_brain"], **kw)
+    slices, _, attrs = preprocess_case(case, profile, dtype=np.float32, grow=True)
+    labels = segment(model, slices, attrs["geometry"], attrs["slice_brain"], **kw)
+    if post is not None:
+        labels = post.apply(labels, case.zooms)
     return labels, attrs
 
 
