@@ -31,7 +31,8 @@ from storage.store import SliceStore
 from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, augment_params, make_loader
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import autocast_dtype, pick_device, train_step
+from unet.device import pick_device
+from unet.train import autocast_dtype, train_step
 
 
 def synthetic_store(data: Path, cases: int, size: int) -> str:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 from prefect import flow, get_run_logger
 from prefect.futures import as_completed
+from prefect.utilities.annotations import unmapped
 from prefect.states import Failed
 from pydantic import BaseModel, Field
 
@@ -22,7 +23,7 @@ from storage.registry import DEFAULT_ROOT, Registry
 from storage.store import SliceStore
 from tasks.artifacts import RunProgress, markdown, png_markdown, table
 from tasks.evaluate import NIFTI_TRUTH, evaluate_stored_case, overlay_case
-from tasks.infer import pick_device, predict_runner, torch_threads
+from tasks.infer import case_threads, device_name, predict_runner
 from unet.metrics import REGIONS, summarize
 
 METRICS = {"dice": "Dice", "hd95": "HD95 (mm)", "sens": "Sensitivity", "spec": "Specificity"}
@@ -35,9 +36,10 @@ class EvaluateParams(BaseModel):
     model: str | None = Field(None, description="Model version, 'latest', or empty for the best")
     split: str = Field("test", description="train, val, test or all")
     models: str = Field(DEFAULT_ROOT, description="Model registry: a local path or an fsspec URL")
-    tta: bool = Field(False, description="Mirror test-time augmentation (4x the compute)")
+    tta: bool = Field(False, description="Mirror test-time augmentation (2x the compute)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
     batch_size: int = Field(16, ge=1, description="Slices per forward pass")
+    postprocess: bool = Field(True, description="Apply the model's post-processing (chosen on its validation cases); off: the network's raw output")
 
 
 def split_cases(store: SliceStore, split: str) -> list[str]:
@@ -66,13 +68,14 @@ def evaluate(params: EvaluateParams) -> dict:
     overlap = sorted(set(info.get("split", {}).get("train", [])) & set(cases))
     if overlap:
         log.warning("%d of %d evaluated cases were training cases of %s: metrics are optimistic (%s)", len(overlap), len(cases), version, ", ".join(overlap))
-    device = pick_device(params.device)
+    device = device_name(params.device)
     log.info("model %s on %s: %d %s case(s) of %s", version, device, len(cases), params.split, params.store)
 
     run = dict(store_url=params.store, models=params.models, version=version, device=device, tta=params.tta)
+    post = info.get("postprocess") if params.postprocess else None
     rows, failures = [], []
-    with torch_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
-        for future in as_completed(evaluate_stored_case.map(cases, batch_size=params.batch_size, **run)):
+    with case_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
+        for future in as_completed(evaluate_stored_case.map(cases, batch_size=params.batch_size, postprocess=unmapped(post), **run)):
             future.wait()
             if future.state.is_completed():
                 rows.append(future.result())
@@ -84,7 +87,7 @@ def evaluate(params: EvaluateParams) -> dict:
         figures = _overlays(rows, run)
 
     summary = summarize(rows)
-    record = _save(registry, version, params, store.fingerprint, rows, summary, figures, overlap, failures)
+    record = _save(registry, version, params, store.fingerprint, rows, summary, figures, overlap, failures, post)
     result = {
         "model": version,
         "split": params.split,
@@ -100,7 +103,7 @@ def evaluate(params: EvaluateParams) -> dict:
     return result
 
 
-def _save(registry: Registry, version: str, params: EvaluateParams, fingerprint, rows, summary, figures, overlap, failures) -> dict:
+def _save(registry: Registry, version: str, params: EvaluateParams, fingerprint, rows, summary, figures, overlap, failures, post) -> dict:
     """The evaluation, kept with the model version: info.json "evaluation", evaluation.json, PNGs."""
     files = {
         name: {"case": case, "file": registry.put(version, f"evaluation-{params.split}-{name}.png", png)}
@@ -111,6 +114,7 @@ def _save(registry: Registry, version: str, params: EvaluateParams, fingerprint,
         "store": params.store,
         "fingerprint": fingerprint,
         "tta": params.tta,
+        "postprocess": post,
         "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "train_overlap": overlap,
         "failed": failures,
@@ -136,7 +140,7 @@ def _overlays(rows: list[dict], run: dict) -> dict[str, tuple[str, bytes]]:
 def _artifacts(rows: list[dict], summary: dict, figures: dict, record: dict, result: dict) -> None:
     columns = ["case", "grade", *(f"{m}_{r}" for m in METRICS for r in REGIONS), "truth", "seconds"]
     table([{c: r[c] for c in columns} for r in rows] or [{"case": "", "truth": "no case evaluated"}], "evaluate-cases", "BraTS metrics per case (3D, original grid)")
-    lines = [f"# Evaluation of `{result['model']}` on the {result['split']} split", "", f"{len(rows)} case(s) of `{record['store']}`, TTA {'on' if record['tta'] else 'off'}.", ""]
+    lines = [f"# Evaluation of `{result['model']}` on the {result['split']} split", "", f"{len(rows)} case(s) of `{record['store']}`, TTA {'on' if record['tta'] else 'off'}, post-processing {record['postprocess'] or 'off'}.", ""]
     if record["train_overlap"]:
         lines += [f"**Warning:** {len(record['train_overlap'])} evaluated case(s) were training cases of this model: {', '.join(record['train_overlap'])}.", ""]
     if result["truth_from_store_label"]:
@@ -159,15 +163,16 @@ def add_command(sub) -> None:
     p.add_argument("--model", default=None, help="model version or 'latest' (default: the best)")
     p.add_argument("--split", default="test", help="train, val, test or all (default: test)")
     p.add_argument("--models", default=DEFAULT_ROOT, help=f"model registry (default: {DEFAULT_ROOT}, or $BRATS_MODELS)")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (4x the compute)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (2x the compute)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, … (default: auto)")
     p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help="score the network's raw output")
     p.set_defaults(run=run_cli)
 
 
 def run_cli(args) -> int:
     params = EvaluateParams(
         store=args.store, model=args.model, split=args.split, models=args.models,
-        tta=args.tta, device=args.device, batch_size=args.batch_size,
+        tta=args.tta, device=args.device, batch_size=args.batch_size, postprocess=args.postprocess,
     )
     return report(evaluate(params, return_state=True))

@@ -93,7 +93,7 @@ def demo_params(work: Path, epochs: int, base_channels: int, seed: int) -> Pipel
         profile="tp",
         train={
             "epochs": epochs, "base_channels": base_channels, "depth": 4, "padding": "same", "norm": "batch",
-            "batch_size": 8, "lr": 3e-3, "max_steps_per_epoch": 40, "max_val_batches": 20,
+            "batch_size": 8, "lr": 3e-3, "max_steps_per_epoch": 40,
             "oversample_tumour": 3.0, "class_weight_power": 0.5, "seed": seed, "workers": 1, "fresh": True,
         },
     )

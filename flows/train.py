@@ -1,6 +1,7 @@
 """Flow ``train``: slices in the store -> a trained U-Net as a new version in the model registry.
 
     open (or reopen) a model version -> train_model (tag gpu; retries resume from its checkpoint)
+    -> choose its post-processing on the validation cases (original grids, as the test is scored)
     -> promote the version to BEST when its validation Dice beats the current best
 
 A flow run that was killed and is started again with the same store and the same parameters
@@ -17,7 +18,9 @@ from pydantic import BaseModel, Field
 
 from flows.report import report
 from storage.registry import DEFAULT_ROOT
+from tasks.evaluate import choose_postprocess
 from tasks.train import open_version, promote_if_best, train_model
+from unet.device import pick_device
 from unet.model import UNetConfig
 from unet.train import TrainConfig
 
@@ -44,7 +47,6 @@ class TrainParams(BaseModel):
     grad_clip: float = Field(T.grad_clip, ge=0, description="max gradient norm, 0 = off")
     seed: int = T.seed
     max_steps_per_epoch: int | None = Field(T.max_steps_per_epoch, ge=1, description="cap an epoch (short runs)")
-    max_val_batches: int | None = Field(T.max_val_batches, ge=1, description="cap validation")
     oversample_tumour: float = Field(T.oversample_tumour, ge=1, description="draw tumour slices this many times as often")
     skip_empty: bool = Field(T.skip_empty, description="leave out slices without brain")
     augment: bool = Field(T.augment, description="flips, small rotations, intensity jitter")
@@ -65,10 +67,12 @@ class TrainParams(BaseModel):
 @flow(name="train", log_prints=True)
 def train(params: TrainParams) -> dict:
     log = get_run_logger()
+    device = pick_device(params.device)  # a device that is not there fails here, at once, not after retries
     model_cfg, train_cfg = asdict(params.unet_config()), asdict(params.train_config())
     version, reopened = open_version(params.models, params.store, model_cfg, train_cfg, params.fresh)
     log.info("%s version %s in %s", "continuing unfinished" if reopened else "new", version, params.models)
     summary = train_model(params.store, params.models, version, model_cfg, train_cfg)
+    summary["postprocess"] = choose_postprocess(params.store, params.models, version, str(device))
     best = promote_if_best(params.models, version)
     log.info("%s: validation Dice %s%s", version, summary["metrics"], " — now BEST" if best else "")
     return {**summary, "best": best}
@@ -89,7 +93,6 @@ def add_command(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=T.weight_decay)
     p.add_argument("--seed", type=int, default=T.seed)
     p.add_argument("--max-steps-per-epoch", type=int, default=T.max_steps_per_epoch)
-    p.add_argument("--max-val-batches", type=int, default=T.max_val_batches)
     p.add_argument("--oversample-tumour", type=float, default=T.oversample_tumour)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--class-weight-power", type=float, default=T.class_weight_power, help="e.g. 0.5; default: plain cross-entropy")

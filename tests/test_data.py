@@ -80,7 +80,8 @@ def test_apply_augment_flips_exactly_and_keeps_background_zero():
     flip = torch.from_numpy(np.stack([augment_params(None, None)] * 2))
     flip[0, 0] = 1.0  # flip the first sample only
     x, y = apply_augment(image, label, flip)
-    assert torch.allclose(x[0], image[0].flip(-1), atol=1e-4) and torch.equal(y[0], label[0].flip(-1))
+    # left-right is the slice's H axis (NIfTI axis 0, dim -2); W (dim -1) is anterior-posterior
+    assert torch.allclose(x[0], image[0].flip(-2), atol=1e-4) and torch.equal(y[0], label[0].flip(-2))
     assert torch.allclose(x[1], image[1], atol=1e-4) and torch.equal(y[1], label[1])
     jitter = AugmentConfig(flip_lr=0.0, rotate_degrees=0.0, intensity_scale=0.2, intensity_shift=0.5)
     params = torch.from_numpy(np.stack([augment_params(jitter, rng) for _ in range(2)]))

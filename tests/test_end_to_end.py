@@ -40,7 +40,7 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
     trained = brats(
         capsys, "train", "--store", store, "--models", models, "--base-channels", "4", "--depth", "2",
         "--padding", "same", "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "4",
-        "--max-val-batches", "2", "--workers", "0", "--device", "cpu",
+        "--workers", "0", "--device", "cpu",
     )
     registry = Registry(str(models))
     version = registry.best()

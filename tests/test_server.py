@@ -84,7 +84,7 @@ def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
     assert event.event == EVENT == "brats.scan.arrived"
     assert event.resource.id == "brats.scan.NEW_001"
     assert event.payload["path"] == str(case.resolve()) and event.payload["case"] == "NEW_001"
-    assert event.payload["naming"] == "brats2019" and set(event.payload["files"]) == set(MODALITIES)
+    assert event.payload["naming"] == "auto" and set(event.payload["files"]) == set(MODALITIES)
     assert watcher.poll() == [] and len(sent) == 1  # once
 
     restarted = Watcher(inbox, emit=sent.extend)  # the state file remembers
@@ -309,7 +309,7 @@ def launched(stack, small_store, small_raw):
         "ingest": stack.run("ingest/nightly", {"raw": [str(stack.data / "raw")], "store": str(stack.data / "slices.zarr"), "profile": "full"}),
         "train": stack.run("train/gpu", {
             "store": small_store, "models": str(stack.data / "trained"), "base_channels": 4, "depth": 2, "padding": "same",
-            "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "max_val_batches": 1, "workers": 0,
+            "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "workers": 0,
         }),
     }
     submit = subprocess.Popen([str(BIN / "brats"), "submit", str(new[0])], env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -20,11 +20,12 @@ from unet.checkpoint import RegistryCheckpoint, rng_state, set_rng_state
 from unet.data import SliceDataset, make_loader
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import Callbacks, TrainConfig, autocast_dtype, fit, pick_device, train_step, validate
+from unet.device import autocast_dtype, cpu_has_bf16, pick_device
+from unet.train import Callbacks, TrainConfig, fit, train_step, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(base_channels=4, depth=2, padding="same")
-SHORT = TrainConfig(epochs=2, batch_size=4, lr=3e-3, max_steps_per_epoch=6, max_val_batches=4, workers=0, checkpoint_every=2, class_weight_power=0.5)
+SHORT = TrainConfig(epochs=2, batch_size=4, lr=3e-3, max_steps_per_epoch=6, workers=0, checkpoint_every=2, class_weight_power=0.5)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,10 +44,20 @@ def weights_close(a: dict, b: dict) -> bool:
 def test_device_and_precision_choice():
     assert pick_device("cpu").type == "cpu"
     assert pick_device().type in ("cuda", "mps", "cpu")
-    assert autocast_dtype(torch.device("cpu")) is None  # fp32 off CUDA
+    # bf16 on a CPU only where it is native (AVX512-BF16/AMX: about 2x the fp32 step), else fp32
+    assert autocast_dtype(torch.device("cpu")) is (torch.bfloat16 if cpu_has_bf16() else None)
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), "fp32") is None
     with pytest.raises(ValueError):
         autocast_dtype(torch.device("cpu"), "fp8")
+
+
+def test_a_device_that_is_not_there_is_refused_at_once():
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 where there is none)
+    with pytest.raises(ValueError, match=missing):
+        pick_device(missing)
+    with pytest.raises(ValueError, match="not a torch device"):
+        pick_device("tpu")
 
 
 def test_rng_state_round_trip():
@@ -78,8 +89,8 @@ def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store):
     cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, class_weight_power=0.5, oversample_tumour=2.0, workers=0, checkpoint_every=0)
     torch.manual_seed(cfg.seed)
     untrained = UNet(model_cfg)
-    val = SliceDataset(small_store, SliceStore(small_store).split["val"])
-    before = validate(untrained, make_loader(val, 8), CrossEntropy(), torch.device("cpu"))
+    store = SliceStore(small_store)
+    before = validate(untrained, store, store.split["val"], CrossEntropy(), torch.device("cpu"))
     result = fit(small_store, model_cfg, cfg)
     assert len(result.history) == 12 and result.resumed_from is None
     assert before["dice_WT"] < 0.15

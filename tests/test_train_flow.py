@@ -52,6 +52,11 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     assert [r["epoch"] for r in info["history"]] == [1, 2] and info["history"][-1]["steps"] == 6
     assert set(info["versions"]) == {"python", "torch", "prefect", "numpy", "zarr"}
     assert info["metrics"]["dice_WT"] == out["metrics"]["dice_WT"] and 0 <= info["metrics"]["dice_mean"] <= 1
+    # post-processing chosen on the validation cases, every candidate scored, recorded with the version
+    assert set(info["postprocess"]) == {"min_component", "et_min_ml"} and out["postprocess"]["postprocess"] == info["postprocess"]
+    choice = info["postprocess_choice"]
+    assert choice["cases"] == len(store.split["val"]) and len(choice["tried"]) == 12
+    assert choice["mean_dice_after"] == max(t["mean_dice"] for t in choice["tried"]) >= choice["mean_dice_before"]
     for name in ("curves.png", "overlay-1.png", "overlay-2.png", "overlay-3.png"):
         assert registry.get(version, name).startswith(PNG), name
     assert RegistryCheckpoint(registry, version).load()["epoch"] == 2
@@ -132,3 +137,10 @@ def test_best_version_is_the_best_validation_dice(tmp_path):
     assert not promote_if_best.fn(registry.root, b) and registry.best() == a
     assert promote_if_best.fn(registry.root, c) and registry.best() == c
     assert cli("models", "best", a, "--models", registry.root) == 0 and registry.best() == a
+
+
+def test_a_device_that_is_not_there_fails_the_run_at_once_with_nothing_registered(prefect_api, small_store, tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    state = train(TrainParams(store=small_store, models=str(tmp_path / "models"), device=missing, **TINY), return_state=True)
+    assert state.is_failed() and f"device '{missing}' asked for" in state.message
+    assert Registry(str(tmp_path / "models")).versions() == []  # failed before a version was opened: no retries, no leftovers

@@ -10,7 +10,7 @@
   augmentation draws from ``default_rng([seed, epoch, position])``. So resuming at batch ``s`` of
   epoch ``e`` (``set_epoch(e, start=s * batch)``) replays exactly the batches a run that never
   stopped would have seen.
-* Augmentation (left-right flip, small rotation, per-channel intensity jitter on brain voxels):
+* Augmentation (left-right flip along H, small rotation, per-channel intensity jitter on brain voxels):
   workers only draw its parameters; ``apply_augment`` runs on the device, a batch at a time, so the
   CPU side is reading and decompressing chunks, nothing else.
 * ``make_loader``: worker processes (forkserver: safe beside Prefect's threads; they exit when the
@@ -38,7 +38,7 @@ from storage.store import SliceStore
 
 @dataclass
 class AugmentConfig:
-    flip_lr: float = 0.5  # probability of a left-right flip (the brain is roughly symmetric)
+    flip_lr: float = 0.5  # probability of a left-right flip (the brain is roughly symmetric; H is the L-R axis)
     rotate_degrees: float = 10.0  # rotation angle uniform in [-this, +this], bilinear / nearest
     intensity_scale: float = 0.1  # per-channel gain uniform in 1 +- this (brain voxels only)
     intensity_shift: float = 0.1  # per-channel offset uniform in +- this, in z-score units
@@ -52,11 +52,15 @@ class SliceRef:
 
 
 def index_slices(store: SliceStore, cases: list[str], skip_empty: bool = True) -> list[SliceRef]:
-    """Every slice of ``cases`` (those with brain only, by default), from the case attributes."""
+    """Every slice of ``cases`` (those with brain only, by default), from the case attributes.
+
+    Every case must be labelled: a scan without segmentation would teach "all background"."""
     refs = []
     for case in cases:
         a = store.attrs(case)
-        tumour = a.get("slice_tumour") or [0] * len(a["slice_brain"])
+        tumour = a.get("slice_tumour")
+        if tumour is None:
+            raise ValueError(f"{store.url}: case {case} has no segmentation; unlabelled scans cannot be trained or validated on")
         for z, (brain, t) in enumerate(zip(a["slice_brain"], tumour)):
             if brain or not skip_empty:
                 refs.append(SliceRef(case, z, int(t)))
@@ -64,15 +68,16 @@ def index_slices(store: SliceStore, cases: list[str], skip_empty: bool = True) -
 
 
 def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
-    """Voxels per class 0..3 over the indexed slices (for ``unet.loss.class_weights_from_counts``)."""
+    """Pixels per class 0..3 over the indexed slices, all on the store's grid (what the loss sees;
+    for ``unet.loss.class_weights_from_counts``). Slices left out hold no tumour (no brain), so the
+    tumour classes are the cases' whole counts and background is what remains of the slices."""
     counts = np.zeros(4, dtype=np.float64)
     if not refs:
         return counts
     h, w = store.image(refs[0].case).shape[-2:]
-    counts[0] = len(refs) * h * w - sum(r.tumour for r in refs)
     for case in sorted({r.case for r in refs}):
-        labels = store.attrs(case).get("label_voxels") or {}
-        counts[1:] += [labels.get("1", 0), labels.get("2", 0), labels.get("4", 0)]
+        counts[1:] += store.attrs(case)["class_voxels"][1:]
+    counts[0] = len(refs) * h * w - counts[1:].sum()
     return counts
 
 
@@ -102,12 +107,14 @@ def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tup
 
     Left-right flip then rotation about the centre as one sampling grid (bilinear for the image,
     nearest for the classes), then gain and shift on brain voxels; background stays exactly 0.
+    Left-right is H, the slice's first axis (NIfTI axis 0): ``affine_grid``'s second coordinate.
     """
     n, c = x.shape[:2]
     params = params.to(x.device, torch.float32)
     flip, angle, gain, shift = params[:, 0], params[:, 1], params[:, 2 : 2 + c], params[:, 2 + c : 2 + 2 * c]
     cos, sin, mirror, zero = torch.cos(angle), torch.sin(angle), 1.0 - 2.0 * flip, torch.zeros_like(angle)
-    theta = torch.stack([torch.stack([cos * mirror, -sin, zero], 1), torch.stack([sin * mirror, cos, zero], 1)], 1)
+    # (x, y) = (W, H) sampling coordinates: rotation R times the mirror diag(1, m) of y
+    theta = torch.stack([torch.stack([cos, -sin * mirror, zero], 1), torch.stack([sin, cos * mirror, zero], 1)], 1)
     grid = F.affine_grid(theta, [n, c + 1, *x.shape[-2:]], align_corners=False)
     classes_and_brain = torch.stack([y.float(), (x != 0).any(1).float()], 1)
     classes_and_brain = F.grid_sample(classes_and_brain, grid, mode="nearest", padding_mode="zeros", align_corners=False)

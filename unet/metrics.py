@@ -42,7 +42,11 @@ pred empty, truth not       0.0        373.13       0.0          1.0 (no FP)
 
 HD95 definition
 ---------------
-Following MedPy's ``hd95`` (used by the BraTS toolkits and nnU-Net):
+The 95th-percentile Hausdorff distance as the BraTS 2023+ metrics (DeepMind's ``surface-distance``
+``compute_robust_hausdorff``) and MONAI's ``compute_hausdorff_distance(percentile=95)`` define it:
+the larger of the two *directed* 95th percentiles. (MedPy's ``hd95`` differs: it takes one 95th
+percentile of both distance sets pooled, which is never larger.) ``tests/test_metrics.py`` checks
+it against MONAI and against a brute-force pairwise computation.
 
 1. The surface of a mask is ``mask AND NOT erosion(mask)``, eroded with the
    connectivity-1 structuring element (6-neighbourhood in 3-D, i.e.
@@ -54,9 +58,7 @@ Following MedPy's ``hd95`` (used by the BraTS toolkits and nnU-Net):
    ``scipy.ndimage.distance_transform_edt(~surface_B, sampling=spacing)``;
    likewise ``d(B->A)``.
 3. ``HD95 = max(percentile(d(A->B), 95), percentile(d(B->A), 95))`` with
-   numpy's default (linear) percentile interpolation.  This is MedPy's
-   definition; it is symmetric and can differ slightly from the 95th
-   percentile of the concatenated distance sets.
+   numpy's default (linear) percentile interpolation.
 
 For speed, both masks are cropped to the bounding box of their union (plus a
 1-voxel margin) before the distance transforms.  This does not change the
@@ -272,7 +274,7 @@ def hd95(
     *,
     method: Literal["auto", "edt", "kdtree"] = "auto",
 ) -> float:
-    """95th-percentile symmetric Hausdorff distance (MedPy definition, see module docstring).
+    """95th-percentile Hausdorff distance: the larger directed 95th percentile (see module docstring).
 
     Both empty -> 0.0; exactly one empty -> :data:`EMPTY_HD95` (373.13).
     ``spacing`` gives the voxel size per axis (NIfTI zooms); its length must
