@@ -1,11 +1,11 @@
-# The two commands of the README: `make demo` (install + run the main job) and `make test`.
+# The two commands of the README: `make demo` (install + run the main job) and `make test` (lint, then the suite).
 # TORCH pins the CPU build where one is provided locally; on a GPU machine use e.g. TORCH="torch>=2.3".
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 
-.PHONY: install demo test bench
+.PHONY: install demo lint test bench
 
 $(BIN)/brats: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(BIN)/brats
 demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/brats demo
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/pytest -q
 
 bench: install

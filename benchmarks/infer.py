@@ -62,14 +62,24 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--configs", default="same:full,valid:full,same:tp,valid:tp", help="padding:profile,...")
-    p.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "brats-bench-infer"), help="synthetic scans (kept)")
+    p.add_argument(
+        "--data", default=str(Path(tempfile.gettempdir()) / "brats-bench-infer"), help="synthetic scans (kept)"
+    )
     args = p.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
 
     cases = scans(Path(args.data), args.cases)
-    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads"
-    print(f"infer benchmark: {len(cases)} synthetic {'x'.join(map(str, SHAPE))} volume(s), U-Net base {args.base} depth {args.depth}, batch {args.batch_size}, {where}")
-    header = f"{'padding':8} {'profile':7} {'net input':>9} {'brain sl':>8} {'read':>6} {'prep':>6} {'predict':>8} {'write':>6} {'total s':>8} {'min..max':>13}"
+    where = (
+        torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        f"infer benchmark: {len(cases)} synthetic {'x'.join(map(str, SHAPE))} volume(s), "
+        f"U-Net base {args.base} depth {args.depth}, batch {args.batch_size}, {where}"
+    )
+    header = (
+        f"{'padding':8} {'profile':7} {'net input':>9} {'brain sl':>8} {'read':>6} {'prep':>6} "
+        f"{'predict':>8} {'write':>6} {'total s':>8} {'min..max':>13}"
+    )
     print(header + "\n" + "-" * len(header), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
@@ -81,8 +91,9 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             totals = [r["total"] for r in runs]
             print(
-                f"{padding:8} {profile:7} {model.input_size_for(side):>9} {med['brain_slices']:>8.0f} {med['read']:>6.2f} {med['preprocess']:>6.2f}"
-                f" {med['predict']:>8.2f} {med['write']:>6.2f} {med['total']:>8.2f} {min(totals):>6.1f}..{max(totals):<6.1f}",
+                f"{padding:8} {profile:7} {model.input_size_for(side):>9} {med['brain_slices']:>8.0f} "
+                f"{med['read']:>6.2f} {med['preprocess']:>6.2f} {med['predict']:>8.2f} {med['write']:>6.2f} "
+                f"{med['total']:>8.2f} {min(totals):>6.1f}..{max(totals):<6.1f}",
                 flush=True,
             )
 

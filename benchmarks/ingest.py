@@ -30,10 +30,11 @@ from distributed import Client, LocalCluster  # noqa: E402
 
 from flows.dask_runner import dask_runner  # noqa: E402
 from flows.embedded import prefect_api  # noqa: E402
-from flows.ingest import IngestParams, ingest  # noqa: E402
+from flows.ingest import Preprocessing, ingest  # noqa: E402
+from storage.brats import BRATS_TO_CLASS  # noqa: E402
 from storage.nifti import discover  # noqa: E402
 from storage.synth import write_dataset  # noqa: E402
-from unet.preprocess import BRATS_TO_CLASS, brain_mask, normalize  # noqa: E402
+from unet.preprocess import brain_mask, normalized_slices  # noqa: E402
 
 
 def decode(paths: list[str]) -> int:
@@ -42,7 +43,10 @@ def decode(paths: list[str]) -> int:
 
 def floor(cases, workers: int) -> float:
     start = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.gather(client.map(decode, [list(c.files.values()) for c in cases]))
     return time.perf_counter() - start
 
@@ -51,8 +55,10 @@ def course(cases, out: Path) -> float:
     """One file per slice, written serially: the way the course notebooks do it."""
     start = time.perf_counter()
     for case in cases:
-        image = np.stack([np.asanyarray(nib.load(case.files[m]).dataobj).astype(np.float32) for m in ("flair", "t1", "t1ce", "t2")])
-        image, _, _ = normalize(image, brain_mask(image))
+        image = np.stack(
+            [np.asanyarray(nib.load(case.files[m]).dataobj).astype(np.float32) for m in ("flair", "t1", "t1ce", "t2")]
+        )
+        image = normalized_slices(image, brain_mask(image))[0].transpose(1, 2, 3, 0)  # (C, X, Y, Z) z-scores
         seg = BRATS_TO_CLASS[np.asanyarray(nib.load(case.files["seg"]).dataobj)]
         folder = out / case.case_id
         folder.mkdir(parents=True)
@@ -64,7 +70,9 @@ def course(cases, out: Path) -> float:
 
 def flow(raw: Path, store: Path, workers: int, profile: str) -> float:
     start = time.perf_counter()
-    state = ingest.with_options(task_runner=dask_runner(workers=workers))(IngestParams(raw=[str(raw)], store=str(store), profile=profile), return_state=True)
+    state = ingest.with_options(task_runner=dask_runner(workers=workers))(
+        [str(raw)], str(store), Preprocessing(profile=profile), return_state=True
+    )
     seconds = time.perf_counter() - start
     summary = state.result()
     assert summary["ingested"] == len(discover(raw).cases), summary
@@ -96,10 +104,16 @@ def main() -> int:
             times["b"].append(course(cases, work / f"course-{r}"))
             shutil.rmtree(work / f"store-{r}.zarr")
             shutil.rmtree(work / f"course-{r}")
-            print(f"repeat {r + 1}: a {times['a'][-1]:.1f} s  b {times['b'][-1]:.1f} s  c {times['c'][-1]:.1f} s", flush=True)
+            print(
+                f"repeat {r + 1}: a {times['a'][-1]:.1f} s  b {times['b'][-1]:.1f} s  c {times['c'][-1]:.1f} s",
+                flush=True,
+            )
     shutil.rmtree(work)
     a, b, c = (statistics.median(times[k]) for k in "abc")
-    print(f"\n{args.cases} cases x 240x240x155 x 5 files, {args.workers} workers, profile {args.profile}, median of {args.repeats}")
+    print(
+        f"\n{args.cases} cases x 240x240x155 x 5 files, {args.workers} workers, profile {args.profile}, "
+        f"median of {args.repeats}"
+    )
     print(f"  (a) ingest flow (Prefect + Dask -> Zarr)      {a:7.1f} s   {args.cases / a:5.2f} cases/s")
     print(f"  (b) course: one .npy per slice, serial       {b:7.1f} s   {args.cases / b:5.2f} cases/s")
     print(f"  (c) floor: decode NIfTI only, same workers   {c:7.1f} s   {args.cases / c:5.2f} cases/s")

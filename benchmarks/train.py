@@ -2,7 +2,8 @@
 
     python benchmarks/train.py [--batch 16] [--base 64] [--steps N] [--size 240] [--workers W] [--device auto]
 
-* step: ``unet.data.apply_augment`` + ``unet.train.train_step`` (forward through ``UNet.predict``, i.e. mirror-padded to the valid
+* step: ``unet.data.apply_augment`` + ``unet.train.train_step`` (forward through ``UNet.predict``, i.e. mirror-padded
+  to the valid
   tile in valid mode, cross-entropy, backward, clipping, AdamW, schedule) on a batch that already
   sits on the device; bf16 autocast and channels_last on CUDA, fp32 on CPU. Median of ``--steps``
   timed steps after ``--warmup``; achieved TFLOP/s = 3 x ``UNet.flops_per_forward`` (fwd + bwd) of the
@@ -29,9 +30,8 @@ import torch
 
 from storage.store import SliceStore
 from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, augment_params, make_loader
-from unet.loss import CrossEntropy
-from unet.model import UNet, UNetConfig
 from unet.device import pick_device
+from unet.model import CrossEntropy, UNet, UNetConfig
 from unet.train import autocast_dtype, train_step
 
 
@@ -86,7 +86,14 @@ def step_rate(padding: str, args, device: torch.device) -> dict:
     side = model.input_size_for(args.size)  # what the network sees: 240 (same) or 428 (valid, depth 4)
     flops = 3 * model.flops_per_forward(side, side) * args.batch
     t = statistics.median(times)
-    return {"padding": padding, "input": side, "step_s": t, "slices_s": args.batch / t, "tflops": flops / t / 1e12, "amp": str(amp).replace("torch.", "") if amp else "fp32"}
+    return {
+        "padding": padding,
+        "input": side,
+        "step_s": t,
+        "slices_s": args.batch / t,
+        "tflops": flops / t / 1e12,
+        "amp": str(amp).replace("torch.", "") if amp else "fp32",
+    }
 
 
 def loader_rate(url: str, args, device: torch.device) -> float:
@@ -141,16 +148,25 @@ def main() -> None:
 
     url = args.store or synthetic_store(Path(args.data), args.cases, args.size)
     where = torch.cuda.get_device_name() if gpu else f"{device.type.upper()}, {torch.get_num_threads()} torch threads"
-    print(f"train benchmark: {args.size}x{args.size} slices, U-Net base {args.base} depth {args.depth}, batch {args.batch}, "
-          f"{args.steps} timed steps (median) on {where}; loader: {args.workers} workers, augmentation on, {url}", flush=True)  # fmt: skip
+    print(
+        f"train benchmark: {args.size}x{args.size} slices, U-Net base {args.base} depth {args.depth}, "
+        f"batch {args.batch}, {args.steps} timed steps (median) on {where}; "
+        f"loader: {args.workers} workers, augmentation on, {url}",
+        flush=True,
+    )
     loader = loader_rate(url, args, device)  # first: its workers do not compete with the steps
     rows = [step_rate(padding, args, device) for padding in args.paddings.split(",")]
-    header = f"{'padding':8} {'net input':>9} {'precision':>9} {'step s':>8} {'step slices/s':>13} {'TFLOP/s':>8} {'loader slices/s':>15} {'loader/step':>11}"
+    header = (
+        f"{'padding':8} {'net input':>9} {'precision':>9} {'step s':>8} {'step slices/s':>13} {'TFLOP/s':>8} "
+        f"{'loader slices/s':>15} {'loader/step':>11}"
+    )
     print(header + "\n" + "-" * len(header))
     for r in rows:
         ratio = loader / r["slices_s"]
-        print(f"{r['padding']:8} {r['input']:>9} {r['amp']:>9} {r['step_s']:8.3f} {r['slices_s']:13.1f} {r['tflops']:8.3f} "
-              f"{loader:15.1f} {ratio:10.1f}x {'ok' if ratio >= 2 else 'LOADER TOO SLOW'}")  # fmt: skip
+        print(
+            f"{r['padding']:8} {r['input']:>9} {r['amp']:>9} {r['step_s']:8.3f} {r['slices_s']:13.1f} "
+            f"{r['tflops']:8.3f} {loader:15.1f} {ratio:10.1f}x {'ok' if ratio >= 2 else 'LOADER TOO SLOW'}"
+        )
 
 
 if __name__ == "__main__":

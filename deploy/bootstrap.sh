@@ -5,8 +5,9 @@
 #   PREFECT_API_URL=http://prefect:4200/api BRATS_REPO=/opt/brats BRATS_DATA=/data BRATS_STORAGE=/data \
 #       deploy/bootstrap.sh
 #
-# BRATS_GPU_POOL_TYPE: docker (default) or kubernetes, with deploy/work-pools/gpu-<type>.json as the
-# base job template; "process" makes the gpu pool a plain process pool (one GPU machine, or tests).
+# BRATS_GPU_POOL_TYPE: process (default: flow runs are processes on the worker's machine, as on one GPU
+# machine), or docker / kubernetes with deploy/work-pools/gpu-<type>.json as the base job template;
+# their workers need `pip install prefect-docker` / `pip install prefect-kubernetes`.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 : "${BRATS_STORAGE:=$BRATS_DATA}"
 export BRATS_REPO BRATS_DATA BRATS_STORAGE
 PREFECT="${PREFECT:-prefect}"
-GPU_TYPE="${BRATS_GPU_POOL_TYPE:-docker}"
+GPU_TYPE="${BRATS_GPU_POOL_TYPE:-process}"
 
 "$PREFECT" work-pool create cpu --type process --overwrite
 if [ "$GPU_TYPE" = process ]; then

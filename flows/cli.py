@@ -1,37 +1,313 @@
-"""The ``brats`` command. Each stage's flow module adds its own sub-command (``add_command``);
-one that runs flows gets a Prefect API for its whole duration (``flows.embedded.prefect_api``)."""
+"""The ``brats`` command, generated from the functions it runs.
+
+Each sub-command runs one function — a flow, or a plain command (``synth``, ``models``, ``watch``,
+``submit``) — and its options are that function's parameters, read from the JSON schema Prefect
+renders as the run form in the UI (``parameter_schema``): the signature gives names, types and
+defaults, the docstring's ``Args`` and the pydantic sections' ``Field``s the descriptions. So
+every setting is defined once, and the command line, the UI form, ``deploy/prefect.yaml`` and the
+triggers reach it by the same name. A section's fields are options of their own (``--epochs`` sets
+``training.epochs``; a name two sections share is prefixed with the later one's: ``--prediction-
+device``); an option not given keeps the model's default.
+
+    brats COMMAND --help     every option, its default and its description
+    brats --debug COMMAND …  a traceback instead of the one-line error
+
+Commands that run flows get a Prefect API for their whole duration: the configured server, or an
+ephemeral one (``flows.embedded``). ``watch`` and ``submit`` send events, which only a real server
+acts on: without one configured they refuse at once, before anything heavy is imported.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import os
 import sys
-
-from flows.embedded import prefect_api
-
-# stage modules that register a sub-command, in the order `brats --help` lists them
-COMMANDS = ["flows.synth", "flows.ingest", "flows.train", "flows.models", "flows.evaluate", "flows.infer", "flows.pipeline", "flows.events"]
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="brats", description="BraTS brain-tumour segmentation pipeline (Prefect 3)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(name).add_command(sub)
-    return p
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function"
+    help: str
+    positional: tuple[str, ...] = ()  # parameters taken as positional arguments
+    flags: dict[str, str] = field(default_factory=dict)  # parameter or section field -> another flag that also sets it
+    api: bool = True  # runs flows: needs a Prefect API (an ephemeral one when none is configured)
+    server: bool = False  # sends events: needs a configured Prefect server
+
+    def function(self):
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+COMMANDS: dict[str, Command | dict[str, Command]] = {
+    "synth": Command(
+        "flows.demo:synth",
+        "write synthetic BraTS 2019 cases in the official layout",
+        positional=("out",),
+        flags={"with_seg": "--seg"},
+        api=False,
+    ),
+    "ingest": Command(
+        "flows.ingest:ingest",
+        "raw BraTS folders -> normalized slices in a Zarr store (Dask)",
+        positional=("raw",),
+        flags={"split_ratios": "--split"},
+    ),
+    "train": Command("flows.train:train", "train the U-Net on a slice store; registers a model version"),
+    "models": {
+        "list": Command(
+            "flows.models:list_versions", "every version; * marks the one inference uses by default", api=False
+        ),
+        "show": Command("flows.models:show", "a version's info.json", positional=("version",), api=False),
+        "best": Command(
+            "flows.models:best", "make a version the default for inference", positional=("version",), api=False
+        ),
+    },
+    "evaluate": Command(
+        "flows.evaluate:evaluate", "BraTS metrics (Dice, HD95, sens/spec) of a model on a split of the store"
+    ),
+    "infer": Command(
+        "flows.infer:infer",
+        "segment new scans: <out>/<case>_seg.nii.gz on the input grid + <case>.json",
+        positional=("inputs",),
+    ),
+    "pipeline": Command(
+        "flows.pipeline:pipeline",
+        "ingest -> train -> evaluate on existing raw data",
+        positional=("raw",),
+        flags={"split_ratios": "--split"},
+    ),
+    "demo": Command("flows.demo:demo", "synthetic data -> ingest -> train -> evaluate -> infer, all on this machine"),
+    "watch": Command(
+        "flows.events:watch",
+        "watch an inbox; emit brats.scan.arrived for each complete new scan",
+        positional=("inbox",),
+        api=False,
+        server=True,
+    ),
+    "submit": Command(
+        "flows.events:submit",
+        "emit brats.scan.arrived by hand for case folder(s) or every case under a root",
+        positional=("paths",),
+        api=False,
+        server=True,
+    ),
+    "sweep": Command(
+        "flows.sweep:sweep",
+        "segment every complete scan in an inbox not yet segmented by the current model",
+        positional=("inbox",),
+        flags={"settle_s": "--settle", "grace_s": "--grace"},
+    ),
+}
+RUNNER = "flows.ingest:ingest"  # the flow whose Dask cluster the command line may choose (others: $BRATS_DASK_ADDRESS)
+
+
+# ------------------------------------------------------------------ options from the JSON schema
+
+
+def _type(kind: str | None):
+    return {"integer": int, "number": float, "boolean": bool}.get(kind or "", str)
+
+
+def _or_none(convert):
+    return lambda text: None if text.lower() in ("none", "null", "") else convert(text)
+
+
+def _argument(prop: dict) -> dict:
+    """argparse keyword arguments for one JSON-schema property."""
+    nullable = False
+    if "anyOf" in prop:  # X | None
+        options = [p for p in prop["anyOf"] if p.get("type") != "null"]
+        nullable = len(options) < len(prop["anyOf"])
+        prop = {**prop, **options[0]} if len(options) == 1 else {**prop, "type": "string"}
+    kind = prop.get("type")
+    if "enum" in prop:
+        convert = _type(kind) if kind else type(prop["enum"][0])
+        kw = {"type": convert, "choices": list(prop["enum"]) + ([None] if nullable else [])}
+    elif kind == "boolean":
+        return {"action": argparse.BooleanOptionalAction}
+    elif kind == "array":
+        items = prop.get("prefixItems") or [prop.get("items", {})]
+        kw = {"type": _type(items[0].get("type")), "nargs": len(items) if "prefixItems" in prop else "+"}
+    elif kind == "object":
+        kw = {"type": json.loads}
+    else:
+        kw = {"type": _type(kind)}
+    if nullable:
+        kw["type"] = _or_none(kw["type"])
+    return kw
+
+
+def _help(prop: dict) -> str:
+    text = prop.get("description", "")
+    if "default" in prop:
+        default = prop["default"]
+        text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+    return text.replace("%", "%%")
+
+
+def add_options(parser: argparse.ArgumentParser, fn, command: Command) -> None:
+    """One option per parameter of ``fn``, and per field of each pydantic section parameter."""
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(fn).model_dump()
+    definitions, required, taken = schema.get("definitions", {}), set(schema.get("required", [])), set()
+
+    def add(group, name: str, dest: str, prop: dict, required: bool, section: str | None = None) -> None:
+        kw = {**_argument(prop), "help": _help(prop)}
+        if name in command.positional:
+            group.add_argument(dest, metavar=name.upper(), **{k: v for k, v in kw.items() if k != "choices" or v})
+            return
+        flag = name if name not in taken else f"{section}_{name}"
+        taken.add(flag)
+        flags = [f"--{flag.replace('_', '-')}"] + ([command.flags[name]] if name in command.flags else [])
+        if "action" not in kw and "choices" not in kw:
+            kw["metavar"] = name.upper()
+        group.add_argument(*flags, dest=dest, required=required, default=argparse.SUPPRESS, **kw)
+
+    for name, prop in schema["properties"].items():
+        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("allOf", []) if "$ref" in a), None)
+        if ref is None:
+            add(parser, name, name, prop, name in required)
+            continue
+        section = definitions[ref.rsplit("/", 1)[-1]]
+        group = parser.add_argument_group(name, section.get("description"))
+        for fname, fprop in section["properties"].items():
+            add(group, fname, f"{name}.{fname}", fprop, fname in section.get("required", []), name)
+
+
+def parameters(args: argparse.Namespace) -> dict:
+    """The parsed options as the function's keyword arguments (sections as dicts of the given fields)."""
+    out: dict = {}
+    for dest, value in vars(args).items():
+        if dest.startswith("_"):
+            continue
+        section, _, name = dest.rpartition(".")
+        (out.setdefault(section, {}) if section else out)[name] = value
+    return out
+
+
+# ------------------------------------------------------------------ running
+
+
+def configured_api() -> str | None:
+    """PREFECT_API_URL from the environment or the active Prefect profile, without importing Prefect."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        return url
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+    try:
+        profiles = tomllib.loads((home / "profiles.toml").read_text())
+    except (OSError, ValueError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
+    return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+
+
+def report(state) -> int:
+    """Print a flow run's final state for a person; exit code 0 only when it Completed."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    if not state.is_completed():
+        print(f"{state.name}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def one_line(error: BaseException) -> str:
+    errors = getattr(error, "errors", None)  # a pydantic ValidationError: one clause per field
+    if callable(errors) and type(error).__name__ == "ValidationError":
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors())
+    return " ".join(str(error).split())
+
+
+class _OneLine(logging.Filter):
+    """On the console, a failed run is its one-line message: the traceback stays in the run's logs in
+    the UI (``--debug`` shows it here too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_console() -> None:
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _OneLine) for f in handler.filters):
+                handler.addFilter(_OneLine())
+
+
+def run(name: str, command: Command, argv: list[str], debug: bool) -> int:
+    if command.server and not configured_api():
+        raise ValueError(
+            "no Prefect server configured (set PREFECT_API_URL): events sent to a temporary API would trigger nothing"
+        )
+    fn = command.function()
+    parser = argparse.ArgumentParser(
+        prog=f"brats {name}", description=(getattr(fn, "fn", fn).__doc__ or command.help).split("\n\n")[0]
+    )
+    add_options(parser, fn, command)
+    if command.target == RUNNER:
+        parser.add_argument(
+            "--dask-address",
+            dest="_dask_address",
+            metavar="ADDRESS",
+            help="an existing Dask scheduler (default: a LocalCluster, or $BRATS_DASK_ADDRESS)",
+        )
+        parser.add_argument(
+            "--workers",
+            dest="_workers",
+            metavar="N",
+            type=int,
+            help="LocalCluster worker processes (default: one per core)",
+        )
+    args = parser.parse_args(argv)
+    kwargs = parameters(args)
+    if not command.api:
+        return fn(**kwargs) or 0
+    from flows.dask_runner import dask_runner
+    from flows.embedded import prefect_api
+
+    if command.target == RUNNER and (args._dask_address or args._workers):
+        fn = fn.with_options(task_runner=dask_runner(args._dask_address, args._workers))
+    with prefect_api():
+        if not debug:
+            one_line_console()
+        return report(fn(**kwargs, return_state=True))
+
+
+def usage(commands: dict, prog: str = "brats") -> str:
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} [--debug] COMMAND [OPTIONS]  ({prog} COMMAND --help for its options)", "", "commands:"]
+    for name, c in commands.items():
+        text = c.help if isinstance(c, Command) else "; ".join(f"{sub}: {s.help}" for sub, s in c.items())
+        lines.append(f"  {name.ljust(width)}  {text}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1]
+    argv = argv[1:] if debug else argv
+    name, commands, prog = "", COMMANDS, "brats"
+    while argv and isinstance(commands, dict) and argv[0] in commands:
+        name, commands, prog = f"{name} {argv[0]}".strip(), commands[argv[0]], f"{prog} {argv[0]}"
+        argv = argv[1:]
+    if isinstance(commands, dict):  # no (known) command given
+        print(usage(commands, prog), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     try:
-        if not getattr(args, "api", True):  # file-only commands (synth, models) need no Prefect API
-            return args.run(args) or 0
-        with prefect_api():
-            return args.run(args) or 0
-    except (FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
-        print(f"brats {args.command}: {e}", file=sys.stderr)
+        return run(name, commands, argv, debug)
+    except (FileNotFoundError, ValueError, OSError) as e:  # bad input or config: one line, no traceback
+        if debug:
+            raise
+        print(f"brats {name}: {one_line(e)}", file=sys.stderr)
         return 2
 
 

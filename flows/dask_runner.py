@@ -1,15 +1,31 @@
 """Which Dask cluster runs mapped tasks: a local one by default, an existing one by address.
 
-``BRATS_DASK_ADDRESS`` (or ``--dask-address``) names an existing scheduler, e.g.
+``BRATS_DASK_ADDRESS`` (or ``brats ingest --dask-address``) names an existing scheduler, e.g.
 ``tcp://scheduler:8786``; otherwise each flow run starts a ``LocalCluster`` of
-``BRATS_DASK_WORKERS`` single-threaded worker processes (default: one per core).
+``BRATS_DASK_WORKERS`` single-threaded worker processes (default: one per core), without a
+dashboard. Dask's own INFO lines (``distributed.*``: scheduler, nanny, worker start and stop) stay
+out of the console, in this process and in the worker processes it starts; warnings still show.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 from prefect_dask import DaskTaskRunner
+
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read by the worker processes as they start
+logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
+
+
+class _NoDashboard(logging.Filter):
+    """prefect-dask announces a dashboard link even when the cluster was started without one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("The Dask dashboard is available")
+
+
+logging.getLogger("prefect.task_runner.dask").addFilter(_NoDashboard())
 
 
 def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:

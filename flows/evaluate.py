@@ -1,9 +1,9 @@
 """Flow ``evaluate``: a registered model against a split of the slice store, with BraTS metrics.
 
-    resolve the model (default: best) -> the split's cases (warn on overlap with its training cases)
-    -> evaluate_stored_case mapped over a thread pool (full 3D volumes on the original grid)
-    -> summary per region (mean, median, std) -> overlays of the best and worst case
-    -> saved with the model version (info.json "evaluation", evaluation.json, PNGs) -> artifacts
+resolve the model (default: best) -> the split's cases (warn on overlap with its training cases)
+-> evaluate_stored_case mapped over a thread pool (full 3D volumes on the original grid)
+-> summary per region (mean, median, std) -> overlays of the best and worst case
+-> saved with the model version (info.json "evaluation", evaluation.json, PNGs) -> artifacts
 """
 
 from __future__ import annotations
@@ -13,33 +13,20 @@ import time
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
-from prefect.utilities.annotations import unmapped
 from prefect.states import Failed
-from pydantic import BaseModel, Field
+from prefect.utilities.annotations import unmapped
 
-from flows.report import report
+from flows.infer import Prediction
+from flows.overrides import deployment_defaults
 from storage.registry import DEFAULT_ROOT, Registry
 from storage.store import SliceStore
 from tasks.artifacts import RunProgress, markdown, png_markdown, table
 from tasks.evaluate import NIFTI_TRUTH, evaluate_stored_case, overlay_case
 from tasks.infer import case_threads, device_name, predict_runner
+from tasks.preset import gather
 from unet.metrics import REGIONS, summarize
 
 METRICS = {"dice": "Dice", "hd95": "HD95 (mm)", "sens": "Sensitivity", "spec": "Specificity"}
-
-
-class EvaluateParams(BaseModel):
-    """Parameters of an evaluation run (rendered as a form in the Prefect UI)."""
-
-    store: str = Field(description="Slice store: a local path or an fsspec URL")
-    model: str | None = Field(None, description="Model version, 'latest', or empty for the best")
-    split: str = Field("test", description="train, val, test or all")
-    models: str = Field(DEFAULT_ROOT, description="Model registry: a local path or an fsspec URL")
-    tta: bool = Field(False, description="Mirror test-time augmentation (2x the compute)")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
-    batch_size: int = Field(16, ge=1, description="Slices per forward pass")
-    postprocess: bool = Field(True, description="Apply the model's post-processing (chosen on its validation cases); off: the network's raw output")
 
 
 def split_cases(store: SliceStore, split: str) -> list[str]:
@@ -56,41 +43,72 @@ def split_cases(store: SliceStore, split: str) -> list[str]:
 
 
 @flow(name="evaluate", task_runner=predict_runner(), log_prints=True)
-def evaluate(params: EvaluateParams) -> dict:
+def evaluate(
+    store: str,
+    model: str | None = None,
+    models: str = DEFAULT_ROOT,
+    split: str = "test",
+    prediction: Prediction = Prediction(),
+) -> dict:
+    """A registered model against a split of the slice store: BraTS metrics per case on the original grids.
+
+    Args:
+        store: slice store: a local path or an fsspec URL
+        model: model version, 'latest', or empty for the best
+        models: model registry: a local path or an fsspec URL
+        split: train, val, test or all
+        prediction: how the cases are segmented
+    """
     log = get_run_logger()
-    registry = Registry(params.models)
-    version = registry.resolve(params.model)
+    (prediction,) = deployment_defaults(prediction=prediction)
+    registry = Registry(models)
+    version = registry.resolve(model)
     info = registry.info(version)
-    store = SliceStore(params.store)
-    if info["profile"] != store.profile:
-        raise ValueError(f"model {version} was trained on profile {info['profile']!r}, {params.store} holds {store.profile!r}")
-    cases = split_cases(store, params.split)
+    slices = SliceStore(store)
+    if info["profile"] != slices.profile:
+        raise ValueError(
+            f"model {version} was trained on profile {info['profile']!r}, {store} holds {slices.profile!r}"
+        )
+    cases = split_cases(slices, split)
     overlap = sorted(set(info.get("split", {}).get("train", [])) & set(cases))
     if overlap:
-        log.warning("%d of %d evaluated cases were training cases of %s: metrics are optimistic (%s)", len(overlap), len(cases), version, ", ".join(overlap))
-    device = device_name(params.device)
-    log.info("model %s on %s: %d %s case(s) of %s", version, device, len(cases), params.split, params.store)
+        log.warning(
+            "%d of %d evaluated cases were training cases of %s: metrics are optimistic (%s)",
+            len(overlap),
+            len(cases),
+            version,
+            ", ".join(overlap),
+        )
+    device = device_name(prediction.device)
+    log.info("model %s on %s: %d %s case(s) of %s", version, device, len(cases), split, store)
 
-    run = dict(store_url=params.store, models=params.models, version=version, device=device, tta=params.tta)
-    post = info.get("postprocess") if params.postprocess else None
-    rows, failures = [], []
+    run = dict(store_url=store, models=models, version=version, device=device, tta=prediction.tta)
+    post = info.get("postprocess") if prediction.postprocess else None
     with case_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
-        for future in as_completed(evaluate_stored_case.map(cases, batch_size=params.batch_size, postprocess=unmapped(post), **run)):
-            future.wait()
-            if future.state.is_completed():
-                rows.append(future.result())
-            else:
-                failures.append(str(future.state.result(raise_on_failure=False)))
-                log.error("%s", failures[-1])
-            progress.advance()
+        futures = evaluate_stored_case.map(cases, batch_size=prediction.batch_size, postprocess=unmapped(post), **run)
+        rows, failed = gather(futures, cases, progress)
         rows.sort(key=lambda r: r["case"])
         figures = _overlays(rows, run)
+    failures = [reason for _, reason in failed]
 
     summary = summarize(rows)
-    record = _save(registry, version, params, store.fingerprint, rows, summary, figures, overlap, failures, post)
+    record = _save(
+        registry,
+        version,
+        split,
+        store,
+        prediction.tta,
+        slices.fingerprint,
+        rows,
+        summary,
+        figures,
+        overlap,
+        failures,
+        post,
+    )
     result = {
         "model": version,
-        "split": params.split,
+        "split": split,
         "cases": len(rows),
         **{f"{m}_{r}": round(summary[f"{m}_{r}"]["mean"], 4) for m in ("dice", "hd95") for r in REGIONS if rows},
         "truth_from_store_label": sum(r["truth"] != NIFTI_TRUTH for r in rows),
@@ -103,17 +121,30 @@ def evaluate(params: EvaluateParams) -> dict:
     return result
 
 
-def _save(registry: Registry, version: str, params: EvaluateParams, fingerprint, rows, summary, figures, overlap, failures, post) -> dict:
+def _save(
+    registry: Registry,
+    version: str,
+    split: str,
+    store: str,
+    tta: bool,
+    fingerprint,
+    rows,
+    summary,
+    figures,
+    overlap,
+    failures,
+    post,
+) -> dict:
     """The evaluation, kept with the model version: info.json "evaluation", evaluation.json, PNGs."""
     files = {
-        name: {"case": case, "file": registry.put(version, f"evaluation-{params.split}-{name}.png", png)}
+        name: {"case": case, "file": registry.put(version, f"evaluation-{split}-{name}.png", png)}
         for name, (case, png) in figures.items()
     }
     record = {
-        "split": params.split,
-        "store": params.store,
+        "split": split,
+        "store": store,
         "fingerprint": fingerprint,
-        "tta": params.tta,
+        "tta": tta,
         "postprocess": post,
         "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "train_overlap": overlap,
@@ -139,40 +170,39 @@ def _overlays(rows: list[dict], run: dict) -> dict[str, tuple[str, bytes]]:
 
 def _artifacts(rows: list[dict], summary: dict, figures: dict, record: dict, result: dict) -> None:
     columns = ["case", "grade", *(f"{m}_{r}" for m in METRICS for r in REGIONS), "truth", "seconds"]
-    table([{c: r[c] for c in columns} for r in rows] or [{"case": "", "truth": "no case evaluated"}], "evaluate-cases", "BraTS metrics per case (3D, original grid)")
-    lines = [f"# Evaluation of `{result['model']}` on the {result['split']} split", "", f"{len(rows)} case(s) of `{record['store']}`, TTA {'on' if record['tta'] else 'off'}, post-processing {record['postprocess'] or 'off'}.", ""]
+    table(
+        [{c: r[c] for c in columns} for r in rows] or [{"case": "", "truth": "no case evaluated"}],
+        "evaluate-cases",
+        "BraTS metrics per case (3D, original grid)",
+    )
+    lines = [
+        f"# Evaluation of `{result['model']}` on the {result['split']} split",
+        "",
+        f"{len(rows)} case(s) of `{record['store']}`, TTA {'on' if record['tta'] else 'off'}, "
+        f"post-processing {record['postprocess'] or 'off'}.",
+        "",
+    ]
     if record["train_overlap"]:
-        lines += [f"**Warning:** {len(record['train_overlap'])} evaluated case(s) were training cases of this model: {', '.join(record['train_overlap'])}.", ""]
+        lines += [
+            f"**Warning:** {len(record['train_overlap'])} evaluated case(s) were training cases of this model: "
+            f"{', '.join(record['train_overlap'])}.",
+            "",
+        ]
     if result["truth_from_store_label"]:
-        lines += [f"**Note:** {result['truth_from_store_label']} case(s) scored against the store label restored to the grid (original seg unavailable).", ""]
+        lines += [
+            f"**Note:** {result['truth_from_store_label']} case(s) scored against the store label restored to the grid "
+            "(original seg unavailable).",
+            "",
+        ]
     if rows:
         lines += ["| metric | | " + " | ".join(REGIONS) + " |", "|---|---|" + "---:|" * len(REGIONS)]
         for m, name in METRICS.items():
             for stat in ("mean", "median", "std"):
-                lines.append(f"| {name} | {stat} | " + " | ".join(f"{summary[f'{m}_{r}'][stat]:.3f}" for r in REGIONS) + " |")
+                lines.append(
+                    f"| {name} | {stat} | " + " | ".join(f"{summary[f'{m}_{r}'][stat]:.3f}" for r in REGIONS) + " |"
+                )
     for name, (case, png) in figures.items():
         lines += ["", f"## {name.capitalize()} case: {case}", "", png_markdown(png, f"{name} case {case}")]
     if record["failed"]:
         lines += ["", "## Failed", ""] + [f"- {f}" for f in record["failed"]]
     markdown("\n".join(lines), "evaluate-summary", "BraTS metrics summary with best and worst case")
-
-
-def add_command(sub) -> None:
-    p = sub.add_parser("evaluate", help="BraTS metrics (Dice, HD95, sens/spec) of a model on a split of the store")
-    p.add_argument("--store", required=True, help="slice store path or fsspec URL")
-    p.add_argument("--model", default=None, help="model version or 'latest' (default: the best)")
-    p.add_argument("--split", default="test", help="train, val, test or all (default: test)")
-    p.add_argument("--models", default=DEFAULT_ROOT, help=f"model registry (default: {DEFAULT_ROOT}, or $BRATS_MODELS)")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (2x the compute)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, … (default: auto)")
-    p.add_argument("--batch-size", type=int, default=16, help="slices per forward pass")
-    p.add_argument("--no-postprocess", dest="postprocess", action="store_false", help="score the network's raw output")
-    p.set_defaults(run=run_cli)
-
-
-def run_cli(args) -> int:
-    params = EvaluateParams(
-        store=args.store, model=args.model, split=args.split, models=args.models,
-        tta=args.tta, device=args.device, batch_size=args.batch_size, postprocess=args.postprocess,
-    )
-    return report(evaluate(params, return_state=True))

@@ -47,23 +47,16 @@ import fsspec
 import nibabel as nib
 import numpy as np
 
-MODALITIES = ("flair", "t1", "t1ce", "t2")  # channel order everywhere
+from storage.brats import ET_LABEL, GRADES, MODALITIES, SUFFIXES  # noqa: F401 (re-exported)
 
 try:  # ISA-L inflates gzip ~2.5x faster than zlib; optional
     from isal.igzip import decompress as _gunzip
 except ImportError:  # pragma: no cover
     _gunzip = gzip.decompress
-# edition -> file suffix per channel; the segmentation is "<case>_seg" in every edition
-SUFFIXES = {
-    "brats2019": dict(flair="flair", t1="t1", t1ce="t1ce", t2="t2"),  # BraTS 2012–2021
-    "brats2023": dict(flair="t2f", t1="t1n", t1ce="t1c", t2="t2w"),  # BraTS 2023+
-}
-ET_LABEL = {"brats2019": 4, "brats2023": 3}  # the label of enhancing tumour in each edition
 NAMINGS = ("auto", *SUFFIXES, "brats2021")  # brats2021: the old name of brats2023's suffixes, kept working
 Naming = Literal["auto", "brats2019", "brats2023", "brats2021"]
 SEPARATORS = ("_", "-")  # <case>_flair.nii.gz (2012–2021), <case>-t2f.nii.gz (2023)
 EXTENSIONS = (".nii.gz", ".nii")
-GRADES = ("HGG", "LGG")
 CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 MAX_DIM = 1024  # larger is not a brain MRI; refuse before allocating
 AFFINE_ATOL = 1e-3
@@ -197,7 +190,9 @@ def case_files(folder: str | Path, grade: str | None = None, naming: str = "auto
         raise InvalidCase(folder, f"unsafe case id '{shown(case_id)}': use letters, digits and . _ - only")
     if why := _unreachable(folder):
         raise InvalidCase(folder, why)
-    found = {family: {c: _nifti(folder, case_id, s) for c, s in SUFFIXES[family].items()} for family in _families(naming)}
+    found = {
+        family: {c: _nifti(folder, case_id, s) for c, s in SUFFIXES[family].items()} for family in _families(naming)
+    }
     whole = [family for family, files in found.items() if all(files.values())]
     if len(whole) > 1:
         raise InvalidCase(folder, "holds both flair/t1/t1ce/t2 and t2f/t1n/t1c/t2w files; choose one with --naming")
@@ -252,7 +247,11 @@ def discover(*roots: str | Path, naming: str = "auto") -> Discovery:
                 found.problems.append(e)
                 continue
             if case.case_id in seen:
-                found.problems.append(InvalidCase(folder, f"case id {case.case_id} also found at {shown(seen[case.case_id])}; skipped both copies"))
+                found.problems.append(
+                    InvalidCase(
+                        folder, f"case id {case.case_id} also found at {shown(seen[case.case_id])}; skipped both copies"
+                    )
+                )
                 found.cases = [c for c in found.cases if c.case_id != case.case_id]
                 continue
             seen[case.case_id] = str(folder)
@@ -305,7 +304,9 @@ def _decode(path: str, raw: bytes) -> tuple[np.ndarray, nib.Nifti1Image]:
     proxy = img.dataobj  # nibabel resolves the data offset (extensions) and the scaling
     offset, count = int(proxy.offset), int(np.prod(shape))
     if len(raw) < offset + count * dtype.itemsize:
-        raise InvalidCase(path, f"truncated: header promises {offset + count * dtype.itemsize} bytes, file holds {len(raw)}")
+        raise InvalidCase(
+            path, f"truncated: header promises {offset + count * dtype.itemsize} bytes, file holds {len(raw)}"
+        )
     arr = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(shape, order="F")
     if (proxy.slope, proxy.inter) != (1.0, 0.0):
         arr = arr * np.float32(proxy.slope) + np.float32(proxy.inter)
@@ -348,7 +349,11 @@ def labels(path: str, arr: np.ndarray, et_label: int = 4) -> np.ndarray:
             raise InvalidCase(path, "segmentation contains NaN or Inf voxels")
         fractional = arr != np.round(arr)
         if fractional.any():
-            raise InvalidCase(path, f"segmentation holds non-integral values (e.g. {float(arr[fractional][0]):g}); labels must be whole numbers")
+            raise InvalidCase(
+                path,
+                f"segmentation holds non-integral values (e.g. {float(arr[fractional][0]):g}); "
+                "labels must be whole numbers",
+            )
     elif arr.dtype.kind not in "iu":
         raise InvalidCase(path, f"segmentation dtype {arr.dtype}; expected integer labels")
     lo, hi = arr.min(), arr.max()
@@ -359,7 +364,9 @@ def labels(path: str, arr: np.ndarray, et_label: int = 4) -> np.ndarray:
         out, present = None, np.unique(arr)
     bad = sorted({int(v) for v in present} - set(allowed))  # whole numbers by now
     if bad:
-        raise InvalidCase(path, f"labels {bad} outside {list(allowed)} (enhancing tumour is {et_label} in this edition)")
+        raise InvalidCase(
+            path, f"labels {bad} outside {list(allowed)} (enhancing tumour is {et_label} in this edition)"
+        )
     if et_label != 4:
         out[out == et_label] = 4
     return out
@@ -396,12 +403,27 @@ def write_segmentation(labels: np.ndarray, reference: nib.Nifti1Image, out: str 
     return atomic_write_bytes(out, img.to_bytes() if not out.name.endswith(".gz") else gzip.compress(img.to_bytes(), 6))
 
 
+def _umask() -> int:
+    """This process's umask (read without changing it where Linux tells, else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(out: str | Path, data: bytes) -> Path:
-    """Write a file so that the path shows either nothing, the old file or the whole new one."""
+    """Write a file so that the path shows either nothing, the old file or the whole new one; its mode
+    is what a plain ``open`` would give (0644 under umask 022), not the 0600 of a temporary file."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -27,9 +27,9 @@ DEFAULT_ROOT = os.environ.get("BRATS_MODELS", "runs/models")  # local path or fs
 
 
 class Registry:
-    def __init__(self, root: str, storage_options: dict | None = None):
+    def __init__(self, root: str):
         self.root = str(root).rstrip("/")
-        self.fs, self.path = url_to_fs(self.root, **(storage_options or {}))
+        self.fs, self.path = url_to_fs(self.root)  # credentials: fsspec's own env vars (FSSPEC_S3_KEY, …)
 
     # ------------------------------------------------------------ files
 
@@ -67,7 +67,11 @@ class Registry:
     def create(self, info: dict[str, Any]) -> str:
         """A new version with its info.json; returns the version id."""
         version = f"{VERSION_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-        self.put(version, "info.json", json.dumps({"version": version, "created": time.time(), **info}, indent=2, default=str).encode())
+        self.put(
+            version,
+            "info.json",
+            json.dumps({"version": version, "created": time.time(), **info}, indent=2, default=str).encode(),
+        )
         return version
 
     def info(self, version: str) -> dict[str, Any]:
@@ -119,4 +123,3 @@ class Registry:
             return all_[-1]["version"]
         self.info(version)
         return version
-

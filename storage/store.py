@@ -66,26 +66,28 @@ LOCKS = ".locks"  # <store>/.locks/<case_id>.lock (local stores); outside the ca
 STORE_LOCK = "_store"  # not a valid case id, so never a case's lock
 
 
-def open_root(url: str, mode: str = "r", storage_options: dict | None = None) -> zarr.Group:
-    return zarr.open_group(store=str(url), mode=mode, zarr_format=3, storage_options=storage_options)
+def open_root(url: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(store=str(url), mode=mode, zarr_format=3)
 
 
 class SliceStore:
     """Read and write cases of one store. Cheap to create; safe to pass by URL to other processes."""
 
-    def __init__(self, url: str, *, mode: str = "r", storage_options: dict | None = None):
+    def __init__(self, url: str, *, mode: str = "r"):
         self.url = str(url)
-        self.storage_options = storage_options
         try:
-            self.root = open_root(self.url, mode, storage_options)
+            self.root = open_root(self.url, mode)
         except FileNotFoundError:
             raise FileNotFoundError(f"{self.url}: no slice store here (run `brats ingest` first)") from None
         except ContainsGroupError:  # another process created the store this very moment: open theirs
-            self.root = open_root(self.url, mode, storage_options)
+            self.root = open_root(self.url, mode)
         if mode != "r" and "schema" not in self.root.attrs:
             self._update_root(lambda attrs: {} if "schema" in attrs else {"schema": SCHEMA})
         elif self.root.attrs.get("schema", SCHEMA) != SCHEMA:
-            raise ValueError(f"{self.url}: store schema {self.root.attrs.get('schema')} but this code reads {SCHEMA}; ingest into a new store")
+            raise ValueError(
+                f"{self.url}: store schema {self.root.attrs.get('schema')} but this code reads {SCHEMA}; "
+                "ingest into a new store"
+            )
 
     # ------------------------------------------------------------ store-level attributes
 
@@ -115,7 +117,8 @@ class SliceStore:
             if have not in (None, list(shape)):
                 raise ValueError(
                     f"slices {shape[0]}x{shape[1]} differ from the store's {have[0]}x{have[1]}: profile "
-                    f"{attrs.get('profile')} keeps each scan's own grid; use another store, or profile tp (a 192x192 window on any grid)"
+                    f"{attrs.get('profile')} keeps each scan's own grid; use another store, "
+                    "or profile tp (a 192x192 window on any grid)"
                 )
             return {"slice_shape": list(shape)}
 
@@ -147,7 +150,7 @@ class SliceStore:
         """Read-modify-write of the root attrs under the store lock, from a fresh read: ``change(attrs)``
         returns the keys to set. Another process's keys are never overwritten by a stale copy."""
         with self._lock(STORE_LOCK):
-            self.root = open_root(self.url, "r+", self.storage_options)
+            self.root = open_root(self.url, "r+")
             if update := change(dict(self.root.attrs)):
                 self.root.attrs.update(update)
 
@@ -202,9 +205,13 @@ class SliceStore:
                 pass
             group = self.root.create_group(f"cases/{case_id}", overwrite=True, attributes={"complete": False})
             z, c, h, w = image.shape
-            group.create_array("image", data=image, chunks=(1, c, h, w), shards=(z, c, h, w), compressors=COMPRESSOR, config=WRITE)
+            group.create_array(
+                "image", data=image, chunks=(1, c, h, w), shards=(z, c, h, w), compressors=COMPRESSOR, config=WRITE
+            )
             if label is not None:
-                group.create_array("label", data=label, chunks=(1, h, w), shards=(z, h, w), compressors=COMPRESSOR, config=WRITE)
+                group.create_array(
+                    "label", data=label, chunks=(1, h, w), shards=(z, h, w), compressors=COMPRESSOR, config=WRITE
+                )
             group.attrs.update({**_jsonable(attrs), "complete": True})
 
     def delete_case(self, case_id: str) -> None:
@@ -218,7 +225,7 @@ class SliceStore:
 
     def local_path(self) -> Path | None:
         """The store's folder when it is on the local file system (lockable), else None."""
-        fs, path = url_to_fs(self.url, **(self.storage_options or {}))
+        fs, path = url_to_fs(self.url)
         return Path(path) if isinstance(fs, LocalFileSystem) else None
 
     @contextmanager
@@ -256,7 +263,9 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def make_split(grades: dict[str, str | None], ratios: Iterable[float] = (0.7, 0.15, 0.15), seed: int = 0) -> dict[str, list[str]]:
+def make_split(
+    grades: dict[str, str | None], ratios: Iterable[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, list[str]]:
     """Patient-level train/val/test split of labelled cases, deterministic and stratified by grade.
 
     Within each grade, cases are ordered by a hash of (seed, case id) — so the order does not depend

@@ -32,18 +32,17 @@ case never changes when more cases are requested.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
-LABELS: tuple[int, ...] = (0, 1, 2, 4)
+from storage.brats import GRADES, MODALITIES
+
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
-GRADES: tuple[str, ...] = ("HGG", "LGG")
 
 Shape = tuple[int, int, int]
 Box = tuple[slice, slice, slice]
@@ -352,7 +351,13 @@ _LGG_CONTRAST = 0.65  # LGG lesion intensities sit this fraction of the way from
 
 
 def _render(
-    rng: np.random.Generator, head: _Head, tissue: _Tissue, tumour: _Tumour, modality: str, texture: np.ndarray, grade: str
+    rng: np.random.Generator,
+    head: _Head,
+    tissue: _Tissue,
+    tumour: _Tumour,
+    modality: str,
+    texture: np.ndarray,
+    grade: str,
 ) -> np.ndarray:
     """One modality on the head box as float32 (before int16 conversion)."""
     means = {k: v * rng.normal(1.0, 0.04) for k, v in _MEANS[modality].items()}
@@ -395,7 +400,9 @@ def _bias_factors(rng: np.random.Generator, head: _Head) -> list[np.ndarray]:
     return factors
 
 
-def _to_int16(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, noise_sd: float, shape: Shape, box: Box) -> np.ndarray:
+def _to_int16(
+    rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, noise_sd: float, shape: Shape, box: Box
+) -> np.ndarray:
     values = image[brain]
     values += noise_sd * rng.standard_normal(values.shape, dtype=np.float32)
     np.rint(values, out=values)
@@ -408,9 +415,7 @@ def _to_int16(rng: np.random.Generator, image: np.ndarray, brain: np.ndarray, no
 # --------------------------------------------------------------------------- public API
 
 
-def make_case(
-    rng: np.random.Generator, shape: Shape = BRATS_SHAPE, grade: str = "HGG"
-) -> dict[str, np.ndarray]:
+def make_case(rng: np.random.Generator, shape: Shape = BRATS_SHAPE, grade: str = "HGG") -> dict[str, np.ndarray]:
     """One synthetic case: ``{"flair", "t1", "t1ce", "t2", "seg"}`` -> int16 arrays of ``shape`` (X, Y, Z).
 
     HGG always contains label 4 (enhancing rim; in practice also 1 and 2); LGG never contains

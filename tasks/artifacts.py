@@ -42,8 +42,12 @@ class RunProgress:
         self.total, self.done = max(total, 1), 0
         self.artifact_id = create_progress_artifact(0.0, key=artifact_key, description=description)
         self.bar = Progress(
-            TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            disable=not sys.stderr.isatty(), transient=False,
+            TextColumn(description),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not sys.stderr.isatty(),
+            transient=False,
         )
         self.task = self.bar.add_task(description, total=total)
         self.bar.start()
@@ -61,3 +65,21 @@ class RunProgress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def summary_markdown(
+    title: str,
+    summary: dict,
+    artifact_key: str,
+    description: str,
+    *,
+    failed: list[str] = (),
+    failed_title: str = "Failed",
+    more: list[str] = (),
+) -> None:
+    """A run's summary as a markdown artifact: a heading, its figures as a table, then ``more``
+    lines, then what failed (one line each)."""
+    lines = [f"# {title}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in summary.items()], *more]
+    if failed:
+        lines += ["", f"## {failed_title}", "", *[f"- {f}" for f in failed]]
+    markdown("\n".join(lines), artifact_key, description)

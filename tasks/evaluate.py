@@ -13,20 +13,17 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 
 from storage.nifti import InvalidCase, read_labels
 from storage.registry import Registry
 from storage.store import SliceStore
-from tasks.ingest import is_transient
 from tasks.plots import overlay_png
-from unet.geometry import Geometry
-from unet.metrics import evaluate_case
+from tasks.preset import stage_task
 from unet.checkpoint import load_model
-from unet.postprocess import PostProcess, choose, mean_dice
-from unet.predict import cached_model, segment, slice_probs
-from unet.preprocess import to_labels
+from unet.metrics import evaluate_case
+from unet.predict import PostProcess, best_postprocess, cached_model, mean_dice, segment, slice_probs
+from unet.preprocess import Geometry, to_labels
 
 NIFTI_TRUTH = "original seg"
 
@@ -57,16 +54,15 @@ def predict_stored(store: SliceStore, case_id: str, model, tta: bool = False, ba
     return segment(model, store.image(case_id), attrs["geometry"], attrs["slice_brain"], tta=tta, batch_size=batch_size)
 
 
-@task(
-    name="evaluate-case",
-    task_run_name="evaluate-{case_id}",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=is_transient,
-    cache_policy=NONE,
-)
+@stage_task("evaluate-case", "evaluate-{case_id}")
 def evaluate_stored_case(
-    case_id: str, store_url: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16,
+    case_id: str,
+    store_url: str,
+    models: str,
+    version: str,
+    device: str = "cpu",
+    tta: bool = False,
+    batch_size: int = 16,
     postprocess: dict | None = None,
 ) -> dict:
     """All BraTS metrics of one case (regions WT/TC/ET and labels 1/2/4) as one table row;
@@ -75,7 +71,9 @@ def evaluate_stored_case(
     store = SliceStore(store_url)
     attrs = store.attrs(case_id)
     model, _ = cached_model(models, version, device)
-    pred = PostProcess.from_dict(postprocess).apply(predict_stored(store, case_id, model, tta, batch_size), attrs["zooms"])
+    pred = PostProcess.from_dict(postprocess).apply(
+        predict_stored(store, case_id, model, tta, batch_size), attrs["zooms"]
+    )
     truth, source = ground_truth(store, case_id)
     metrics = evaluate_case(pred, truth, attrs["zooms"])
     return {
@@ -87,8 +85,10 @@ def evaluate_stored_case(
     }
 
 
-@task(name="overlay-case", task_run_name="overlay-{case_id}", cache_policy=NONE)
-def overlay_case(case_id: str, store_url: str, models: str, version: str, title: str, device: str = "cpu", tta: bool = False) -> bytes:
+@stage_task("overlay-case", "overlay-{case_id}")
+def overlay_case(
+    case_id: str, store_url: str, models: str, version: str, title: str, device: str = "cpu", tta: bool = False
+) -> bytes:
     """PNG of the case's slice with the most tumour: truth and prediction on the store's grid.
 
     Only that slice is predicted; slices are independent, so it is the volume's prediction there.
@@ -105,8 +105,10 @@ def overlay_case(case_id: str, store_url: str, models: str, version: str, title:
     return overlay_png(image[0], truth, pred, f"{title}: {case_id}, slice {z}")
 
 
-@task(name="choose-postprocess", task_run_name="choose-postprocess-{version}", retries=2, retry_delay_seconds=1, retry_condition_fn=is_transient, cache_policy=NONE)
-def choose_postprocess(store_url: str, models: str, version: str, device: str = "cpu", batch_size: int = 16) -> dict:
+@stage_task("choose-postprocess", "choose-postprocess-{version}")
+def choose_postprocess(
+    store_url: str, models: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
+) -> dict:
     """Choose the version's post-processing on its validation cases, scored on their original grids as
     the test is, and record it in the version's info.json (``postprocess``); evaluation and inference
     apply it from there."""
@@ -115,9 +117,23 @@ def choose_postprocess(store_url: str, models: str, version: str, device: str = 
     cases = []
     for case_id in info["split"]["val"]:
         truth, _ = ground_truth(store, case_id)
-        cases.append((predict_stored(store, case_id, model, batch_size=batch_size), truth, store.attrs(case_id)["zooms"]))
-    post, tried = choose(cases)
+        cases.append((predict_stored(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"]))
+    post, tried = best_postprocess(cases)
     before, after = mean_dice(cases, PostProcess()), mean_dice(cases, post)
-    registry.update_info(version, postprocess=post.to_dict(), postprocess_choice={"cases": len(cases), "mean_dice_before": round(before, 5), "mean_dice_after": round(after, 5), "tried": tried})
-    get_run_logger().info("%s: post-processing %s chosen on %d validation case(s): mean Dice %.4f -> %.4f", version, post.to_dict(), len(cases), before, after)
+    choice = {
+        "cases": len(cases),
+        "tta": tta,
+        "mean_dice_before": round(before, 5),
+        "mean_dice_after": round(after, 5),
+        "tried": tried,
+    }
+    registry.update_info(version, postprocess=post.to_dict(), postprocess_choice=choice)
+    get_run_logger().info(
+        "%s: post-processing %s chosen on %d validation case(s): mean Dice %.4f -> %.4f",
+        version,
+        post.to_dict(),
+        len(cases),
+        before,
+        after,
+    )
     return {"postprocess": post.to_dict(), "mean_dice_before": round(before, 4), "mean_dice_after": round(after, 4)}

@@ -22,15 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from storage.inbox import outputs
 from storage.nifti import CaseFiles, atomic_write_bytes, load_reference, read_case, sha256_file, write_segmentation
-from tasks.ingest import is_transient
+from tasks.preset import stage_task
 from unet.device import cores, pick_device, torch_threads
-from unet.postprocess import PostProcess
-from unet.predict import cached_model, segment_case, volumes_ml
+from unet.predict import PostProcess, cached_model, segment_case, volumes_ml
 
 # Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
 # predicts (torch, the remaining cores). More buys nothing on CPU; on a GPU it keeps it fed.
@@ -65,17 +63,12 @@ def writing(folder: Path):
         os.close(fd)
 
 
-def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
-    """(segmentation, record) paths of one case."""
-    return Path(out) / f"{case_id}_seg.nii.gz", Path(out) / f"{case_id}.json"
-
-
 def scans_only(case: CaseFiles) -> CaseFiles:
     """Inference needs no segmentation; one lying beside the scans is neither read nor checked."""
     return replace(case, files={k: v for k, v in case.files.items() if k != "seg"})
 
 
-def _done(case: CaseFiles, out: str, version: str, tta: bool, et_label: int) -> dict | None:
+def _done(case: CaseFiles, out: str, how: dict) -> dict | None:
     """The record of a finished earlier run by the same model on the same bytes, else None."""
     seg, record = outputs(out, case.case_id)
     if not (seg.is_file() and record.is_file()):
@@ -85,44 +78,45 @@ def _done(case: CaseFiles, out: str, version: str, tta: bool, et_label: int) -> 
     except (OSError, ValueError):
         return None
     sha = {channel: sha256_file(path) for channel, path in case.files.items()}
-    same = done.get("model_version") == version and done.get("sha256") == sha and done.get("tta") == tta and done.get("et_label", 4) == et_label
+    same = done.get("sha256") == sha and all(done.get(k) == v for k, v in how.items())
     return done if same else None
 
 
-@task(
-    name="infer-case",
-    task_run_name="infer-{case.case_id}",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=is_transient,
-    cache_policy=NONE,
-)
+@stage_task("infer-case", "infer-{case.case_id}")
 def infer_case(
-    case: CaseFiles, out: str, models: str, version: str, device: str = "cpu", tta: bool = False, batch_size: int = 16, et_label: int | None = None
+    case: CaseFiles,
+    out: str,
+    models: str,
+    version: str,
+    device: str = "cpu",
+    tta: bool = False,
+    batch_size: int = 16,
+    et_label: int | None = None,
+    postprocess: bool = True,
 ) -> dict:
-    """``et_label``: the label written for enhancing tumour, 4 or 3; None: the input's own edition's."""
+    """``et_label``: the label written for enhancing tumour, 4 or 3; None: the input's own edition's.
+    ``postprocess``: apply the model version's post-processing (else the network's raw output)."""
     start = time.perf_counter()
     case = scans_only(case)
-    et = et_label or case.et_label
-    done = _done(case, out, version, tta, et)
+    how = {"model_version": version, "tta": tta, "et_label": et_label or case.et_label, "postprocessed": postprocess}
+    done = _done(case, out, how)
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
     scan = read_case(case)  # InvalidCase: a one-line reason, no retry
     model, info = cached_model(models, version, device)
-    post = PostProcess.from_dict(info.get("postprocess"))
+    post = PostProcess.from_dict(info.get("postprocess")) if postprocess else None
     labels, attrs = segment_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)
     reference = load_reference(case.files["flair"])  # the input's grid and header
+    et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
     with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
         write_segmentation(written, reference, seg_path)
         record = {
             "case": case.case_id,
-            "model_version": version,
+            **how,
             "profile": info["profile"],
-            "postprocess": post.to_dict(),
-            "tta": tta,
-            "et_label": et,
+            "postprocess": post and post.to_dict(),
             "segmentation": str(seg_path),
             "inputs": case.files,
             "sha256": scan.sha256,

@@ -9,28 +9,13 @@ from __future__ import annotations
 
 import time
 
-from prefect import task
-from prefect.cache_policies import NONE
-
 from storage.nifti import CaseFiles, InvalidCase, read_case, sha256_file
 from storage.store import SliceStore
+from tasks.preset import stage_task
 from unet.preprocess import PROFILES, preprocess_case
 
 
-def is_transient(task, task_run, state) -> bool:
-    """Retry only I/O errors; invalid input fails at once."""
-    exc = state.result(raise_on_failure=False)
-    return isinstance(exc, OSError)
-
-
-@task(
-    name="ingest-case",
-    task_run_name="ingest-{case.case_id}",
-    retries=2,
-    retry_delay_seconds=1,
-    retry_condition_fn=is_transient,
-    cache_policy=NONE,
-)
+@stage_task("ingest-case", "ingest-{case.case_id}")
 def ingest_case(case: CaseFiles, store_url: str, profile: str, dtype: str = "float16") -> dict:
     start = time.perf_counter()
     store = SliceStore(store_url, mode="a")

@@ -67,7 +67,7 @@ def overlay_png(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, t
     panels = [("truth", truth), ("prediction", pred)] if truth is not None else [("prediction", pred)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
     brain = gray[gray != 0]
-    lo, hi = (np.percentile(brain, [1, 99]) if brain.size else (0.0, 1.0))
+    lo, hi = np.percentile(brain, [1, 99]) if brain.size else (0.0, 1.0)
     for ax, (name, classes) in zip(axes[0], panels):
         ax.imshow(gray, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
         classes = np.asarray(classes)
@@ -77,6 +77,9 @@ def overlay_png(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, t
     fig.suptitle(title, fontsize=10)
     fig.legend(
         handles=[Patch(color=c, label=n) for n, c in CLASS_COLOURS.values()],
-        loc="lower center", ncol=3, fontsize=8, frameon=False,
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
     )
     return _png(fig)

@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import prefect
 import torch
 import zarr
-from prefect import get_run_logger, task
-from prefect.cache_policies import NONE
+from prefect import get_run_logger
 
 from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.artifacts import RunProgress, key, markdown, png_markdown, table
 from tasks.plots import curves_png, overlay_png
+from tasks.preset import stage_task
 from unet.checkpoint import CHECKPOINT, RegistryCheckpoint, save_model
 from unet.data import SliceDataset
 from unet.model import UNet, UNetConfig
@@ -36,7 +35,13 @@ OVERLAYS = 3
 
 
 def package_versions() -> dict[str, str]:
-    return {"python": platform.python_version(), "torch": torch.__version__, "prefect": prefect.__version__, "numpy": np.__version__, "zarr": zarr.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "prefect": prefect.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
 
 
 def is_retriable(task, task_run, state) -> bool:
@@ -49,32 +54,44 @@ def is_retriable(task, task_run, state) -> bool:
 # ----------------------------------------------------------------------------- version
 
 
-@task(name="open-version", retries=2, retry_delay_seconds=2, cache_policy=NONE)
-def open_version(models: str, store_url: str, model_cfg: dict, train_cfg: dict, fresh: bool = False) -> tuple[str, bool]:
+@stage_task("open-version")
+def open_version(
+    models: str, store_url: str, network: UNetConfig, training: TrainConfig, fresh: bool = False
+) -> tuple[str, bool]:
     """(version, reopened): the newest unfinished version of this very run, or a new one."""
     store, registry = SliceStore(store_url), Registry(models)
     if not store.split.get("train"):
         raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
-    want = plan(TrainConfig.from_dict(train_cfg))
+    want, model_cfg = plan(training), network.model_dump()
     if not fresh:
         same_run = [
-            info for info in registry.versions()
+            info
+            for info in registry.versions()
             if info.get("status") == "training"
             and info.get("store_fingerprint") == store.fingerprint
             and info.get("model") == model_cfg
-            and plan(TrainConfig.from_dict(info.get("train_config", {}))) == want
-        ]  # fmt: skip
+            and plan(TrainConfig.model_validate(info.get("train_config", {}))) == want
+        ]
         if same_run:  # the newest (version ids made in the same second do not sort by time)
             return max(same_run, key=lambda info: info.get("created", 0))["version"], True
-    version = registry.create({
-        "status": "training", "model": model_cfg, "profile": store.profile, "store": store_url,
-        "store_fingerprint": store.fingerprint, "split": store.split, "train_config": train_cfg,
-        "metrics": {}, "history": [], "versions": package_versions(),
-    })  # fmt: skip
+    version = registry.create(
+        {
+            "status": "training",
+            "model": model_cfg,
+            "profile": store.profile,
+            "store": store_url,
+            "store_fingerprint": store.fingerprint,
+            "split": store.split,
+            "train_config": training.model_dump(),
+            "metrics": {},
+            "history": [],
+            "versions": package_versions(),
+        }
+    )
     return version, False
 
 
-@task(name="promote-if-best", retries=2, retry_delay_seconds=1, cache_policy=NONE)
+@stage_task("promote-if-best")
 def promote_if_best(models: str, version: str) -> bool:
     """Mark ``version`` best when its mean validation Dice beats the current best's."""
     registry = Registry(models)
@@ -103,7 +120,14 @@ class _Report(Callbacks):
 
     def on_start(self, total_steps, done_steps, resumed_from):
         if resumed_from:
-            self.log.info("%s: resumed at epoch %d step %d (%d/%d steps done)", self.version, resumed_from[0] + 1, resumed_from[1], done_steps, total_steps)
+            self.log.info(
+                "%s: resumed at epoch %d step %d (%d/%d steps done)",
+                self.version,
+                resumed_from[0] + 1,
+                resumed_from[1],
+                done_steps,
+                total_steps,
+            )
         else:
             self.log.info("%s: training from scratch, %d steps", self.version, total_steps)
         self.progress = RunProgress(total_steps, "train-progress", f"training {self.version}")
@@ -120,8 +144,15 @@ class _Report(Callbacks):
     def on_epoch(self, row):
         self.log.info(
             "epoch %d/%d: train loss %.4f, val loss %.4f, Dice WT %.3f TC %.3f ET %.3f, %.1f slices/s",
-            row["epoch"], self.epochs, row["train_loss"], row["val_loss"], row["dice_WT"], row["dice_TC"], row["dice_ET"], row["slices_per_s"],
-        )  # fmt: skip
+            row["epoch"],
+            self.epochs,
+            row["train_loss"],
+            row["val_loss"],
+            row["dice_WT"],
+            row["dice_TC"],
+            row["dice_ET"],
+            row["slices_per_s"],
+        )
         self.registry.update_info(self.version, epochs_done=row["epoch"], last_epoch=row)
 
     def close(self):
@@ -131,26 +162,17 @@ class _Report(Callbacks):
             self.progress.close()
 
 
-@task(
-    name="train-model",
-    task_run_name="train-{version}",
-    tags={"gpu"},
-    retries=2,
-    retry_delay_seconds=10,
-    retry_condition_fn=is_retriable,
-    cache_policy=NONE,
-)
-def train_model(store_url: str, models: str, version: str, model_cfg: dict, train_cfg: dict) -> dict:
+@stage_task("train-model", "train-{version}", delay=10, retry_if=is_retriable, tags={"gpu"})
+def train_model(store_url: str, models: str, version: str, network: UNetConfig, training: TrainConfig) -> dict:
     start = time.perf_counter()
     registry = Registry(models)
-    cfg, mcfg = TrainConfig.from_dict(train_cfg), UNetConfig(**model_cfg)
-    report = _Report(registry, version, cfg.epochs)
+    report = _Report(registry, version, training.epochs)
     try:
-        result = fit(store_url, mcfg, cfg, RegistryCheckpoint(registry, version), report)
+        result = fit(store_url, network, training, RegistryCheckpoint(registry, version), report)
     finally:
         report.close()
 
-    model = UNet(mcfg)
+    model = UNet(network)
     model.load_state_dict(result.best_state)  # the epoch with the best validation Dice
     save_model(registry, version, model)
     files = _figures(registry, version, model, result, store_url)
@@ -159,18 +181,22 @@ def train_model(store_url: str, models: str, version: str, model_cfg: dict, trai
         **{k: result.best[k] for k in ("dice_WT", "dice_TC", "dice_ET", "dice_mean", "val_loss")},
         "final_train_loss": result.history[-1]["train_loss"],
     }
-    registry.update_info(version, status="complete", metrics=metrics, history=result.history, files=files, device=result.device)
+    registry.update_info(
+        version, status="complete", metrics=metrics, history=result.history, files=files, device=result.device
+    )
     summary = {
         "version": version,
         "registry": models,
         "device": result.device,
         "epochs": len(result.history),
         "steps": result.history[-1]["steps"],
-        "resumed_from": {"epoch": result.resumed_from[0] + 1, "step": result.resumed_from[1]} if result.resumed_from else None,
+        "resumed_from": {"epoch": result.resumed_from[0] + 1, "step": result.resumed_from[1]}
+        if result.resumed_from
+        else None,
         "metrics": metrics,
+        "files": files,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    _artifacts(registry, version, result, summary, files, model_cfg, train_cfg)
     return summary
 
 
@@ -185,26 +211,51 @@ def _figures(registry: Registry, version: str, model: UNet, result, store_url: s
     return files
 
 
-def _link(url: str) -> str:
-    return url if "://" in url else Path(url).resolve().as_uri()
+def artifacts(models: str, version: str, summary: dict, network: UNetConfig, training: TrainConfig) -> None:
+    """The training's table and summary (curves and validation overlays inline), on the flow run.
 
-
-def _artifacts(registry: Registry, version: str, result, summary: dict, files: dict, model_cfg: dict, train_cfg: dict) -> None:
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in result.history]
+    Files are named by their registry path or URL, as text: a browser cannot open a server's local
+    ``file://`` path, and an ``s3://`` one needs credentials."""
+    registry = Registry(models)
+    info = registry.info(version)
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in info["history"]]
     table(rows, "train-epochs", f"Loss and validation Dice per epoch of {version}")
-    m = summary["metrics"]
+    m, files, post = summary["metrics"], summary["files"], info.get("postprocess_choice", {})
     lines = [
-        f"# Training → `{version}`", "",
+        f"# Training → `{version}`",
+        "",
         f"Best epoch **{m['best_epoch']}** of {summary['epochs']}: validation Dice WT **{m['dice_WT']:.3f}**, "
         f"TC **{m['dice_TC']:.3f}**, ET **{m['dice_ET']:.3f}** (mean {m['dice_mean']:.3f}); "
         f"{summary['steps']} steps on `{summary['device']}` in {summary['seconds']} s"
-        + (f", resumed at epoch {summary['resumed_from']['epoch']} step {summary['resumed_from']['step']}" if summary["resumed_from"] else "") + ".",
-        "", "| model | |", "|---|---|", *[f"| {k} | {v} |" for k, v in model_cfg.items()],
-        "", "| training | |", "|---|---|", *[f"| {k} | {v} |" for k, v in train_cfg.items()],
-        "", "## Files", "",
-        *[f"- [{name}]({_link(url)})" for name, url in {"weights.pt": registry.url(version, "weights.pt"), CHECKPOINT: registry.url(version, CHECKPOINT), **files}.items()],
-        "", "## Curves", "", png_markdown(registry.get(version, "curves.png"), "loss and Dice per epoch"),
-        "", "## Validation slices (best model)", "",
+        + (
+            f", resumed at epoch {summary['resumed_from']['epoch']} step {summary['resumed_from']['step']}"
+            if summary["resumed_from"]
+            else ""
+        )
+        + ".",
+        "",
+        f"Post-processing chosen on {post.get('cases', 0)} validation case(s): `{info.get('postprocess')}` "
+        f"(mean Dice {post.get('mean_dice_before', float('nan')):.4f} → "
+        f"{post.get('mean_dice_after', float('nan')):.4f}, original grids).",
+        "",
+        "| network | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in network.model_dump().items()],
+        "",
+        "| training | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in training.model_dump().items()],
+        "",
+        f"## Files in `{registry.root}/{version}/`",
+        "",
+        *[f"- `{name}`" for name in ("info.json", "weights.pt", CHECKPOINT, *files)],
+        "",
+        "## Curves",
+        "",
+        png_markdown(registry.get(version, "curves.png"), "loss and Dice per epoch"),
+        "",
+        "## Validation slices (best model)",
+        "",
         *[png_markdown(registry.get(version, name), name) for name in files if name.startswith("overlay-")],
-    ]  # fmt: skip
+    ]
     markdown("\n".join(lines), key("train-summary"), f"Training summary of {version}")

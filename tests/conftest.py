@@ -27,7 +27,9 @@ def rewrite_nifti(path, data, affine=None, dtype=None) -> None:
     import nibabel as nib
 
     img = nib.load(path)
-    out = nib.Nifti1Image(data if dtype is None else data.astype(dtype), img.affine if affine is None else affine, img.header)
+    out = nib.Nifti1Image(
+        data if dtype is None else data.astype(dtype), img.affine if affine is None else affine, img.header
+    )
     if dtype is not None:
         out.set_data_dtype(dtype)
     nib.save(out, path)

@@ -69,7 +69,10 @@ def test_dangling_symlink_is_named_with_its_target(tmp_path):
     assert not found.cases and str(found.problems[0]) == f"{flair}: broken symlink to /nonexistent/flair.nii.gz"
 
 
-@pytest.mark.parametrize("name", ["BraTS19..0001", "..BraTS19", "BraTS19\\0001_1", "BraTS19_0001\n", ".BraTS19_0001", "BraTS19 0001", "-BraTS19"])
+@pytest.mark.parametrize(
+    "name",
+    ["BraTS19..0001", "..BraTS19", "BraTS19\\0001_1", "BraTS19_0001\n", ".BraTS19_0001", "BraTS19 0001", "-BraTS19"],
+)
 def test_unsafe_case_names_are_refused_before_they_become_paths(tmp_path, name):
     _case(tmp_path / "ok", "BraTS19_OK_0001_1")
     folder = tmp_path / "raw" / name
@@ -93,7 +96,10 @@ def test_non_utf8_names_are_refused_and_shown_escaped(tmp_path):
     found = discover(tmp_path)
     assert [c.case_id for c in found.cases] == ["BraTS19_OK_0001_1"]
     (problem,) = found.problems
-    assert str(problem) == f"{tmp_path}/HGG/BraTS19_\\xff\\xfe_1: unsafe case id 'BraTS19_\\xff\\xfe_1': use letters, digits and . _ - only"
+    assert (
+        str(problem) == f"{tmp_path}/HGG/BraTS19_\\xff\\xfe_1: unsafe case id 'BraTS19_\\xff\\xfe_1': "
+        "use letters, digits and . _ - only"
+    )
     _one_line_json_safe(str(problem))
 
 
@@ -117,7 +123,11 @@ def test_unreadable_roots_are_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError) as err:  # nothing anywhere: every root named, one line
         discover(empty, a_file)
-    assert str(err.value).count(": ") >= 2 and "empty: no BraTS cases found" in str(err.value) and "\n" not in str(err.value)
+    assert (
+        str(err.value).count(": ") >= 2
+        and "empty: no BraTS cases found" in str(err.value)
+        and "\n" not in str(err.value)
+    )
 
 
 def test_one_bad_root_among_several_does_not_stop_the_others(tmp_path):
@@ -142,7 +152,11 @@ def _catalogue(tmp_path: Path) -> tuple[list[Path], list[str], dict[str, tuple[s
 
     Returns (roots, good case ids, {kind: (file named in the line, reason, also refused by inference)})."""
     raw = tmp_path / "raw"
-    good = [_case(raw / "HGG", "BraTS19_GOOD_0001_1", 1), _case(raw / "HGG", "BraTS19_GOOD_0002_1", 2), _case(raw / "LGG", "BraTS19_GOOD_0003_1", 3, "LGG")]
+    good = [
+        _case(raw / "HGG", "BraTS19_GOOD_0001_1", 1),
+        _case(raw / "HGG", "BraTS19_GOOD_0002_1", 2),
+        _case(raw / "LGG", "BraTS19_GOOD_0003_1", 3, "LGG"),
+    ]
     (good[0] / "README_\udcff.txt").write_text("a non-UTF-8 file name beside a good case")
     bad: dict[str, tuple[str, str, bool]] = {}
 
@@ -188,7 +202,11 @@ def _catalogue(tmp_path: Path) -> tuple[list[Path], list[str], dict[str, tuple[s
     seg = np.asanyarray(nib.load(f(c, "seg")).dataobj).copy()
     seg[0, 0, 0] = 3
     rewrite_nifti(f(c, "seg"), seg)
-    bad["labels outside {0,1,2,4}"] = (f(c, "seg").name, "labels [3] outside [0, 1, 2, 4]", False)  # inference reads no seg
+    bad["labels outside {0,1,2,4}"] = (
+        f(c, "seg").name,
+        "labels [3] outside [0, 1, 2, 4]",
+        False,
+    )  # inference reads no seg
 
     c = make("FOURD", 19)
     rewrite_nifti(f(c, "t2"), np.ones((*SHAPE, 3), np.int16))
@@ -241,15 +259,17 @@ def _lines_for(lines: list[str], bad: dict[str, tuple[str, str, bool]], inferenc
 
 def test_every_bad_input_beside_good_cases_through_the_ingest_and_infer_flows(prefect_api, tmp_path):
     from flows.dask_runner import dask_runner
-    from flows.infer import InferParams, infer
-    from flows.ingest import IngestParams, ingest
+    from flows.infer import infer
+    from flows.ingest import ingest
     from storage.store import SliceStore
     from tests.test_faults import register_model
 
     roots, good, bad = _catalogue(tmp_path)
 
     url = str(tmp_path / "slices.zarr")
-    state = ingest.with_options(task_runner=dask_runner(workers=2))(IngestParams(raw=[str(r) for r in roots], store=url), return_state=True)
+    state = ingest.with_options(task_runner=dask_runner(workers=2))(
+        raw=[str(r) for r in roots], store=url, return_state=True
+    )
     summary = state.result(raise_on_failure=False)
     assert state.is_failed() and f"{len(bad)} case(s) quarantined" in state.message
     store = SliceStore(url)
@@ -259,7 +279,7 @@ def test_every_bad_input_beside_good_cases_through_the_ingest_and_infer_flows(pr
 
     models, out = tmp_path / "models", tmp_path / "out"
     register_model(models)
-    state = infer(InferParams(inputs=[str(r) for r in roots], out=str(out), models=str(models)), return_state=True)
+    state = infer([str(r) for r in roots], str(out), models=str(models), return_state=True)
     summary = state.result(raise_on_failure=False)
     refused = [k for k, v in bad.items() if v[2]]  # a seg beside the scans is not read: bad labels are no matter
     assert state.is_failed() and summary["failed"] == len(refused) and summary["written"] == len(good) + 1

@@ -59,10 +59,15 @@ def _env() -> dict:
 
 def _start_together(cmds: list[list[str]], go: Path, timeout: float = 120) -> list[subprocess.Popen]:
     """Start processes that each touch ``<go>.ready<i>`` when imported, then release them at once."""
-    procs = [subprocess.Popen(c, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    procs = [
+        subprocess.Popen(c, env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for c in cmds
+    ]
     deadline = time.monotonic() + timeout
     while not all(Path(f"{go}.ready{i}").exists() for i in range(len(cmds))):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs if p.poll() is not None]
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+            p.communicate() for p in procs if p.poll() is not None
+        ]
         time.sleep(0.01)
     go.touch()
     return procs
@@ -98,7 +103,7 @@ def test_two_writers_of_one_case_never_leave_a_mixed_case(tmp_path):
             if not ((image == nonce).all() and (label == nonce % 251).all()):
                 mixed.append((nonce, np.unique(image).tolist()[:4]))
     outs = [p.communicate() for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     writes, errors = zip(*(map(int, out.split()) for out, _ in outs))
     assert not mixed, f"complete case with another write's arrays: {mixed[:5]}"
@@ -125,7 +130,13 @@ def test_two_ingestions_at_once_end_like_one(tmp_path):
     clean = str(tmp_path / "clean.zarr")
     ingest_all(raw, clean)
     url, go = str(tmp_path / "s.zarr"), tmp_path / "go"
-    procs = _start_together([[sys.executable, "-c", INGEST, str(raw), url, order, str(go), str(i)] for i, order in enumerate(("forward", "reverse"))], go)
+    procs = _start_together(
+        [
+            [sys.executable, "-c", INGEST, str(raw), url, order, str(go), str(i)]
+            for i, order in enumerate(("forward", "reverse"))
+        ],
+        go,
+    )
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -206,12 +217,16 @@ def test_two_inferences_of_one_case_leave_one_valid_pair(small_raw, tmp_path, mo
     [t.start() for t in threads]
     [t.join(300) for t in threads]
     assert set(rows) == set(versions), "an inference failed"
-    assert rows[versions[0]]["WT_ml"] != rows[versions[1]]["WT_ml"], "the two models must segment differently for this test"
+    assert rows[versions[0]]["WT_ml"] != rows[versions[1]]["WT_ml"], (
+        "the two models must segment differently for this test"
+    )
 
     seg, record = tasks.infer.outputs(out, case.case_id)
     labels = np.asanyarray(nib.load(seg).dataobj)  # one whole, readable file
     done = json.loads(record.read_text())
     wt = float(np.isin(labels, (1, 2, 4)).sum()) * float(np.prod(nib.load(seg).header.get_zooms()[:3])) / 1000
-    assert done["volumes_ml"]["WT"] == pytest.approx(wt, abs=1e-3), "the record belongs to the other model's segmentation"
+    assert done["volumes_ml"]["WT"] == pytest.approx(wt, abs=1e-3), (
+        "the record belongs to the other model's segmentation"
+    )
     assert rows[done["model_version"]]["WT_ml"] == pytest.approx(wt, abs=1e-3)
     assert sorted(p.name for p in out.iterdir()) == sorted([seg.name, record.name])  # no temp files left

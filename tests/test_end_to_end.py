@@ -38,9 +38,28 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
     assert ingested["ingested"] == 6
 
     trained = brats(
-        capsys, "train", "--store", store, "--models", models, "--base-channels", "4", "--depth", "2",
-        "--padding", "same", "--epochs", "2", "--batch-size", "8", "--max-steps-per-epoch", "4",
-        "--workers", "0", "--device", "cpu",
+        capsys,
+        "train",
+        "--store",
+        store,
+        "--models",
+        models,
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--padding",
+        "same",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-steps-per-epoch",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
     )
     registry = Registry(str(models))
     version = registry.best()

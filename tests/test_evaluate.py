@@ -8,7 +8,7 @@ import shutil
 import pytest
 from prefect.artifacts import Artifact
 
-from flows.evaluate import EvaluateParams, evaluate, split_cases
+from flows.evaluate import evaluate, split_cases
 from storage.nifti import discover
 from storage.registry import Registry
 from storage.store import SliceStore
@@ -19,8 +19,8 @@ from unet.metrics import REGIONS
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def run(params: EvaluateParams):
-    state = evaluate(params, return_state=True)
+def run(params: dict):
+    state = evaluate(**params, return_state=True)
     return state, state.result(raise_on_failure=False)
 
 
@@ -32,7 +32,7 @@ def test_evaluate_reports_metrics_artifacts_and_saves_them_with_the_model(prefec
     registry = Registry(str(models))
     registry.update_info(version, split={"train": store.split["train"] + test_cases[:1]})  # a leak to warn about
 
-    state, result = run(EvaluateParams(store=small_store, models=str(models)))
+    state, result = run(dict(store=small_store, models=str(models)))
     assert state.is_completed(), state.message
     assert result["model"] == version and result["cases"] == len(test_cases) and result["train_overlap"] == 1
     assert result["truth_from_store_label"] == 0 and result["failed"] == 0
@@ -73,7 +73,7 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
     store.publish({"train": [], "val": [], "test": [case.case_id]})
     models = tmp_path / "models"
     register(models)
-    params = EvaluateParams(store=url, models=str(models))
+    params = dict(store=url, models=str(models))
 
     _, first = run(params)
     before = Registry(str(models)).info(Registry(str(models)).best())["evaluation"]["per_case"][0]
@@ -90,7 +90,7 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
 
 def test_a_model_of_another_profile_is_refused(prefect_api, small_store, tmp_path):
     register(tmp_path / "models", profile="tp")
-    state, _ = run(EvaluateParams(store=small_store, models=str(tmp_path / "models")))
+    state, _ = run(dict(store=small_store, models=str(tmp_path / "models")))
     assert state.is_failed() and "profile 'tp'" in state.message
     with pytest.raises(ValueError, match="no split 'holdout'"):
         split_cases(SliceStore(small_store), "holdout")

@@ -252,7 +252,9 @@ class Zygote:
         script.write_text(ZYGOTE)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         self.tmp, self.n = tmp, 0
-        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+        )
         assert self.proc.stdout.readline().strip() == "ready"
 
     def run(self, **trial) -> dict:
@@ -319,9 +321,16 @@ def test_killing_the_brats_ingest_cli_and_rerunning_it(prefect_api, tmp_path):
     brats = Path(sys.executable).with_name("brats")
     cmd = [str(brats)] if brats.exists() else [sys.executable, "-m", "flows.cli"]
     cmd += ["ingest", str(raw), "--store", str(url), "--workers", "1"]
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "OMP_NUM_THREADS": "1",
+    }
 
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(url.glob("cases/*/zarr.json")):  # the first case is being written: mid-run
@@ -383,7 +392,10 @@ def test_inference_killed_mid_write_leaves_no_partial_output_and_the_rerun_compl
                     pytest.fail(f"{trial}: a partial NIfTI at the output path {path.name}: {type(e).__name__}: {e}")
                 assert got == reference[path.name], (trial, path.name)
             else:
-                assert path.name.endswith(".json") and (out / path.name.replace(".json", "_seg.nii.gz")).exists(), (trial, path.name)
+                assert path.name.endswith(".json") and (out / path.name.replace(".json", "_seg.nii.gz")).exists(), (
+                    trial,
+                    path.name,
+                )
         leftovers += len(list(out.glob(".*.part"))) if out.exists() else 0
         rerun = zygote.run(out=str(out), **job)  # a fresh process, as after a crash
         assert rerun["exit"] == 0 and rerun["statuses"].count("skipped") == sum(p.suffix == ".json" for p in outputs)
@@ -399,7 +411,9 @@ def infer_snapshot_one(seg: Path):
 # ----------------------------------------------------------------------------- transient I/O errors
 
 
-PREFECT_TASK_LOG = pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs")  # a task run outside a flow
+PREFECT_TASK_LOG = pytest.mark.filterwarnings(
+    "ignore:Logger 'prefect.task_runs' attempted to send logs"
+)  # a task run outside a flow
 
 
 @PREFECT_TASK_LOG
@@ -457,7 +471,10 @@ def test_oserror_writing_a_segmentation_is_retried_and_leaves_no_temp_file(prefe
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert faults and state.is_completed(), state
     assert len(reads) == 2  # failed once, then did it all again
-    assert sorted(p.name for p in out.iterdir()) == [f"{case.case_id}.json", f"{case.case_id}_seg.nii.gz"]  # temp file removed
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{case.case_id}.json",
+        f"{case.case_id}_seg.nii.gz",
+    ]  # temp file removed
     assert np.asanyarray(nib.load(out / f"{case.case_id}_seg.nii.gz").dataobj).shape == SHAPE
 
 

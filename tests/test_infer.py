@@ -11,7 +11,7 @@ import pytest
 import torch
 from prefect.artifacts import Artifact
 
-from flows.infer import InferParams, infer
+from flows.infer import infer
 from storage.registry import Registry
 from unet.checkpoint import save_model
 from unet.model import UNet, UNetConfig
@@ -27,15 +27,15 @@ def register(root, profile="full", padding="same", seed=0) -> str:
     return version
 
 
-def run(params: InferParams):
-    state = infer(params, return_state=True)
+def run(params: dict):
+    state = infer(**params, return_state=True)
     return state, state.result(raise_on_failure=False)
 
 
 def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, tmp_path):
     version = register(tmp_path / "models", profile="tp", padding="valid")
     out = tmp_path / "out"
-    params = InferParams(inputs=[str(real_case)], out=str(out), models=str(tmp_path / "models"))
+    params = dict(inputs=[str(real_case)], out=str(out), models=str(tmp_path / "models"))
     state, summary = run(params)
     assert state.is_completed(), state.message
     assert summary["written"] == 1 and summary["model"] == version
@@ -50,7 +50,9 @@ def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, 
     for field in ("qform_code", "sform_code"):
         assert int(seg.header[field]) == int(flair.header[field])
     assert np.allclose(seg.header.get_zooms(), flair.header.get_zooms())
-    brain = sum(np.asanyarray(nib.load(real_case / f"{case}_{m}.nii.gz").dataobj) != 0 for m in ("flair", "t1", "t1ce", "t2"))
+    brain = sum(
+        np.asanyarray(nib.load(real_case / f"{case}_{m}.nii.gz").dataobj) != 0 for m in ("flair", "t1", "t1ce", "t2")
+    )
     no_brain_slices = ~brain.any(axis=(0, 1))
     assert no_brain_slices.any() and not data[:, :, no_brain_slices].any()  # skipped: background
 
@@ -80,7 +82,7 @@ def test_a_bad_scan_fails_alone_and_a_new_model_redoes_the_rest(prefect_api, sma
     models, out = tmp_path / "models", tmp_path / "out"
     first = register(models)
 
-    params = InferParams(inputs=[str(raw)], out=str(out), models=str(models))
+    params = dict(inputs=[str(raw)], out=str(out), models=str(models))
     state, summary = run(params)
     assert state.is_failed() and "1 scan(s) failed" in state.message
     assert f"{bad.name}_t1ce.nii.gz: truncated" in state.message
@@ -96,5 +98,5 @@ def test_a_bad_scan_fails_alone_and_a_new_model_redoes_the_rest(prefect_api, sma
     state, summary = run(params)
     assert state.is_completed() and summary["written"] == len(good) and summary["skipped"] == 0
     assert {json.loads((out / f"{c}.json").read_text())["model_version"] for c in good} == {second} != {first}
-    state, summary = run(params.model_copy(update={"model": first}))  # the older outputs were replaced
+    state, summary = run({**params, "model": first})  # the older outputs were replaced
     assert summary["written"] == len(good)

@@ -15,8 +15,8 @@ from storage.nifti import InvalidCase, case_files, discover, read_case
 from storage.store import SliceStore, make_split
 from storage.synth import make_case, write_case
 from tasks.ingest import ingest_case
-from unet.preprocess import PROFILES, preprocess_case
 from tests.conftest import rewrite_nifti
+from unet.preprocess import PROFILES, preprocess_case
 
 SHAPE = (48, 48, 24)
 REAL_COUNTS = {0: 8_866_915, 1: 4_514, 2: 34_894, 4: 21_677}
@@ -50,7 +50,9 @@ def test_real_case_reads_with_its_label_counts(real_case):
     assert dict(zip(values.tolist(), counts.tolist())) == REAL_COUNTS
     assert np.allclose(case.affine, [[-1, 0, 0, 0], [0, -1, 0, 239], [0, 0, 1, 0], [0, 0, 0, 1]])
     sums = dict(line.split()[::-1] for line in (real_case.parent / "SHA256SUMS").read_text().splitlines())
-    assert case.sha256 == {m: sums[f"Brats18_2013_2_1/Brats18_2013_2_1_{m}.nii.gz"] for m in ("flair", "t1", "t1ce", "t2", "seg")}
+    assert case.sha256 == {
+        m: sums[f"Brats18_2013_2_1/Brats18_2013_2_1_{m}.nii.gz"] for m in ("flair", "t1", "t1ce", "t2", "seg")
+    }
 
 
 def test_real_case_normalized_in_store(real_case, tmp_path):
@@ -63,7 +65,12 @@ def test_real_case_normalized_in_store(real_case, tmp_path):
     image, label = store.image("Brats18_2013_2_1")[:], store.label("Brats18_2013_2_1")[:]
     assert image.shape == (155, 4, 240, 240) and image.dtype == np.float16
     assert label.shape == (155, 240, 240) and label.dtype == np.uint8
-    assert np.bincount(label.ravel(), minlength=4).tolist() == [REAL_COUNTS[0], REAL_COUNTS[1], REAL_COUNTS[2], REAL_COUNTS[4]]
+    assert np.bincount(label.ravel(), minlength=4).tolist() == [
+        REAL_COUNTS[0],
+        REAL_COUNTS[1],
+        REAL_COUNTS[2],
+        REAL_COUNTS[4],
+    ]
     brain = np.any(image != 0, axis=1)
     for c in range(4):
         v = image[:, c][brain].astype(np.float64)
@@ -71,7 +78,9 @@ def test_real_case_normalized_in_store(real_case, tmp_path):
     assert (image[:, :, ~brain.any(axis=0)] == 0).all()
     attrs = store.attrs("Brats18_2013_2_1")
     assert attrs["profile"] == "full" and attrs["shape"] == [240, 240, 155] and attrs["complete"] is True
-    assert attrs["sha256"]["seg"] == hashlib.sha256((real_case / "Brats18_2013_2_1_seg.nii.gz").read_bytes()).hexdigest()
+    assert (
+        attrs["sha256"]["seg"] == hashlib.sha256((real_case / "Brats18_2013_2_1_seg.nii.gz").read_bytes()).hexdigest()
+    )
 
 
 def test_tp_profile_crops_and_halves(real_case):
@@ -93,7 +102,11 @@ def test_discovers_official_flat_and_single_case_layouts(tmp_path):
     single = _case(tmp_path / "single", "Brats18_2013_2_1", None)
     found = discover(tmp_path / "official", tmp_path / "flat", single)
     assert [(c.case_id, c.grade) for c in found.cases] == [
-        ("BraTS19_A_0001_1", "HGG"), ("BraTS19_A_0002_1", "LGG"), ("BraTS20_Training_001", None), ("Brats18_2013_2_1", None)]
+        ("BraTS19_A_0001_1", "HGG"),
+        ("BraTS19_A_0002_1", "LGG"),
+        ("BraTS20_Training_001", None),
+        ("Brats18_2013_2_1", None),
+    ]
     assert not found.problems
 
 
@@ -111,8 +124,13 @@ def test_brats2023_names_are_found_without_being_asked(tmp_path):
     for old, new in {"flair": "t2f", "t1ce": "t1c", "t1": "t1n", "t2": "t2w"}.items():
         (folder / f"{folder.name}_{old}.nii.gz").rename(folder / f"{folder.name}_{new}.nii.gz")
     seg = folder / f"{folder.name}_seg.nii.gz"
-    rewrite_nifti(seg, np.where(np.asanyarray(nib.load(seg).dataobj) == 4, 3, np.asanyarray(nib.load(seg).dataobj)).astype(np.int16))
-    assert "missing flair modality" in str(discover(tmp_path, naming="brats2019").problems[0])  # insisting on 2019 names
+    rewrite_nifti(
+        seg,
+        np.where(np.asanyarray(nib.load(seg).dataobj) == 4, 3, np.asanyarray(nib.load(seg).dataobj)).astype(np.int16),
+    )
+    assert "missing flair modality" in str(
+        discover(tmp_path, naming="brats2019").problems[0]
+    )  # insisting on 2019 names
     case = read_case(discover(tmp_path).cases[0])
     assert case.files.edition == "brats2023"
     assert set(np.unique(case.seg)) <= {0, 1, 2, 4} and (case.seg == 4).any()
@@ -129,7 +147,11 @@ def test_missing_modality_is_refused_on_sight(tmp_path):
     folder = _case(tmp_path)
     (folder / f"{folder.name}_t1ce.nii.gz").unlink()
     found = discover(tmp_path)
-    assert not found.cases and "missing t1ce modality" in str(found.problems[0]) and "_t1ce.nii.gz" in str(found.problems[0])
+    assert (
+        not found.cases
+        and "missing t1ce modality" in str(found.problems[0])
+        and "_t1ce.nii.gz" in str(found.problems[0])
+    )
 
 
 def test_unsafe_case_id_is_refused(tmp_path):
@@ -257,7 +279,10 @@ def test_store_refuses_a_second_profile(tmp_path):
 
 def test_split_is_deterministic_stratified_and_by_patient():
     grades = {f"H{i:02d}": "HGG" for i in range(14)} | {f"L{i:02d}": "LGG" for i in range(6)}
-    a, b = make_split(grades, (0.7, 0.15, 0.15), seed=1), make_split(dict(reversed(grades.items())), (0.7, 0.15, 0.15), seed=1)
+    a, b = (
+        make_split(grades, (0.7, 0.15, 0.15), seed=1),
+        make_split(dict(reversed(grades.items())), (0.7, 0.15, 0.15), seed=1),
+    )
     assert a == b
     assert sorted(sum(a.values(), [])) == sorted(grades)  # every case exactly once
     for part, n_h, n_l in (("train", 10, 4), ("val", 2, 1), ("test", 2, 1)):
@@ -289,5 +314,7 @@ def test_a_full_profile_store_refuses_slices_of_another_grid(real_case, tmp_path
     small = _case(tmp_path / "raw")
     with pytest.raises(InvalidCase) as err:
         ingest_case.fn(case_files(small, "HGG"), url, "full")
-    assert str(err.value).startswith(str(small / f"{small.name}_flair.nii.gz") + ": slices 48x48 differ from the store's 240x240")
+    assert str(err.value).startswith(
+        str(small / f"{small.name}_flair.nii.gz") + ": slices 48x48 differ from the store's 240x240"
+    )
     assert "\n" not in str(err.value) and SliceStore(url).case_ids() == ["Brats18_2013_2_1"]

@@ -10,14 +10,14 @@ import pytest
 from prefect.artifacts import Artifact
 
 from flows.dask_runner import dask_runner
-from flows.ingest import IngestParams, ingest
+from flows.ingest import Preprocessing, ingest
 from storage.store import SliceStore
 from storage.synth import make_case, write_case
 from tests.conftest import SMALL
 
 
-def _run(params: IngestParams):
-    state = ingest.with_options(task_runner=dask_runner(workers=2))(params, return_state=True)
+def _run(params: dict):
+    state = ingest.with_options(task_runner=dask_runner(workers=2))(**params, return_state=True)
     return state, state.result(raise_on_failure=False)
 
 
@@ -37,7 +37,7 @@ def raw(small_raw, real_case, tmp_path):
 
 def test_ingest_flow_quarantines_skips_and_reingests(prefect_api, raw, tmp_path):
     url = str(tmp_path / "slices.zarr")
-    params = IngestParams(raw=[str(raw)], store=url, profile="tp")  # tp: one 96x96 slice shape for any grid
+    params = dict(raw=[str(raw)], store=url, data=Preprocessing(profile="tp"))  # tp: one 96x96 slice shape for any grid
 
     state, summary = _run(params)
     assert state.is_failed() and "1 case(s) quarantined" in state.message
@@ -108,4 +108,12 @@ def test_transient_io_error_is_retried_invalid_data_is_not(prefect_api, small_ra
     state = ingest_case(discover(bad).cases[0], url, "full", return_state=True)
     assert state.is_failed() and "truncated or corrupt gzip" in state.message
     # one attempt, no retry: 5 hashes, then reads up to the bad t1
-    assert [c.rsplit("_", 1)[-1] for c in calls] == ["flair.nii.gz", "t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "seg.nii.gz", "flair.nii.gz", "t1.nii.gz"]
+    assert [c.rsplit("_", 1)[-1] for c in calls] == [
+        "flair.nii.gz",
+        "t1.nii.gz",
+        "t1ce.nii.gz",
+        "t2.nii.gz",
+        "seg.nii.gz",
+        "flair.nii.gz",
+        "t1.nii.gz",
+    ]

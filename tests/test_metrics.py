@@ -11,6 +11,7 @@ from scipy import ndimage
 from unet.metrics import (
     EMPTY_HD95,
     REGIONS,
+    _surface,  # noqa: PLC2701 - checked against scipy's erosion
     dice,
     evaluate_case,
     hd95,
@@ -20,7 +21,6 @@ from unet.metrics import (
     specificity,
     summarize,
 )
-from unet.metrics import _surface  # noqa: PLC2701 - checked against scipy's erosion
 
 METHODS = ("auto", "edt", "kdtree")
 
@@ -402,7 +402,9 @@ def _blobs(seed: int, shape=(40, 50, 30)) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-@pytest.mark.parametrize("seed,spacing", [(0, (1.0, 1.0, 1.0)), (1, (1.0, 1.0, 1.0)), (2, (0.9, 1.2, 2.5)), (3, (0.9, 1.2, 2.5))])
+@pytest.mark.parametrize(
+    "seed,spacing", [(0, (1.0, 1.0, 1.0)), (1, (1.0, 1.0, 1.0)), (2, (0.9, 1.2, 2.5)), (3, (0.9, 1.2, 2.5))]
+)
 def test_hd95_equals_monai_and_is_not_medpy_pooled_percentile(seed, spacing):
     """Same figure as an independent implementation (MONAI's, the max of the two directed 95th
     percentiles, as BraTS 2023's surface-distance); MedPy's pooled percentile is a different number."""

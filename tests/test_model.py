@@ -1,4 +1,4 @@
-"""Tests for unet.model (U-Net, Ronneberger et al. 2015) and unet.loss (cross-entropy).
+"""Tests for unet.model: the U-Net (Ronneberger et al. 2015) and its cross-entropy.
 
 All real computation uses tiny widths (base 2-8) so the suite runs in seconds on a CPU;
 the paper-sized network is only instantiated on the meta device.
@@ -13,8 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet.loss import CrossEntropy, class_weights_from_counts, cross_entropy
-from unet.model import UNet, UNetConfig, center_crop, mirror_pad
+from unet.model import CrossEntropy, UNet, UNetConfig, center_crop, class_weights_from_counts, cross_entropy, mirror_pad
 
 
 def tiny(padding: str = "valid", base: int = 4, depth: int = 4, **kw) -> UNet:
@@ -130,9 +129,7 @@ def test_predict_batch_independent(padding: str) -> None:
     model = tiny(padding, base=4)
     x = torch.randn(3, 4, 96, 96)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.predict(x)[1:2], model.predict(x[1:2]), rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(model.predict(x)[1:2], model.predict(x[1:2]), rtol=1e-4, atol=1e-4)
 
 
 def test_predict_valid_equals_forward_on_mirror_padded_input() -> None:
@@ -171,9 +168,7 @@ def test_center_crop_and_mirror_pad() -> None:
     out = mirror_pad(row.unsqueeze(0), (4, 5, 0, 0))
     assert out.flatten().tolist() == [0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1]
     small = torch.randn(1, 2, 5, 7)
-    torch.testing.assert_close(
-        mirror_pad(small, (3, 1, 2, 4)), F.pad(small, (3, 1, 2, 4), mode="reflect")
-    )
+    torch.testing.assert_close(mirror_pad(small, (3, 1, 2, 4)), F.pad(small, (3, 1, 2, 4), mode="reflect"))
 
 
 # ----------------------------------------------------------------------------- init, norm
@@ -274,9 +269,7 @@ def test_cross_entropy_matches_hand_computation() -> None:
     target = torch.randint(0, 4, (2, 3, 5))
     expected = _nll_by_hand(logits, target).mean()
     assert cross_entropy(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert cross_entropy(logits, target.to(torch.uint8)).item() == pytest.approx(
-        expected.item(), rel=1e-5
-    )
+    assert cross_entropy(logits, target.to(torch.uint8)).item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(cross_entropy(logits, target), F.cross_entropy(logits, target))
 
 
@@ -290,9 +283,7 @@ def test_class_weights_change_loss_as_expected() -> None:
     got = cross_entropy(logits, target, class_weights=w)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     # uniform weights are a no-op
-    torch.testing.assert_close(
-        cross_entropy(logits, target, class_weights=[3.0] * 4), cross_entropy(logits, target)
-    )
+    torch.testing.assert_close(cross_entropy(logits, target, class_weights=[3.0] * 4), cross_entropy(logits, target))
     # background predicted well, tumour class 1 badly: up-weighting class 1 raises the loss
     logits = torch.zeros(1, 4, 2, 2)
     logits[:, 0] = 5.0
@@ -329,9 +320,7 @@ def test_ignore_index_and_module_buffer() -> None:
     assert cross_entropy(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
     crit = CrossEntropy(class_weights=[1.0, 2.0, 3.0, 4.0])
     assert "class_weights" in crit.state_dict()
-    torch.testing.assert_close(
-        crit(logits, target), cross_entropy(logits, target, torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    )
+    torch.testing.assert_close(crit(logits, target), cross_entropy(logits, target, torch.tensor([1.0, 2.0, 3.0, 4.0])))
 
 
 def test_class_weights_from_counts() -> None:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from unet.geometry import Geometry, plan
+from storage.brats import BRATS_TO_CLASS
 from unet.model import UNet, UNetConfig
 from unet.predict import predict_probs, segment, slice_probs, volumes_ml
-from unet.preprocess import BRATS_TO_CLASS, PROFILES, to_labels
+from unet.preprocess import PROFILES, Geometry, geometry_of, to_labels
 
 BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -39,7 +39,7 @@ def brats_geometry(profile: str, shape=(240, 240, 7)) -> Geometry:
     brain = np.zeros(shape, bool)
     brain[40:200, 40:200] = True
     p = PROFILES[profile]
-    return plan(BRATS_AFFINE, shape, (1.0, 1.0, 1.0), brain, p.window, p.factor)
+    return geometry_of(BRATS_AFFINE, shape, (1.0, 1.0, 1.0), brain, p.window, p.factor)
 
 
 def tiny(padding="same", depth=2, seed=0) -> UNet:

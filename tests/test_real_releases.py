@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from storage.brats import BRATS_TO_CLASS
 from storage.nifti import InvalidCase, case_files, discover, read_case
-from unet.geometry import Geometry
-from unet.preprocess import BRATS_TO_CLASS, PROFILES, preprocess_case, to_labels
+from unet.preprocess import PROFILES, Geometry, preprocess_case, to_labels
 
 CHANNELS = ("flair", "t1", "t1ce", "t2", "seg")
 SUFFIXES_2023 = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}
@@ -27,10 +27,18 @@ COUNTS = {0: 8_866_915, 1: 4_514, 2: 34_894, 4: 21_677}
 @pytest.fixture(scope="module")
 def real(real_case) -> dict[str, nib.Nifti1Image]:
     """The real case's five images, loaded once (data in memory)."""
-    return {c: nib.Nifti1Image(np.asanyarray(nib.load(real_case / f"{real_case.name}_{c}.nii.gz").dataobj), nib.load(real_case / f"{real_case.name}_{c}.nii.gz").affine) for c in CHANNELS}
+    return {
+        c: nib.Nifti1Image(
+            np.asanyarray(nib.load(real_case / f"{real_case.name}_{c}.nii.gz").dataobj),
+            nib.load(real_case / f"{real_case.name}_{c}.nii.gz").affine,
+        )
+        for c in CHANNELS
+    }
 
 
-def write(root, case_id: str, images: dict[str, nib.Nifti1Image], *, sep="_", suffixes=None, ext=".nii", seg_dtype=None):
+def write(
+    root, case_id: str, images: dict[str, nib.Nifti1Image], *, sep="_", suffixes=None, ext=".nii", seg_dtype=None
+):
     """One case folder: ``<case_id><sep><suffix><ext>`` for each image, qform and sform both set."""
     folder = root / case_id
     folder.mkdir(parents=True)
@@ -103,17 +111,22 @@ def test_seg_in_any_integer_dtype_or_whole_floats_reads_the_same(real, tmp_path,
     assert dict(zip(values.tolist(), counts.tolist())) == COUNTS
 
 
-@pytest.mark.parametrize("value,dtype,reason", [
-    (0.5, np.float32, "non-integral values (e.g. 0.5)"),
-    (np.nan, np.float32, "NaN or Inf"),
-    (300, np.uint16, "labels [300] outside [0, 1, 2, 4]"),
-    (-1, np.int32, "labels [-1] outside [0, 1, 2, 4]"),
-    (3, np.uint8, "labels [3] outside [0, 1, 2, 4] (enhancing tumour is 4 in this edition)"),
-])
+@pytest.mark.parametrize(
+    "value,dtype,reason",
+    [
+        (0.5, np.float32, "non-integral values (e.g. 0.5)"),
+        (np.nan, np.float32, "NaN or Inf"),
+        (300, np.uint16, "labels [300] outside [0, 1, 2, 4]"),
+        (-1, np.int32, "labels [-1] outside [0, 1, 2, 4]"),
+        (3, np.uint8, "labels [3] outside [0, 1, 2, 4] (enhancing tumour is 4 in this edition)"),
+    ],
+)
 def test_seg_values_that_are_not_labels_are_refused_in_one_line(real, tmp_path, value, dtype, reason):
     seg = np.asanyarray(real["seg"].dataobj).astype(np.float64)
     seg[100, 100, 70] = value
-    folder = write(tmp_path, "Brats18_2013_2_1", {**real, "seg": nib.Nifti1Image(seg, real["seg"].affine)}, seg_dtype=dtype)
+    folder = write(
+        tmp_path, "Brats18_2013_2_1", {**real, "seg": nib.Nifti1Image(seg, real["seg"].affine)}, seg_dtype=dtype
+    )
     with pytest.raises(InvalidCase) as err:
         read_case(case_files(folder))
     assert reason in str(err.value) and "Brats18_2013_2_1_seg.nii" in str(err.value) and "\n" not in str(err.value)
@@ -122,19 +135,29 @@ def test_seg_values_that_are_not_labels_are_refused_in_one_line(real, tmp_path, 
 # ------------------------------------------------------------------ namings of every edition
 
 
-@pytest.mark.parametrize("case_id,sep,suffixes,edition", [
-    ("BraTS19_2013_2_1", "_", None, "brats2019"),
-    ("BraTS20_Training_001", "_", None, "brats2019"),
-    ("BraTS2021_00006", "_", None, "brats2019"),  # BraTS 2021: 2019 suffixes, ET still 4
-    ("BraTS-GLI-00000-000", "-", SUFFIXES_2023, "brats2023"),  # BraTS 2023 as released
-    ("BraTS-GLI-00000-000", "_", SUFFIXES_2023, "brats2023"),
-    ("BraTS-GLI-00000-000", "_", None, "brats2023"),  # 2023 id with flair/t1/t1ce/t2 names: ET is 3
-])
+@pytest.mark.parametrize(
+    "case_id,sep,suffixes,edition",
+    [
+        ("BraTS19_2013_2_1", "_", None, "brats2019"),
+        ("BraTS20_Training_001", "_", None, "brats2019"),
+        ("BraTS2021_00006", "_", None, "brats2019"),  # BraTS 2021: 2019 suffixes, ET still 4
+        ("BraTS-GLI-00000-000", "-", SUFFIXES_2023, "brats2023"),  # BraTS 2023 as released
+        ("BraTS-GLI-00000-000", "_", SUFFIXES_2023, "brats2023"),
+        ("BraTS-GLI-00000-000", "_", None, "brats2023"),  # 2023 id with flair/t1/t1ce/t2 names: ET is 3
+    ],
+)
 def test_naming_and_edition_are_found_per_case(real, tmp_path, case_id, sep, suffixes, edition):
     seg = np.asanyarray(real["seg"].dataobj)
     if edition == "brats2023":
         seg = np.where(seg == 4, 3, seg).astype(np.float32)  # 2023 labels, as float32 like some copies
-    write(tmp_path / "root", case_id, {**real, "seg": nib.Nifti1Image(seg, real["seg"].affine)}, sep=sep, suffixes=suffixes, ext=".nii.gz")
+    write(
+        tmp_path / "root",
+        case_id,
+        {**real, "seg": nib.Nifti1Image(seg, real["seg"].affine)},
+        sep=sep,
+        suffixes=suffixes,
+        ext=".nii.gz",
+    )
     found = discover(tmp_path / "root")
     assert not found.problems and [c.case_id for c in found.cases] == [case_id]
     case = read_case(found.cases[0])
@@ -143,7 +166,9 @@ def test_naming_and_edition_are_found_per_case(real, tmp_path, case_id, sep, suf
 
 
 def test_naming_override_and_ambiguous_folders(real, tmp_path):
-    folder = write(tmp_path, "BraTS-GLI-00001-000", {k: v for k, v in real.items() if k != "seg"}, sep="-", suffixes=SUFFIXES_2023)
+    folder = write(
+        tmp_path, "BraTS-GLI-00001-000", {k: v for k, v in real.items() if k != "seg"}, sep="-", suffixes=SUFFIXES_2023
+    )
     assert case_files(folder, naming="brats2023").files["flair"].endswith("-t2f.nii")
     assert case_files(folder, naming="brats2021").files["flair"].endswith("-t2f.nii")  # its former name
     with pytest.raises(InvalidCase, match="missing flair modality"):
@@ -164,7 +189,12 @@ def test_naming_override_and_ambiguous_folders(real, tmp_path):
 def test_other_grids_map_to_the_slices_and_back_losslessly(real, tmp_path, grid, profile):
     """The seg through the slices and back: exact where no resolution is lost (full), and on the
     network's sampling grid (tp); no brain voxel cut from the window."""
-    make = {"brats": lambda i: i, "mni": mni_grid, "ras": lambda i: reoriented(i, "RAS"), "sagittal": lambda i: reoriented(i, "ASL")}[grid]
+    make = {
+        "brats": lambda i: i,
+        "mni": mni_grid,
+        "ras": lambda i: reoriented(i, "RAS"),
+        "sagittal": lambda i: reoriented(i, "ASL"),
+    }[grid]
     folder = write(tmp_path, "Brats18_2013_2_1", {c: make(img) for c, img in real.items()})
     back, truth, attrs = round_trip(folder, profile)
     assert back.shape == truth.shape == nib.load(folder / "Brats18_2013_2_1_flair.nii").shape
@@ -194,7 +224,9 @@ def test_thick_slices_and_other_slice_counts_need_no_resampling(real, tmp_path):
     assert np.array_equal(back, truth)
 
 
-@pytest.mark.parametrize("shape,needle", [((240, 240), "image is 2D"), ((240, 1, 155), "240×1 voxels in the axial plane")])
+@pytest.mark.parametrize(
+    "shape,needle", [((240, 240), "image is 2D"), ((240, 1, 155), "240×1 voxels in the axial plane")]
+)
 def test_what_is_not_a_brain_volume_is_refused_in_one_line(real, tmp_path, shape, needle):
     images = {c: nib.Nifti1Image(np.ones(shape, np.int16), np.diag([-1.0, -1.0, 1.0, 1.0])) for c in CHANNELS[:4]}
     folder = write(tmp_path, "BraTS19_FLAT_1", images)
@@ -205,7 +237,21 @@ def test_what_is_not_a_brain_volume_is_refused_in_one_line(real, tmp_path, shape
 
 
 def test_labels_of_a_stored_case_are_the_networks_classes(real, tmp_path):
-    folder = write(tmp_path, "BraTS-GLI-00002-000", {**real, "seg": nib.Nifti1Image(np.where(np.asanyarray(real["seg"].dataobj) == 4, 3, np.asanyarray(real["seg"].dataobj)).astype(np.uint16), real["seg"].affine)}, sep="-", suffixes=SUFFIXES_2023)
+    folder = write(
+        tmp_path,
+        "BraTS-GLI-00002-000",
+        {
+            **real,
+            "seg": nib.Nifti1Image(
+                np.where(np.asanyarray(real["seg"].dataobj) == 4, 3, np.asanyarray(real["seg"].dataobj)).astype(
+                    np.uint16
+                ),
+                real["seg"].affine,
+            ),
+        },
+        sep="-",
+        suffixes=SUFFIXES_2023,
+    )
     case = read_case(case_files(folder))
     _, labels, attrs = preprocess_case(case, PROFILES["full"])
     assert attrs["edition"] == "brats2023"
@@ -220,7 +266,7 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
     """One flow run over a folder mixing editions and grids: each segmentation lies on its input's grid
     and affine, uses its edition's ET label (or the one asked for), and the same anatomy stored in
     another voxel order gets the very same segmentation."""
-    from flows.infer import InferParams, infer
+    from flows.infer import infer
     from tests.test_infer import register
 
     inbox = tmp_path / "inbox"
@@ -228,17 +274,26 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
     write(inbox, "Brats18_2013_2_1", scans)
     write(inbox, "BraTS19_RAS_1", {c: reoriented(img, "RAS") for c, img in scans.items()})
     write(inbox, "BraTS19_SAG_1", {c: reoriented(img, "ASL") for c, img in scans.items()})
-    write(inbox, "BraTS-GLI-00000-000", {c: mni_grid(img) for c, img in scans.items()}, sep="-", suffixes=SUFFIXES_2023, ext=".nii.gz")
+    write(
+        inbox,
+        "BraTS-GLI-00000-000",
+        {c: mni_grid(img) for c, img in scans.items()},
+        sep="-",
+        suffixes=SUFFIXES_2023,
+        ext=".nii.gz",
+    )
     write(inbox, "BraTS19_HALF_1", {c: half_mm(img) for c, img in scans.items()})
     models = tmp_path / "models"
     register(models, profile="tp", padding="same", seed=4)
 
     out = tmp_path / "out"
-    state = infer(InferParams(inputs=[str(inbox)], out=str(out), models=str(models)), return_state=True)
+    state = infer([str(inbox)], str(out), models=str(models), return_state=True)
     assert state.is_completed(), state.message
     segs = {}
     for folder in sorted(p for p in inbox.iterdir()):
-        flair = nib.load(next(folder.glob("*[_-]t2f.nii*")) if "GLI" in folder.name else next(folder.glob("*_flair.nii*")))
+        flair = nib.load(
+            next(folder.glob("*[_-]t2f.nii*")) if "GLI" in folder.name else next(folder.glob("*_flair.nii*"))
+        )
         seg = nib.load(out / f"{folder.name}_seg.nii.gz")
         assert seg.shape == flair.shape and np.allclose(seg.affine, flair.affine), folder.name
         segs[folder.name] = np.asanyarray(seg.dataobj)
@@ -247,11 +302,14 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
         assert set(np.unique(segs[folder.name])) <= ({0, 1, 2, 3} if "GLI" in folder.name else {0, 1, 2, 4})
     base = segs["Brats18_2013_2_1"]
     assert len(np.unique(base)) > 2  # the random network predicts several classes: the comparisons mean something
-    same_world = {"BraTS19_RAS_1": reoriented(nib.Nifti1Image(base, real["flair"].affine), "RAS"), "BraTS19_SAG_1": reoriented(nib.Nifti1Image(base, real["flair"].affine), "ASL")}
+    same_world = {
+        "BraTS19_RAS_1": reoriented(nib.Nifti1Image(base, real["flair"].affine), "RAS"),
+        "BraTS19_SAG_1": reoriented(nib.Nifti1Image(base, real["flair"].affine), "ASL"),
+    }
     for name, expected in same_world.items():
         assert np.array_equal(segs[name], np.asanyarray(expected.dataobj)), name
 
-    state = infer(InferParams(inputs=[str(inbox / "BraTS-GLI-00000-000")], out=str(out), models=str(models), et_label=4), return_state=True)
+    state = infer([str(inbox / "BraTS-GLI-00000-000")], str(out), models=str(models), et_label=4, return_state=True)
     assert state.is_completed() and state.result()["written"] == 1  # another ET label: written again
     relabelled = np.asanyarray(nib.load(out / "BraTS-GLI-00000-000_seg.nii.gz").dataobj)
     assert np.array_equal(relabelled, np.where(segs["BraTS-GLI-00000-000"] == 3, 4, segs["BraTS-GLI-00000-000"]))

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from flows.dask_runner import dask_runner
-from flows.ingest import IngestParams, ingest
+from flows.ingest import Preprocessing, ingest
 from storage.registry import Registry
 from storage.store import SliceStore
 
@@ -60,12 +60,29 @@ def dask_cluster(tmp_path):
 
     def start(name: str, *args: str) -> None:
         out = open(logs / f"{name}.log", "wb")
-        procs.append(subprocess.Popen([str(BIN / "dask"), *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "dask"), *args], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
 
     try:
         start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")
         for name in ("w1", "w2"):
-            start(name, "worker", address, "--nworkers", "1", "--nthreads", "1", "--name", name, "--no-dashboard", "--host", "127.0.0.1")
+            start(
+                name,
+                "worker",
+                address,
+                "--nworkers",
+                "1",
+                "--nthreads",
+                "1",
+                "--name",
+                name,
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+            )
         from distributed import Client
 
         with Client(address, timeout=60) as client:
@@ -84,8 +101,8 @@ def test_ingest_runs_on_an_existing_cluster_by_address(prefect_api, dask_cluster
     start = time.time()
 
     url = str(tmp_path / "slices.zarr")
-    params = IngestParams(raw=[str(small_raw)], store=url, split_ratios=(0.5, 0.25, 0.25))
-    state = ingest.with_options(task_runner=dask_runner(address=address))(params, return_state=True)
+    params = dict(raw=[str(small_raw)], store=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
+    state = ingest.with_options(task_runner=dask_runner(address=address))(**params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["ingested"] == 6 and summary["quarantined"] == 0
@@ -106,7 +123,9 @@ def test_ingest_runs_on_an_existing_cluster_by_address(prefect_api, dask_cluster
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as api:
-        runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = api.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     ingest_runs = [r for r in runs if r.name.startswith("ingest-")]
     assert len(ingest_runs) == 6 and all(r.state.is_completed() for r in ingest_runs)
 
@@ -157,16 +176,20 @@ def s3(monkeypatch):
 def test_slice_store_on_s3_ingested_by_dask_workers(prefect_api, s3, small_raw, small_store):
     fs, bucket = s3
     url = f"s3://{bucket}/slices.zarr"
-    params = IngestParams(raw=[str(small_raw)], store=url, split_ratios=(0.5, 0.25, 0.25))
+    params = dict(raw=[str(small_raw)], store=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
     from distributed import LocalCluster
 
     # worker processes spawned afresh: they know the endpoint only from the environment
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     try:
-        state = ingest.with_options(task_runner=dask_runner(address=cluster.scheduler_address))(params, return_state=True)
+        state = ingest.with_options(task_runner=dask_runner(address=cluster.scheduler_address))(
+            **params, return_state=True
+        )
         assert state.is_completed(), state.message
         assert state.result()["ingested"] == 6
-        rerun = ingest.with_options(task_runner=dask_runner(address=cluster.scheduler_address))(params, return_state=True)
+        rerun = ingest.with_options(task_runner=dask_runner(address=cluster.scheduler_address))(
+            **params, return_state=True
+        )
         assert rerun.is_completed() and rerun.result()["skipped"] == 6  # unchanged cases are recognised on S3 too
     finally:
         cluster.close()
@@ -179,7 +202,6 @@ def test_slice_store_on_s3_ingested_by_dask_workers(prefect_api, s3, small_raw, 
         assert np.array_equal(store.image(case)[:], reference.image(case)[:])
         assert np.array_equal(store.label(case)[:], reference.label(case)[:])
         assert store.attrs(case)["sha256"] == reference.attrs(case)["sha256"]
-
 
 
 def test_model_registry_on_s3(s3):

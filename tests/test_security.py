@@ -80,8 +80,14 @@ def test_every_torch_load_is_weights_only_and_nothing_else_unpickles():
         for node in ast.walk(tree):
             where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-                if any(n.split(".")[0] in ("pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal") for n in names):
+                names = [a.name for a in node.names] + (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                )
+                if any(
+                    n.split(".")[0]
+                    in ("pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
+                    for n in names
+                ):
                     bad.append(f"{where}: imports {names}")
             if not isinstance(node, ast.Call):
                 continue
@@ -158,7 +164,10 @@ def test_registry_names_cannot_escape_the_registry(tmp_path):
 
 SECRET_PATTERNS = {
     "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
-    "AWS secret key": r"(?i)(aws_secret_access_key|secret_access_key|s3_secret|FSSPEC_S3_SECRET)\s*[=:]\s*['\"]?[A-Za-z0-9/+]{40}",
+    "AWS secret key": (
+        r"(?i)(aws_secret_access_key|secret_access_key|s3_secret|FSSPEC_S3_SECRET)"
+        r"\s*[=:]\s*['\"]?[A-Za-z0-9/+]{40}"
+    ),
     "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
     "GitHub token": r"\b(gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})",
     "Slack token": r"\bxox[abprs]-[A-Za-z0-9-]{10,}",
@@ -169,7 +178,13 @@ SECRET_PATTERNS = {
 
 def _repo_files() -> list[Path]:
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         files = [ROOT / line for line in listed.splitlines() if line]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout
         files = [p for p in ROOT.rglob("*") if ".git" not in p.parts and "egg-info" not in str(p)]

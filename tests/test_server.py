@@ -5,13 +5,15 @@ version of the files; state survives a restart) and the sweep flow (done / arriv
 pending).
 
 With a server: ``prefect server start`` on 127.0.0.1 (SQLite, its own PREFECT_HOME, basic auth as in
-deploy/docker-compose.yml), the pools, the
-"gpu" concurrency limit and every deployment of deploy/prefect.yaml made by deploy/bootstrap.sh
-(the gpu pool as a process pool here), a process worker per pool. Then, for real: the ingest
-deployment runs on the cpu worker and its artifacts are read through the REST API; a training run
-in the gpu pool completes and its trigger starts the evaluation; ``brats submit`` emits
-``brats.scan.arrived`` and the triggered inference run writes the segmentation; the sweep
-deployment segments the scan left over and leaves the done one alone.
+deploy/docker-compose.yml), the pools, the "gpu" concurrency limit and every deployment of
+deploy/prefect.yaml made by deploy/bootstrap.sh as the README gives it (process pools), a process
+worker per pool. Then, for real: the ingest deployment runs on the cpu worker and its artifacts are
+read through the REST API; two trainings overlap in the gpu pool (one started by `prefect deployment
+run --param` with one field of a section, the deployment's others kept) and each version they
+announce is evaluated once; a training whose process is killed is started again by its automation
+and ends with the weights of an uninterrupted run; ``brats submit`` emits ``brats.scan.arrived`` and
+the triggered inference run writes the segmentation; the sweep deployment segments the scan left
+over and leaves the done one alone.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.events import EVENT, STATE_NAME, SweepParams, Watcher, save_state, scan_inbox, sweep
-from storage.nifti import MODALITIES
+from flows.events import EVENT, scan_event
+from flows.sweep import sweep
+from storage.brats import MODALITIES
+from storage.inbox import STATE_NAME, Watcher, record, scan_inbox
 from storage.registry import Registry
 from unet.checkpoint import save_model
 from unet.model import UNet, UNetConfig
@@ -73,7 +77,7 @@ def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
     inbox.mkdir()
     src = sources(small_raw)
     sent: list = []
-    watcher = Watcher(inbox, emit=sent.extend)
+    watcher = Watcher(inbox, emit=lambda scans: sent.extend(scan_event(s, "watch") for s in scans))
 
     case = new_scan(src[0], inbox, "NEW_001", channels=MODALITIES[1:])  # flair not there yet
     assert watcher.poll() == [] and watcher.poll() == [] and sent == []
@@ -87,7 +91,9 @@ def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
     assert event.payload["naming"] == "auto" and set(event.payload["files"]) == set(MODALITIES)
     assert watcher.poll() == [] and len(sent) == 1  # once
 
-    restarted = Watcher(inbox, emit=sent.extend)  # the state file remembers
+    restarted = Watcher(
+        inbox, emit=lambda scans: sent.extend(scan_event(s, "watch") for s in scans)
+    )  # the state file remembers
     assert restarted.poll() == [] and restarted.poll() == [] and len(sent) == 1
     assert json.loads((inbox / STATE_NAME).read_text())["emitted"]["NEW_001"]["path"] == str(case.resolve())
 
@@ -114,11 +120,11 @@ def test_watcher_does_not_forget_a_scan_when_the_api_is_down(small_raw, tmp_path
     new_scan(sources(small_raw)[0], inbox, "NEW_001")
     sent: list = []
 
-    def flaky(events):
+    def flaky(scans):
         if not sent:
             sent.append("refused")
             raise OSError("connection refused")
-        sent.extend(events)
+        sent.extend(scan_event(s, "watch") for s in scans)
 
     watcher = Watcher(inbox, emit=flaky)
     assert watcher.poll() == []
@@ -139,11 +145,10 @@ def test_sweep_segments_what_is_missing_and_only_that(prefect_api, small_raw, tm
     for i in range(3):
         new_scan(src[i], inbox, f"NEW_00{i}")
     complete, _ = scan_inbox(inbox)
-    announced = complete["NEW_002"]  # the watcher announced this one a moment ago: its run is on its way
-    save_state(inbox / STATE_NAME, {"NEW_002": {"path": announced.path, "signature": announced.signature, "at": time.time()}})
+    record(inbox / STATE_NAME, [complete["NEW_002"]], "watch")  # announced a moment ago: its run is on its way
     params = dict(inbox=[str(inbox)], out=str(out), models=str(models), settle_s=0.0)
 
-    state = sweep(SweepParams(**params), return_state=True)
+    state = sweep(**params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
     assert (summary["pending"], summary["announced"], summary["written"], summary["model"]) == (2, 1, 2, version)
@@ -151,15 +156,17 @@ def test_sweep_segments_what_is_missing_and_only_that(prefect_api, small_raw, tm
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
     new_scan(src[3], inbox, "NEW_003")  # still arriving
-    summary = sweep(SweepParams(**{**params, "settle_s": 3600.0}), return_state=True).result()
+    summary = sweep(**{**params, "settle_s": 3600.0}, return_state=True).result()
     assert (summary["done"], summary["announced"], summary["arriving"], summary["pending"]) == (2, 1, 1, 0)
     assert summary["written"] == 0 and not (out / "NEW_003.json").exists()
 
-    summary = sweep(SweepParams(**{**params, "grace_s": 0.0}), return_state=True).result()  # the watcher's run never came
+    summary = sweep(**{**params, "grace_s": 0.0}, return_state=True).result()  # the watcher's run never came
     assert (summary["done"], summary["pending"], summary["written"]) == (2, 2, 2)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in stamps} == stamps  # nothing done twice
-    record = json.loads((out / "NEW_003.json").read_text())
-    assert record["model_version"] == version and record["inputs"]["flair"] == str(inbox / "NEW_003" / "NEW_003_flair.nii.gz")
+    done = json.loads((out / "NEW_003.json").read_text())
+    assert done["model_version"] == version and done["inputs"]["flair"] == str(
+        inbox / "NEW_003" / "NEW_003_flair.nii.gz"
+    )
 
 
 # ------------------------------------------------------------------ a real server
@@ -209,13 +216,20 @@ class Stack:
         return self.get(f"/deployments/name/{name}")
 
     def run(self, deployment: str, params: dict) -> str:
-        return self.post(f"/deployments/{self.deployment(deployment)['id']}/create_flow_run", {"parameters": {"params": params}})["id"]
+        """A flow run of a deployment with these parameters (the server adds the deployment's others)."""
+        return self.post(f"/deployments/{self.deployment(deployment)['id']}/create_flow_run", {"parameters": params})[
+            "id"
+        ]
 
     def runs_of(self, deployment: str) -> list[dict]:
         return self.post("/flow_runs/filter", {"deployments": {"id": {"any_": [self.deployment(deployment)["id"]]}}})
 
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
-        return {a["key"]: a for a in self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}) if a["key"]}
+        return {
+            a["key"]: a
+            for a in self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+            if a["key"]
+        }
 
     def wait(self, flow_run_id: str, timeout: float = 150) -> dict:
         deadline = time.monotonic() + timeout
@@ -225,7 +239,9 @@ class Stack:
                 assert run["state"]["type"] == "COMPLETED", f"{run['name']}: {run['state']['message']}\n{self.tail()}"
                 return run
             if time.monotonic() > deadline:
-                raise AssertionError(f"flow run {run['name']} still {run['state']['name']} after {timeout}s\n{self.tail()}")
+                raise AssertionError(
+                    f"flow run {run['name']} still {run['state']['name']} after {timeout}s\n{self.tail()}"
+                )
             time.sleep(1)
 
     def until(self, what: str, check, timeout: float = 150):
@@ -250,30 +266,38 @@ def stack(tmp_path_factory, small_raw):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BRATS_"))}
-    env.update({
-        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,  # a port other than 4200: the UI must be told where its API is
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_API_AUTH_STRING": AUTH,  # the server asks every client for it ...
-        "PREFECT_API_AUTH_STRING": AUTH,  # ... and every client (CLI, workers, flow runs, brats) gives it
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "BRATS_REPO": str(ROOT),
-        "BRATS_DATA": str(data),
-        "BRATS_STORAGE": str(data),
-        "BRATS_GPU_POOL_TYPE": "process",
-        "BRATS_DASK_WORKERS": "1",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-    })
+    env.update(
+        {
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": api,
+            "PREFECT_UI_API_URL": api,  # a port other than 4200: the UI must be told where its API is
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_AUTH_STRING": AUTH,  # the server asks every client for it ...
+            "PREFECT_API_AUTH_STRING": AUTH,  # ... and every client (CLI, workers, flow runs, brats) gives it
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "BRATS_REPO": str(ROOT),
+            "BRATS_DATA": str(data),
+            "BRATS_STORAGE": str(data),
+            "BRATS_DASK_WORKERS": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        }
+    )
     shutil.copytree(small_raw, data / "raw", dirs_exist_ok=True)
     register(data / "models")
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> subprocess.Popen:
         out = open(logs / f"{name}.log", "wb")
-        p = subprocess.Popen([str(BIN / "prefect"), *args], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [str(BIN / "prefect"), *args],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(p)
         return p
 
@@ -292,7 +316,9 @@ def stack(tmp_path_factory, small_raw):
         # the workers start beside bootstrap.sh (a pool not made yet is made as a process pool)
         start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process", "--name", "cpu-1")
         start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process", "--name", "gpu-1")
-        boot = subprocess.run([str(ROOT / "deploy" / "bootstrap.sh")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        boot = subprocess.run(
+            [str(ROOT / "deploy" / "bootstrap.sh")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         (logs / "bootstrap.log").write_text(boot.stdout + boot.stderr)
         assert boot.returncode == 0, stack.tail()
         yield stack
@@ -301,18 +327,74 @@ def stack(tmp_path_factory, small_raw):
         stop(procs[:1])
 
 
+TINY_NETWORK = {"base_channels": 4, "depth": 2}  # the deployment's padding "same" and norm "batch" are kept
+TINY_TRAINING = {
+    "epochs": 1,
+    "batch_size": 4,
+    "max_steps_per_epoch": 2,
+    "workers": 0,
+    "device": "cpu",
+}  # its lr, weights … kept
+
+
+def flow_run_process(flow_run_id: str) -> int | None:
+    """The pid of the process a worker started for a flow run (its environment names the run)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in (
+                proc / "environ"
+            ).read_bytes().split(b"\0"):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
 @pytest.fixture(scope="module")
 def launched(stack, small_store, small_raw):
-    """Start the slow runs at once, so that they overlap: ingest (cpu), training (gpu), a submitted scan."""
+    """Start the slow runs at once, so that they overlap: ingest (cpu), two trainings into one registry
+    (gpu, one set by `prefect deployment run --param` as an operator would), a submitted scan."""
     new = [new_scan(src, stack.data / "inbox", f"NEW_00{i}") for i, src in enumerate(sources(small_raw)[:2])]
+    trained = str(stack.data / "trained")
     runs = {
-        "ingest": stack.run("ingest/nightly", {"raw": [str(stack.data / "raw")], "store": str(stack.data / "slices.zarr"), "profile": "full"}),
-        "train": stack.run("train/gpu", {
-            "store": small_store, "models": str(stack.data / "trained"), "base_channels": 4, "depth": 2, "padding": "same",
-            "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2, "workers": 0,
-        }),
+        "ingest": stack.run(
+            "ingest/nightly",
+            {"raw": [str(stack.data / "raw")], "store": str(stack.data / "slices.zarr"), "data": {"profile": "full"}},
+        ),
+        "train-a": stack.run(
+            "train/gpu", {"store": small_store, "models": trained, "network": TINY_NETWORK, "training": TINY_TRAINING}
+        ),
     }
-    submit = subprocess.Popen([str(BIN / "brats"), "submit", str(new[0])], env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cli = subprocess.run(
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "train/gpu",
+            "--param",
+            f"store={small_store}",
+            "--param",
+            f"models={trained}",
+            "--param",
+            f"network={json.dumps(TINY_NETWORK)}",
+            "--param",
+            f"training={json.dumps({**TINY_TRAINING, 'seed': 1})}",
+        ],
+        env=stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    runs["train-b"] = next(line.split()[-1] for line in cli.stdout.splitlines() if line.strip().startswith("UUID"))
+    submit = subprocess.Popen(
+        [str(BIN / "brats"), "submit", str(new[0])],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         yield runs, new, submit
     finally:
@@ -326,28 +408,62 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
     deployments = {f"{d['name']}": d for d in stack.post("/deployments/filter", {})}
     assert set(deployments) == {"nightly", "gpu", "after-train", "scans", "inbox", "default"}
     pools = {d["name"]: d["work_pool_name"] for d in deployments.values()}
-    assert pools == {"nightly": "cpu", "gpu": "gpu", "after-train": "cpu", "scans": "cpu", "inbox": "cpu", "default": "gpu"}
-    for d in deployments.values():  # typed parameters: the UI renders a form from the pydantic model
-        (model,) = d["parameter_openapi_schema"]["definitions"].values()
-        assert f"#/definitions/{model['title']}" in json.dumps(d["parameter_openapi_schema"]["properties"]["params"])
-        assert model["properties"] and model["title"].endswith("Params")
+    assert pools == {
+        "nightly": "cpu",
+        "gpu": "gpu",
+        "after-train": "cpu",
+        "scans": "cpu",
+        "inbox": "cpu",
+        "default": "gpu",
+    }
+    for d in deployments.values():
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
-    assert deployments["nightly"]["parameters"]["params"]["raw"] == [str(stack.data / "raw")]
+    # typed sections: the UI renders each as a group of fields, no free JSON
+    schema = deployments["default"]["parameter_openapi_schema"]
+    sections = {name: prop["$ref"].rsplit("/", 1)[-1] for name, prop in schema["properties"].items() if "$ref" in prop}
+    assert sections == {
+        "data": "Preprocessing",
+        "network": "UNetConfig",
+        "training": "TrainConfig",
+        "prediction": "Prediction",
+    }
+    assert (
+        "epochs" in schema["definitions"]["TrainConfig"]["properties"]
+        and "description" in schema["definitions"]["TrainConfig"]["properties"]["epochs"]
+    )
+    # defaults that suit the pool: the gpu pool trains the paper's base 64 on CUDA
+    train = deployments["gpu"]["parameters"]
+    assert train["network"]["base_channels"] == 64 and train["training"]["device"] == "cuda" and train["attempt"] == 1
+    assert deployments["nightly"]["parameters"]["raw"] == [str(stack.data / "raw")]
     assert [s["schedule"].get("cron") for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
     assert [s["schedule"].get("interval") for s in deployments["inbox"]["schedules"]] == [1800]
     assert deployments["scans"]["global_concurrency_limit"]["limit"] == 1
 
-    assert {p["name"]: p["type"] for p in stack.post("/work_pools/filter", {})}.items() >= {"cpu": "process", "gpu": "process"}.items()
+    assert {p["name"]: p["type"] for p in stack.post("/work_pools/filter", {})}.items() >= {
+        "cpu": "process",
+        "gpu": "process",
+    }.items()
     assert stack.get("/concurrency_limits/tag/gpu")["concurrency_limit"] == 1
     automations = {a["name"]: a for a in stack.post("/automations/filter", {})}
     scan = automations["segment arrived scan"]
-    assert scan["trigger"]["expect"] == ["brats.scan.arrived"] and scan["trigger"]["match"] == {"prefect.resource.id": "brats.scan.*"}
+    assert scan["trigger"]["expect"] == ["brats.scan.arrived"] and scan["trigger"]["match"] == {
+        "prefect.resource.id": "brats.scan.*"
+    }
     (action,) = scan["actions"]
     assert action["deployment_id"] == deployments["scans"]["id"]
-    assert action["parameters"]["params"]["inputs"] == ["{{ event.payload.path }}"]  # rendered by the server per event
-    trained = automations["evaluate after training"]
-    assert trained["trigger"]["expect"] == ["prefect.flow-run.Completed"]
+    assert action["parameters"]["inputs"] == ["{{ event.payload.path }}"]  # rendered by the server per event
+    trained = automations["evaluate what was trained"]
+    assert (
+        trained["trigger"]["expect"] == ["brats.model.trained"]
+        and trained["trigger"]["match"]["brats.evaluate"] == "true"
+    )
     assert trained["actions"][0]["deployment_id"] == deployments["after-train"]["id"]
+    assert trained["actions"][0]["parameters"]["model"] == "{{ event.payload.version }}"
+    crashed = automations["resume crashed training"]
+    assert (
+        crashed["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
+        and crashed["actions"][0]["deployment_id"] == deployments["gpu"]["id"]
+    )
 
     ui = stack.http.get(stack.api.removesuffix("/api") + "/ui-settings").json()
     assert ui["api_url"] == stack.api and ui["auth"] == "BASIC"
@@ -361,10 +477,14 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
 def test_ingest_deployment_runs_on_the_worker_and_its_artifacts_are_readable(stack, launched):
     runs, _, _ = launched
     run = stack.wait(runs["ingest"])
-    assert run["work_pool_name"] == "cpu" and run["parameters"]["params"]["profile"] == "full"
+    assert run["work_pool_name"] == "cpu" and run["parameters"]["data"] == {"profile": "full"}
     artifacts = stack.artifacts(run["id"])
     assert {"ingest-summary", "ingest-cases", "ingest-quarantine"} <= set(artifacts)
-    cases = json.loads(artifacts["ingest-cases"]["data"]) if isinstance(artifacts["ingest-cases"]["data"], str) else artifacts["ingest-cases"]["data"]
+    cases = (
+        json.loads(artifacts["ingest-cases"]["data"])
+        if isinstance(artifacts["ingest-cases"]["data"], str)
+        else artifacts["ingest-cases"]["data"]
+    )
     assert sorted(r["status"] for r in cases) == ["ingested"] * 6
     assert "| ingested | 6 |" in artifacts["ingest-summary"]["data"]
     tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
@@ -376,20 +496,104 @@ def test_ingest_deployment_runs_on_the_worker_and_its_artifacts_are_readable(sta
 
 
 @pytest.mark.slow
-def test_a_training_run_in_the_gpu_pool_triggers_its_evaluation(stack, launched, small_store):
+def test_overlapping_trainings_are_each_evaluated_once_and_keep_the_deployments_other_values(
+    stack, launched, small_store
+):
+    """Two trainings into one registry at once; each announces its version as it ends, and the
+    triggered evaluation evaluates exactly that version: each once, none of the other run's."""
     runs, _, _ = launched
-    run = stack.wait(runs["train"])
-    assert run["work_pool_name"] == "gpu"
-    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
-    assert ["gpu" in t["tags"] for t in tasks if t["name"].startswith("train-")] == [True]  # under the "gpu" limit
+    finished = [stack.wait(runs[name], timeout=240) for name in ("train-a", "train-b")]
+    registry = Registry(str(stack.data / "trained"))
+    versions = {v["version"]: v for v in registry.versions()}
+    assert len(versions) == 2 and {v["status"] for v in versions.values()} == {"complete"}
+    for run in finished:
+        assert run["work_pool_name"] == "gpu"
+        tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+        assert ["gpu" in t["tags"] for t in tasks if t["name"].startswith("train-")] == [True]  # under the "gpu" limit
+    for (
+        info
+    ) in versions.values():  # one field set by the run, every other value the deployment's (not the model's default)
+        assert info["model"]["base_channels"] == 4 and (info["model"]["padding"], info["model"]["norm"]) == (
+            "same",
+            "batch",
+        )
+        assert info["train_config"]["epochs"] == 1 and info["train_config"]["device"] == "cpu"
+        assert (
+            info["train_config"]["class_weight_power"],
+            info["train_config"]["oversample_tumour"],
+            info["train_config"]["batch_size"],
+        ) == (0.5, 3.0, 4)
+    assert sorted(v["train_config"]["seed"] for v in versions.values()) == [0, 1]
 
-    evaluation = stack.until("evaluation run", lambda: stack.runs_of("evaluate/after-train"))
-    assert len(evaluation) == 1
-    evaluation = stack.wait(evaluation[0]["id"])
-    assert evaluation["parameters"]["params"]["store"] == small_store
-    assert evaluation["parameters"]["params"]["models"] == str(stack.data / "trained")
-    (version,) = Registry(str(stack.data / "trained")).versions()
-    assert "evaluation" in Registry(str(stack.data / "trained")).info(version["version"])
+    evaluations = stack.until(
+        "two evaluation runs", lambda: (e := stack.runs_of("evaluate/after-train")) and len(e) >= 2 and e
+    )
+    evaluations = [stack.wait(e["id"]) for e in evaluations]
+    time.sleep(3)
+    assert len(stack.runs_of("evaluate/after-train")) == 2
+    assert sorted(e["parameters"]["model"] for e in evaluations) == sorted(
+        versions
+    )  # exactly those versions, once each
+    assert {e["parameters"]["store"] for e in evaluations} == {small_store} and {
+        e["parameters"]["split"] for e in evaluations
+    } == {"test"}
+    for version in versions:
+        assert registry.info(version)["evaluation"]["split"] == "test"
+
+
+@pytest.mark.slow
+def test_a_training_whose_process_is_killed_is_resumed_and_ends_as_if_never_stopped(stack, small_store):
+    from unet.model import UNetConfig
+    from unet.train import TrainConfig, fit
+
+    models = str(stack.data / "crash")
+    training = {**TINY_TRAINING, "epochs": 3, "max_steps_per_epoch": 4, "checkpoint_every": 2, "precision": "fp32"}
+    first = stack.run(
+        "train/gpu", {"store": small_store, "models": models, "network": TINY_NETWORK, "training": training}
+    )
+    registry = Registry(models)
+
+    def checkpointed():
+        versions = registry.versions()
+        return (
+            versions
+            and registry.exists(versions[0]["version"], "checkpoint.pt")
+            and (versions[0].get("epochs_done") or 0) >= 1
+            and versions[0]
+        )
+
+    version = stack.until("a checkpoint after the first epoch", checkpointed, timeout=240)["version"]
+    pid = stack.until("the flow run's process", lambda: flow_run_process(first))
+    os.kill(pid, signal.SIGKILL)
+    crashed = stack.until(
+        "a crashed run",
+        lambda: (r := stack.get(f"/flow_runs/{first}"))["state"]["type"] == "CRASHED" and r,
+        timeout=120,
+    )
+    assert crashed["state"]["type"] == "CRASHED"
+
+    resumed = stack.until(
+        "the resumed run",
+        lambda: [
+            r
+            for r in stack.runs_of("train/gpu")
+            if r["parameters"].get("attempt") == 2 and r["parameters"]["models"] == models
+        ],
+    )
+    run = stack.wait(resumed[0]["id"], timeout=240)
+    assert run["parameters"]["training"]["epochs"] == 3
+    assert [v["version"] for v in registry.versions()] == [version]  # the same version, continued
+    assert registry.info(version)["status"] == "complete" and registry.info(version)["epochs_done"] == 3
+    artifacts = stack.artifacts(run["id"])
+    assert "resumed at epoch" in artifacts["train-summary"]["data"]
+
+    from unet.checkpoint import from_bytes
+
+    info = registry.info(version)
+    uninterrupted = fit(small_store, UNetConfig(**info["model"]), TrainConfig(**info["train_config"]))
+    saved = from_bytes(registry.get(version, "weights.pt"))
+    assert saved.keys() == uninterrupted.best_state.keys()
+    assert all(torch.allclose(saved[k].float(), uninterrupted.best_state[k].float(), atol=1e-5) for k in saved)
 
 
 @pytest.mark.slow
@@ -401,14 +605,28 @@ def test_a_submitted_scan_is_segmented_by_the_triggered_run_and_the_sweep_does_t
     out = stack.data / "segmentations"
     (run,) = stack.until("inference run", lambda: stack.runs_of("infer/scans"))
     run = stack.wait(run["id"])
-    assert run["parameters"]["params"]["inputs"] == [str(new[0])]  # from the event's payload
-    assert run["parameters"]["params"]["out"] == str(out)
-    record = json.loads((out / "NEW_000.json").read_text())
-    assert record["inputs"]["flair"] == str(new[0] / "NEW_000_flair.nii.gz")
+    assert run["parameters"]["inputs"] == [str(new[0])]  # from the event's payload
+    assert run["parameters"]["out"] == str(out)  # the trigger set inputs and naming only: the rest is the deployment's
+    done = json.loads((out / "NEW_000.json").read_text())
+    assert done["inputs"]["flair"] == str(new[0] / "NEW_000_flair.nii.gz")
     assert (out / "NEW_000_seg.nii.gz").is_file() and not (out / "NEW_001.json").exists()
     stamp = (out / "NEW_000_seg.nii.gz").stat().st_mtime_ns
+    assert (
+        json.loads((stack.data / "inbox" / STATE_NAME).read_text())["emitted"]["NEW_000"]["by"] == "submit"
+    )  # the watcher will not announce it again
 
-    swept = stack.wait(stack.run("sweep/inbox", {"inbox": [str(stack.data / "inbox")], "out": str(out), "models": str(stack.data / "models"), "settle_s": 0}))
+    swept = stack.wait(
+        stack.run(
+            "sweep/inbox",
+            {
+                "inbox": [str(stack.data / "inbox")],
+                "out": str(out),
+                "models": str(stack.data / "models"),
+                "settle_s": 0,
+                "grace_s": 0,
+            },
+        )
+    )
     table = stack.artifacts(swept["id"])["sweep-cases"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
     assert {r["case"]: r["status"] for r in table} == {"NEW_000": "done", "NEW_001": "pending"}

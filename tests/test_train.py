@@ -18,14 +18,15 @@ from storage.registry import Registry
 from storage.store import SliceStore
 from unet.checkpoint import RegistryCheckpoint, rng_state, set_rng_state
 from unet.data import SliceDataset, make_loader
-from unet.loss import CrossEntropy
-from unet.model import UNet, UNetConfig
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
+from unet.model import CrossEntropy, UNet, UNetConfig
 from unet.train import Callbacks, TrainConfig, fit, train_step, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(base_channels=4, depth=2, padding="same")
-SHORT = TrainConfig(epochs=2, batch_size=4, lr=3e-3, max_steps_per_epoch=6, workers=0, checkpoint_every=2, class_weight_power=0.5)
+SHORT = TrainConfig(
+    epochs=2, batch_size=4, lr=3e-3, max_steps_per_epoch=6, workers=0, checkpoint_every=2, class_weight_power=0.5
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,7 +87,9 @@ def test_a_few_steps_lower_the_loss(small_store):
 
 def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store):
     model_cfg = UNetConfig(base_channels=8, depth=3, padding="same")
-    cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, class_weight_power=0.5, oversample_tumour=2.0, workers=0, checkpoint_every=0)
+    cfg = TrainConfig(
+        epochs=12, batch_size=8, lr=3e-3, class_weight_power=0.5, oversample_tumour=2.0, workers=0, checkpoint_every=0
+    )
     torch.manual_seed(cfg.seed)
     untrained = UNet(model_cfg)
     store = SliceStore(small_store)
@@ -145,7 +148,9 @@ def test_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(smal
     version = registry.create({"status": "training"})
     ckpt = RegistryCheckpoint(registry, version)
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(KILLED_RUN).replace("{model}", repr(TINY.__dict__)).replace("{cfg}", repr(SHORT.__dict__)))
+    script.write_text(
+        textwrap.dedent(KILLED_RUN).replace("{model}", repr(TINY.__dict__)).replace("{cfg}", repr(SHORT.__dict__))
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script), small_store, registry.root, version], env=env, cwd=ROOT)
     try:

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 import torch
 from prefect.artifacts import Artifact
 
-from flows.cli import parser
-from flows.train import TrainParams, train
+from flows.cli import main as brats
+from flows.train import train
 from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.train import open_version, promote_if_best, train_model
 from unet.checkpoint import RegistryCheckpoint, load_model
-from unet.train import Callbacks, fit
+from unet.model import UNetConfig
+from unet.train import Callbacks, TrainConfig, fit
 
-TINY = dict(base_channels=4, depth=2, padding="same", epochs=2, batch_size=8, max_steps_per_epoch=3, checkpoint_every=2, workers=0, lr=3e-3)
+NETWORK = UNetConfig(base_channels=4, depth=2, padding="same")
+TRAINING = TrainConfig(epochs=2, batch_size=8, max_steps_per_epoch=3, checkpoint_every=2, workers=0, lr=3e-3)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -30,14 +31,34 @@ def one_thread():
 
 
 def cli(*argv: str) -> int:
-    args = parser().parse_args(list(argv))
-    return args.run(args)
+    return brats(list(argv))
 
 
 def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_store, tmp_path, capsys):
     models = str(tmp_path / "models")
-    rc = cli("train", "--store", small_store, "--models", models, "--epochs", "2", "--base-channels", "4", "--depth", "2",
-             "--padding", "same", "--batch-size", "8", "--max-steps-per-epoch", "3", "--workers", "0", "--lr", "3e-3")  # fmt: skip
+    rc = cli(
+        "train",
+        "--store",
+        small_store,
+        "--models",
+        models,
+        "--epochs",
+        "2",
+        "--base-channels",
+        "4",
+        "--depth",
+        "2",
+        "--padding",
+        "same",
+        "--batch-size",
+        "8",
+        "--max-steps-per-epoch",
+        "3",
+        "--workers",
+        "0",
+        "--lr",
+        "3e-3",
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     version = out["version"]
@@ -45,7 +66,14 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     info = registry.info(version)
     store = SliceStore(small_store)
     assert info["status"] == "complete" and out["best"] is True and registry.best() == version
-    assert info["model"] == {"in_channels": 4, "num_classes": 4, "base_channels": 4, "depth": 2, "padding": "same", "norm": None}
+    assert info["model"] == {
+        "in_channels": 4,
+        "num_classes": 4,
+        "base_channels": 4,
+        "depth": 2,
+        "padding": "same",
+        "norm": None,
+    }
     assert info["profile"] == "full" and info["store"] == small_store
     assert info["store_fingerprint"] == store.fingerprint and info["split"] == store.split
     assert info["train_config"]["epochs"] == 2 and info["train_config"]["max_steps_per_epoch"] == 3
@@ -53,7 +81,10 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     assert set(info["versions"]) == {"python", "torch", "prefect", "numpy", "zarr"}
     assert info["metrics"]["dice_WT"] == out["metrics"]["dice_WT"] and 0 <= info["metrics"]["dice_mean"] <= 1
     # post-processing chosen on the validation cases, every candidate scored, recorded with the version
-    assert set(info["postprocess"]) == {"min_component", "et_min_ml"} and out["postprocess"]["postprocess"] == info["postprocess"]
+    assert (
+        set(info["postprocess"]) == {"min_component", "et_min_ml"}
+        and out["postprocess"]["postprocess"] == info["postprocess"]
+    )
     choice = info["postprocess_choice"]
     assert choice["cases"] == len(store.split["val"]) and len(choice["tried"]) == 12
     assert choice["mean_dice_after"] == max(t["mean_dice"] for t in choice["tried"]) >= choice["mean_dice_before"]
@@ -78,9 +109,8 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
 
 
 def test_restarted_flow_continues_the_unfinished_version(prefect_api, small_store, tmp_path):
-    params = TrainParams(store=small_store, models=str(tmp_path / "models"), **TINY)
-    model_cfg, train_cfg = asdict(params.unet_config()), asdict(params.train_config())
-    version, reopened = open_version.fn(params.models, small_store, model_cfg, train_cfg)
+    models = str(tmp_path / "models")
+    version, reopened = open_version.fn(models, small_store, NETWORK, TRAINING)
     assert not reopened
 
     class Crash(Callbacks):  # the first run dies at step 3, after its checkpoint at step 2
@@ -89,27 +119,26 @@ def test_restarted_flow_continues_the_unfinished_version(prefect_api, small_stor
                 raise RuntimeError("the machine went away")
 
     with pytest.raises(RuntimeError):
-        fit(small_store, params.unet_config(), params.train_config(), RegistryCheckpoint(Registry(params.models), version), Crash())
+        fit(small_store, NETWORK, TRAINING, RegistryCheckpoint(Registry(models), version), Crash())
 
-    result = train(params)  # a new flow run with the same parameters
+    result = train(small_store, models, NETWORK, TRAINING)  # a new flow run with the same parameters
     assert result["version"] == version and result["resumed_from"] == {"epoch": 1, "step": 2}
     assert result["epochs"] == 2 and result["steps"] == 6
-    assert Registry(params.models).info(version)["status"] == "complete"
+    assert Registry(models).info(version)["status"] == "complete"
     # finished versions are not reopened; --fresh or another plan never reopens
-    again, reopened = open_version.fn(params.models, small_store, model_cfg, train_cfg)
+    again, reopened = open_version.fn(models, small_store, NETWORK, TRAINING)
     assert not reopened and again != version
-    fresh, reopened = open_version.fn(params.models, small_store, model_cfg, train_cfg, fresh=True)
+    fresh, reopened = open_version.fn(models, small_store, NETWORK, TRAINING, fresh=True)
     assert not reopened and fresh not in (version, again)
-    other = {**train_cfg, "lr": 1e-2}
-    assert open_version.fn(params.models, small_store, model_cfg, other)[0] not in (version, again, fresh)
+    other = TRAINING.model_copy(update={"lr": 1e-2})
+    assert open_version.fn(models, small_store, NETWORK, other)[0] not in (version, again, fresh)
     # the newest unfinished version of the same plan is reopened; runtime settings may differ
-    assert open_version.fn(params.models, small_store, model_cfg, {**train_cfg, "workers": 3}) == (fresh, True)
+    assert open_version.fn(models, small_store, NETWORK, TRAINING.model_copy(update={"workers": 3})) == (fresh, True)
 
 
 def test_a_retried_task_resumes_from_its_checkpoint(prefect_api, small_store, tmp_path, monkeypatch):
-    params = TrainParams(store=small_store, models=str(tmp_path / "models"), **TINY)
-    model_cfg, train_cfg = asdict(params.unet_config()), asdict(params.train_config())
-    version, _ = open_version.fn(params.models, small_store, model_cfg, train_cfg)
+    models = str(tmp_path / "models")
+    version, _ = open_version.fn(models, small_store, NETWORK, TRAINING)
 
     real_put, saves = Registry.put, []
 
@@ -121,7 +150,9 @@ def test_a_retried_task_resumes_from_its_checkpoint(prefect_api, small_store, tm
         return real_put(self, version, name, data)
 
     monkeypatch.setattr(Registry, "put", flaky)
-    state = train_model.with_options(retry_delay_seconds=0)(small_store, params.models, version, model_cfg, train_cfg, return_state=True)
+    state = train_model.with_options(retry_delay_seconds=0)(
+        small_store, models, version, NETWORK, TRAINING, return_state=True
+    )
     assert state.is_completed(), state
     summary = state.result()
     assert summary["resumed_from"] == {"epoch": 1, "step": 2}  # not a restart from step 0
@@ -141,6 +172,9 @@ def test_best_version_is_the_best_validation_dice(tmp_path):
 
 def test_a_device_that_is_not_there_fails_the_run_at_once_with_nothing_registered(prefect_api, small_store, tmp_path):
     missing = f"cuda:{torch.cuda.device_count()}"
-    state = train(TrainParams(store=small_store, models=str(tmp_path / "models"), device=missing, **TINY), return_state=True)
+    training = TRAINING.model_copy(update={"device": missing})
+    state = train(small_store, str(tmp_path / "models"), NETWORK, training, return_state=True)
     assert state.is_failed() and f"device '{missing}' asked for" in state.message
-    assert Registry(str(tmp_path / "models")).versions() == []  # failed before a version was opened: no retries, no leftovers
+    assert (
+        Registry(str(tmp_path / "models")).versions() == []
+    )  # failed before a version was opened: no retries, no leftovers

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ def save_model(registry: Registry, version: str, model: UNet) -> str:
     """Write the weights (on CPU) and the model config of a version; returns the weights URL."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     url = registry.put(version, WEIGHTS, to_bytes(state))
-    registry.update_info(version, model=asdict(model.cfg))
+    registry.update_info(version, model=model.cfg.model_dump())
     return url
 
 
@@ -58,7 +57,13 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": random.getstate(),
     }
 

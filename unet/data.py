@@ -10,7 +10,7 @@
   augmentation draws from ``default_rng([seed, epoch, position])``. So resuming at batch ``s`` of
   epoch ``e`` (``set_epoch(e, start=s * batch)``) replays exactly the batches a run that never
   stopped would have seen.
-* Augmentation (left-right flip along H, small rotation, per-channel intensity jitter on brain voxels):
+* Augmentation (left-right flip along H, small rotation and zoom, per-channel intensity jitter on brain voxels):
   workers only draw its parameters; ``apply_augment`` runs on the device, a batch at a time, so the
   CPU side is reading and decompressing chunks, nothing else.
 * ``make_loader``: worker processes (forkserver: safe beside Prefect's threads; they exit when the
@@ -40,6 +40,7 @@ from storage.store import SliceStore
 class AugmentConfig:
     flip_lr: float = 0.5  # probability of a left-right flip (the brain is roughly symmetric; H is the L-R axis)
     rotate_degrees: float = 10.0  # rotation angle uniform in [-this, +this], bilinear / nearest
+    scale: float = 0.15  # zoom factor uniform in 1 +- this (brains and tumours come in many sizes)
     intensity_scale: float = 0.1  # per-channel gain uniform in 1 +- this (brain voxels only)
     intensity_shift: float = 0.1  # per-channel offset uniform in +- this, in z-score units
 
@@ -60,7 +61,9 @@ def index_slices(store: SliceStore, cases: list[str], skip_empty: bool = True) -
         a = store.attrs(case)
         tumour = a.get("slice_tumour")
         if tumour is None:
-            raise ValueError(f"{store.url}: case {case} has no segmentation; unlabelled scans cannot be trained or validated on")
+            raise ValueError(
+                f"{store.url}: case {case} has no segmentation; unlabelled scans cannot be trained or validated on"
+            )
         for z, (brain, t) in enumerate(zip(a["slice_brain"], tumour)):
             if brain or not skip_empty:
                 refs.append(SliceRef(case, z, int(t)))
@@ -69,7 +72,7 @@ def index_slices(store: SliceStore, cases: list[str], skip_empty: bool = True) -
 
 def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
     """Pixels per class 0..3 over the indexed slices, all on the store's grid (what the loss sees;
-    for ``unet.loss.class_weights_from_counts``). Slices left out hold no tumour (no brain), so the
+    for ``unet.model.class_weights_from_counts``). Slices left out hold no tumour (no brain), so the
     tumour classes are the cases' whole counts and background is what remains of the slices."""
     counts = np.zeros(4, dtype=np.float64)
     if not refs:
@@ -89,35 +92,39 @@ def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
 
 
 def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None, channels: int = 4) -> np.ndarray:
-    """(2 + 2C,) float32: flip (0/1), angle (radians), gain per channel, shift per channel.
+    """(3 + 2C,) float32: flip (0/1), angle (radians), zoom, gain per channel, shift per channel.
 
-    ``cfg`` None gives the identity (no flip, angle 0, gain 1, shift 0).
+    ``cfg`` None gives the identity (no flip, angle 0, zoom 1, gain 1, shift 0).
     """
     if cfg is None or rng is None:
-        return np.concatenate([[0.0, 0.0], np.ones(channels), np.zeros(channels)]).astype(np.float32)
+        return np.concatenate([[0.0, 0.0, 1.0], np.ones(channels), np.zeros(channels)]).astype(np.float32)
     flip = float(rng.random() < cfg.flip_lr)
     angle = np.deg2rad(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees))
+    zoom = 1.0 + rng.uniform(-cfg.scale, cfg.scale)
     gain = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, channels)
     shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, channels)
-    return np.concatenate([[flip, angle], gain, shift]).astype(np.float32)
+    return np.concatenate([[flip, angle, zoom], gain, shift]).astype(np.float32)
 
 
 def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch (N, C, H, W) float image, (N, H, W) classes, (N, 2 + 2C) params -> augmented, same device.
+    """A batch (N, C, H, W) float image, (N, H, W) classes, (N, 3 + 2C) params -> augmented, same device.
 
-    Left-right flip then rotation about the centre as one sampling grid (bilinear for the image,
+    Left-right flip, rotation and zoom about the centre as one sampling grid (bilinear for the image,
     nearest for the classes), then gain and shift on brain voxels; background stays exactly 0.
     Left-right is H, the slice's first axis (NIfTI axis 0): ``affine_grid``'s second coordinate.
     """
     n, c = x.shape[:2]
     params = params.to(x.device, torch.float32)
-    flip, angle, gain, shift = params[:, 0], params[:, 1], params[:, 2 : 2 + c], params[:, 2 + c : 2 + 2 * c]
-    cos, sin, mirror, zero = torch.cos(angle), torch.sin(angle), 1.0 - 2.0 * flip, torch.zeros_like(angle)
-    # (x, y) = (W, H) sampling coordinates: rotation R times the mirror diag(1, m) of y
+    flip, angle, zoom = params[:, 0], params[:, 1], params[:, 2]
+    gain, shift = params[:, 3 : 3 + c], params[:, 3 + c : 3 + 2 * c]
+    cos, sin, mirror, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, 1.0 - 2.0 * flip, torch.zeros_like(angle)
+    # (x, y) = (W, H) sampling coordinates: rotation R / zoom times the mirror diag(1, m) of y
     theta = torch.stack([torch.stack([cos, -sin * mirror, zero], 1), torch.stack([sin, cos * mirror, zero], 1)], 1)
     grid = F.affine_grid(theta, [n, c + 1, *x.shape[-2:]], align_corners=False)
     classes_and_brain = torch.stack([y.float(), (x != 0).any(1).float()], 1)
-    classes_and_brain = F.grid_sample(classes_and_brain, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    classes_and_brain = F.grid_sample(
+        classes_and_brain, grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     brain = classes_and_brain[:, 1:] > 0
     x = torch.where(brain, x * gain[:, :, None, None] + shift[:, :, None, None], torch.zeros((), device=x.device))
@@ -142,9 +149,8 @@ class SliceDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         skip_empty: bool = True,
-        storage_options: dict | None = None,
     ):
-        self.store_url, self.storage_options = store_url, storage_options
+        self.store_url = store_url
         self.augment, self.seed = augment, seed
         self._store: SliceStore | None = None
         self._arrays: dict[str, tuple] = {}
@@ -153,7 +159,7 @@ class SliceDataset(Dataset):
     @property
     def store(self) -> SliceStore:
         if self._store is None:  # first use in this process
-            self._store = SliceStore(self.store_url, storage_options=self.storage_options)
+            self._store = SliceStore(self.store_url)
         return self._store
 
     def __getstate__(self) -> dict:
@@ -180,7 +186,11 @@ class SliceDataset(Dataset):
         image, label = self.read(index)
         rng = np.random.default_rng([self.seed, epoch, position]) if isinstance(key, tuple) else None
         params = augment_params(self.augment, rng, image.shape[0])
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label)), torch.from_numpy(params)
+        return (
+            torch.from_numpy(np.ascontiguousarray(image)),
+            torch.from_numpy(np.ascontiguousarray(label)),
+            torch.from_numpy(params),
+        )
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -193,7 +203,9 @@ class EpochSampler(Sampler):
     replacement); ``k == 1`` is a plain permutation. ``num_samples`` caps an epoch (default: all).
     """
 
-    def __init__(self, tumour: list[bool], seed: int = 0, oversample_tumour: float = 1.0, num_samples: int | None = None):
+    def __init__(
+        self, tumour: list[bool], seed: int = 0, oversample_tumour: float = 1.0, num_samples: int | None = None
+    ):
         self.tumour = np.asarray(tumour, dtype=bool)
         self.seed, self.oversample = seed, float(oversample_tumour)
         self.num_samples = min(num_samples or len(self.tumour), len(self.tumour))
@@ -238,11 +250,20 @@ def _exit_with_trainer(trainer: int, worker_id: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def make_loader(dataset: SliceDataset, batch_size: int, *, sampler: Sampler | None = None, workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: SliceDataset,
+    batch_size: int,
+    *,
+    sampler: Sampler | None = None,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A ``DataLoader`` that keeps an accelerator fed: ``workers`` processes, prefetching, pinning."""
     context = None
     if workers > 0:  # not fork: the caller may run threads (Prefect, zarr's event loop)
-        context = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        context = multiprocessing.get_context(
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        )
         if context.get_start_method() == "forkserver":
             context.set_forkserver_preload([__name__])  # workers fork with torch, zarr and this module imported
     return DataLoader(

@@ -31,7 +31,9 @@ def pick_device(name: str = "auto") -> torch.device:
         if count == 0:
             raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r} asked for, but torch sees {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+            raise ValueError(
+                f"device {name!r} asked for, but torch sees {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} asked for, but MPS is not available here")
     elif device.type not in ("cpu", "cuda", "mps"):

@@ -86,6 +86,8 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from storage.brats import CLASS_REGIONS, LABELS, REGIONS
+
 __all__ = [
     "REGIONS",
     "LABELS",
@@ -101,16 +103,10 @@ __all__ = [
     "slice_dice",
 ]
 
-#: BraTS regions in label space.
-REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
-#: BraTS regions in network-class space (class 3 == label 4).
-CLASS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-#: Individual tumour labels reported by :func:`evaluate_case`.
-LABELS: tuple[int, ...] = (1, 2, 4)
 #: HD95 (mm) reported when exactly one of the two masks is empty (BraTS convention).
 EMPTY_HD95: float = 373.13
 
-_VALID_LABELS: tuple[int, ...] = (0, 1, 2, 4)
+_VALID_LABELS: tuple[int, ...] = (0, *LABELS)
 _METRIC_PREFIXES: tuple[str, ...] = ("dice", "hd95", "sens", "spec")
 
 Spacing = Sequence[float]
@@ -223,9 +219,7 @@ def _directed_distances(
     return np.asarray(d_ab, dtype=np.float64), np.asarray(d_ba, dtype=np.float64)
 
 
-def _hd95_impl(
-    p: NDArray[np.bool_], t: NDArray[np.bool_], sp: tuple[float, ...], method: str = "auto"
-) -> float:
+def _hd95_impl(p: NDArray[np.bool_], t: NDArray[np.bool_], sp: tuple[float, ...], method: str = "auto") -> float:
     any_p, any_t = bool(p.any()), bool(t.any())
     if not any_p and not any_t:
         return 0.0

@@ -31,39 +31,55 @@ Shape arithmetic (per spatial dimension, ``d = depth``):
 (reflect) padded so that the valid output covers the whole image, and cropped back, so
 its logits always have the input's H, W (same mode: reflect pad to a multiple of
 ``2**d`` and crop back).
+
+Loss: the paper trains with a pixel-wise soft-max over the final feature map combined with the
+cross-entropy loss, weighted per pixel to balance class frequencies. Here the weighting is per
+class (``class_weights_from_counts``: inverse frequency ** power, normalised to mean 1), which
+matters for BraTS where the tumour classes cover a few percent of the pixels. A valid-mode
+network's logits are smaller than its input, so the target is centre-cropped to them with
+``center_crop``, the same crop the network applies to its skip connections.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["UNetConfig", "UNet", "center_crop", "mirror_pad"]
+__all__ = [
+    "UNetConfig",
+    "UNet",
+    "center_crop",
+    "mirror_pad",
+    "cross_entropy",
+    "CrossEntropy",
+    "class_weights_from_counts",
+]
 
 
-@dataclass
-class UNetConfig:
-    in_channels: int = 4  # flair, t1, t1ce, t2
-    num_classes: int = 4  # 0 background, 1 NCR/NET, 2 ED, 3 ET
-    base_channels: int = 64  # paper: 64 -> 1024
-    depth: int = 4  # number of 2x2 max-pools (paper: 4)
-    padding: str = "valid"  # "valid" = the paper (unpadded convs); "same" = zero-padded convs
-    norm: str | None = None  # None = the paper; "batch" / "instance" after each 3x3 conv
+class UNetConfig(BaseModel):
+    """The network: the paper's U-Net and its variants."""
 
-    def __post_init__(self) -> None:
-        if self.padding not in ("valid", "same"):
-            raise ValueError(f"padding must be 'valid' or 'same', got {self.padding!r}")
-        if self.norm not in (None, "batch", "instance"):
-            raise ValueError(f"norm must be None, 'batch' or 'instance', got {self.norm!r}")
-        if self.depth < 1:
-            raise ValueError(f"depth must be >= 1, got {self.depth}")
-        for name in ("in_channels", "num_classes", "base_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    in_channels: int = Field(4, ge=1, description="input channels: flair, t1, t1ce, t2 (fixed by the data)")
+    num_classes: int = Field(4, ge=1, description="classes: background, NCR/NET, ED, ET (fixed by the data)")
+    base_channels: int = Field(
+        64, ge=1, description="channels of the first level, doubled at each level down (paper: 64)"
+    )
+    depth: int = Field(4, ge=1, description="number of 2x2 max-pools (paper: 4)")
+    padding: Literal["valid", "same"] = Field(
+        "valid", description="valid: the paper's unpadded convs (overlap-tile); same: zero-padded"
+    )
+    norm: Literal["batch", "instance"] | None = Field(
+        None, description="normalisation after each 3x3 conv (paper: none)"
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -149,9 +165,7 @@ class UNet(nn.Module):
             + [DoubleConv(c[i], c[i + 1], cfg.padding, cfg.norm) for i in range(cfg.depth)]
         )  # down[-1] is the bottleneck
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.up = nn.ModuleList(
-            [Up(c[i + 1], c[i], cfg.padding, cfg.norm) for i in reversed(range(cfg.depth))]
-        )
+        self.up = nn.ModuleList([Up(c[i + 1], c[i], cfg.padding, cfg.norm) for i in reversed(range(cfg.depth))])
         self.head = nn.Conv2d(c[0], cfg.num_classes, kernel_size=1, bias=True)
         self.apply(self._init_weights)
 
@@ -218,17 +232,13 @@ class UNet(nn.Module):
         if self.cfg.padding == "same":
             if input_size < 1 or input_size % s:
                 raise ValueError(
-                    f"same mode needs an input size that is a positive multiple of "
-                    f"2**depth={s}, got {input_size}"
+                    f"same mode needs an input size that is a positive multiple of 2**depth={s}, got {input_size}"
                 )
             return input_size
         out, why = self._valid_output(input_size)
         if out < 0:
             hint = self._smallest_valid_input(input_size)
-            raise ValueError(
-                f"valid input size {input_size} does not tile: {why} "
-                f"(nearest valid size >= it: {hint})"
-            )
+            raise ValueError(f"valid input size {input_size} does not tile: {why} (nearest valid size >= it: {hint})")
         return out
 
     def _smallest_valid_input(self, at_least: int) -> int:
@@ -311,3 +321,85 @@ class UNet(nn.Module):
             h, w = double(up.conv, h, w)
         total += 2 * self.head.in_channels * self.head.out_channels * h * w
         return total
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    class_weights: torch.Tensor | Sequence[float] | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Pixel-wise categorical cross-entropy.
+
+    ``logits``: (N, C, h, w); ``target``: (N, H, W) class indices (any integer dtype),
+    center-cropped to (h, w) if larger. ``class_weights``: (C,) or None. With weights and
+    ``reduction="mean"`` the result is ``sum_i w[y_i] * nll_i / sum_i w[y_i]`` over the
+    non-ignored pixels (``F.cross_entropy`` semantics).
+    """
+    if logits.ndim != 4 or target.ndim != 3:
+        raise ValueError(
+            f"expected logits (N, C, h, w) and target (N, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    if target.shape[0] != logits.shape[0]:
+        raise ValueError(f"batch mismatch: logits {logits.shape[0]}, target {target.shape[0]}")
+    target = center_crop(target, (logits.shape[-2], logits.shape[-1])).long()
+    weight = None
+    if class_weights is not None:
+        weight = torch.as_tensor(class_weights, device=logits.device)
+        if weight.shape != (logits.shape[1],):
+            raise ValueError(f"class_weights must have shape ({logits.shape[1]},), got {tuple(weight.shape)}")
+        weight = weight.float()
+    # float32 logits: F.cross_entropy autocasts to fp32 anyway; this also covers bf16
+    # logits produced outside autocast.
+    return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index, reduction=reduction)
+
+
+class CrossEntropy(nn.Module):
+    """Module wrapper of :func:`cross_entropy`; class weights live in a buffer so they
+    follow ``.to(device)`` and are saved in the state dict."""
+
+    class_weights: torch.Tensor | None
+
+    def __init__(
+        self,
+        class_weights: torch.Tensor | Sequence[float] | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        w = None if class_weights is None else torch.as_tensor(class_weights).float()
+        self.register_buffer("class_weights", w)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, target, self.class_weights, self.ignore_index, self.reduction)
+
+
+def class_weights_from_counts(counts: torch.Tensor | np.ndarray | Sequence[float], power: float = 0.5) -> torch.Tensor:
+    """Per-class weights ``(total / count) ** power`` normalised to mean 1 (float32).
+
+    ``power=1`` is plain inverse frequency, ``0.5`` (default) its square root — softer,
+    so a class with 1% of the pixels gets ~10x (not 100x) the weight of a 100% class.
+    A class with zero count (absent from the data) gets the weight of the rarest present
+    class rather than infinity.
+    """
+    if isinstance(counts, torch.Tensor):
+        c = counts.detach().to("cpu", torch.float64)
+    else:
+        c = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+    if c.ndim != 1 or c.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
+    if not torch.isfinite(c).all() or (c < 0).any():
+        raise ValueError(f"counts must be finite and non-negative, got {c.tolist()}")
+    present = c > 0
+    if not present.any():
+        raise ValueError("all class counts are zero")
+    w = torch.zeros_like(c)
+    w[present] = (c.sum() / c[present]) ** power
+    w[~present] = w[present].max()
+    return (w / w.mean()).float()

@@ -1,6 +1,6 @@
 """Training loop for the U-Net on slices of the store: resumable, seeded, GPU-ready. No Prefect here.
 
-    data (unet.data) -> UNet (unet.model) -> cross-entropy (unet.loss) -> AdamW + one-cycle schedule
+    data (unet.data) -> UNet (unet.model) -> cross-entropy (unet.model) -> AdamW + one-cycle schedule
     -> validation every epoch (loss, slice Dice WT/TC/ET) -> checkpoint every epoch and every N steps
 
 * Device: ``auto`` picks CUDA, then MPS, then CPU (``unet.device``). The step runs under bf16
@@ -22,53 +22,61 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from storage.store import SliceStore
 from unet.checkpoint import rng_state, set_rng_state
 from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, class_counts, index_slices, make_loader
-from unet.loss import CrossEntropy, class_weights_from_counts
 from unet.device import autocast_dtype, pick_device
 from unet.metrics import CLASS_REGIONS, dice
-from unet.model import UNet, UNetConfig
+from unet.model import CrossEntropy, UNet, UNetConfig, class_weights_from_counts
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3  # peak AdamW learning rate of the one-cycle schedule (warm-up, cosine decay)
-    weight_decay: float = 1e-4
-    warmup: float = 0.05  # fraction of all steps spent warming up
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    seed: int = 0
-    max_steps_per_epoch: int | None = None  # cap an epoch (short runs); None = every slice once
-    oversample_tumour: float = 1.0  # draw slices with tumour this many times as often (1 = no)
-    skip_empty: bool = True  # leave out slices without brain
-    augment: bool = True  # flips, small rotations, intensity jitter (unet.data.AugmentConfig)
-    class_weight_power: float | None = None  # weight classes by (1/frequency)**power; None = plain CE
-    checkpoint_every: int = 200  # also checkpoint every N steps (0 = at epoch ends only)
-    workers: int = 4  # DataLoader worker processes
-    device: str = "auto"  # auto: cuda, then mps, then cpu
-    precision: str = "auto"  # auto: bf16 autocast on CUDA (fp16 + scaler without bf16) and on CPUs with native bf16; or bf16/fp16/fp32
-    channels_last: bool = True  # NHWC tensors: faster convolutions on CUDA and on CPUs (oneDNN)
+class TrainConfig(BaseModel):
+    """The training run: optimizer, schedule, sampling, augmentation, where it runs."""
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    epochs: int = Field(20, ge=1, description="passes over the training slices (or over max_steps_per_epoch batches)")
+    batch_size: int = Field(16, ge=1, description="slices per step")
+    lr: float = Field(
+        1e-3, gt=0, description="peak AdamW learning rate of the one-cycle schedule (warm-up, cosine decay)"
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of all steps spent warming up")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = off")
+    seed: int = Field(0, description="seeds the weights, the data order and the augmentation")
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap an epoch at this many steps (short runs); empty: every slice once"
+    )
+    oversample_tumour: float = Field(1.0, ge=1, description="draw slices with tumour this many times as often (1 = no)")
+    skip_empty: bool = Field(True, description="leave out slices without brain")
+    augment: bool = Field(True, description="left-right flips, small rotations, intensity jitter")
+    class_weight_power: float | None = Field(
+        None, ge=0, description="weight classes by (1/frequency)**power; empty: plain cross-entropy"
+    )
+    checkpoint_every: int = Field(200, ge=0, description="also checkpoint every N steps (0 = at epoch ends only)")
+    workers: int = Field(4, ge=0, description="DataLoader worker processes")
+    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 autocast on CUDA (fp16 + scaler without bf16) and on CPUs with native bf16, else fp32",
+    )
+    channels_last: bool = Field(True, description="NHWC tensors: faster convolutions on CUDA and on CPUs (oneDNN)")
 
 
 # fields that change how fast a run goes, not what it computes: a run may resume under other values
-RUNTIME_FIELDS = ("checkpoint_every", "workers", "device", "precision", "channels_last")
+RUNTIME_FIELDS = {"checkpoint_every", "workers", "device", "precision", "channels_last"}
 
 
 def plan(cfg: TrainConfig) -> dict:
     """The fields that define a run's result (what a checkpoint must agree with to be resumed)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    return cfg.model_dump(exclude=RUNTIME_FIELDS)
 
 
 class Callbacks:
@@ -96,7 +104,9 @@ class FitResult:
 # ----------------------------------------------------------------------------- one step
 
 
-def to_device(batch, device: torch.device, channels_last: bool = False, augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def to_device(
+    batch, device: torch.device, channels_last: bool = False, augment: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(image in the store dtype, uint8 label, augmentation params) from the loader ->
     (float32 image, label) on the device, augmented there when ``augment``."""
     x, y, params = batch
@@ -108,7 +118,9 @@ def to_device(batch, device: torch.device, channels_last: bool = False, augment:
     return x, y
 
 
-def train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp: torch.dtype | None, grad_clip: float) -> torch.Tensor:
+def train_step(
+    model, x, y, loss_fn, optimizer, scheduler, scaler, amp: torch.dtype | None, grad_clip: float
+) -> torch.Tensor:
     """One optimizer step on a batch; returns the loss as a device tensor (no host sync)."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         loss = loss_fn(model.predict(x), y)  # logits over the whole slice, both padding modes
@@ -124,7 +136,9 @@ def train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp: torch.dt
 
 
 @torch.no_grad()
-def validate(model, store: SliceStore, cases: list[str], loss_fn, device, amp=None, channels_last=False, batch_size=16) -> dict:
+def validate(
+    model, store: SliceStore, cases: list[str], loss_fn, device, amp=None, channels_last=False, batch_size=16
+) -> dict:
     """Mean loss over the validation cases' brain slices, and per-case 3D Dice per region (WT/TC/ET)
     averaged over the cases, as the test is scored (both masks empty: 1; one empty: 0)."""
     was_training = model.training
@@ -144,7 +158,9 @@ def validate(model, store: SliceStore, cases: list[str], loss_fn, device, amp=No
                 logits = model.predict(x)
             loss_sum += float(loss_fn(logits, y)) * len(x)
             n += len(x)
-            pred[idx] = logits.argmax(1).masked_fill((x == 0).all(1), 0).to("cpu", torch.uint8).numpy()  # no brain: background
+            pred[idx] = (
+                logits.argmax(1).masked_fill((x == 0).all(1), 0).to("cpu", torch.uint8).numpy()
+            )  # no brain: background
         for r, members in CLASS_REGIONS.items():
             per_case[r].append(dice(np.isin(pred, members), np.isin(label, members)))
     model.train(was_training)
@@ -156,7 +172,9 @@ def validate(model, store: SliceStore, cases: list[str], loss_fn, device, amp=No
 # ----------------------------------------------------------------------------- the loop
 
 
-def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None, callbacks: Callbacks | None = None, storage_options: dict | None = None) -> FitResult:
+def fit(
+    store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None, callbacks: Callbacks | None = None
+) -> FitResult:
     """Train on the store's train split, validate on its val split, resume from ``checkpoint``.
 
     ``checkpoint``: anything with ``save(state)`` and ``load() -> state | None``
@@ -170,16 +188,20 @@ def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None
     np.random.seed(cfg.seed)
 
     # data
-    store = SliceStore(store_url, storage_options=storage_options)
+    store = SliceStore(store_url)
     split = store.split
     if not split.get("train") or not split.get("val"):
         raise ValueError(f"{store_url}: the store has no train/val split (run `brats ingest`)")
     augment = AugmentConfig() if cfg.augment else None
-    train_set = SliceDataset(store_url, split["train"], augment=augment, seed=cfg.seed, skip_empty=cfg.skip_empty, storage_options=storage_options)
+    train_set = SliceDataset(store_url, split["train"], augment=augment, seed=cfg.seed, skip_empty=cfg.skip_empty)
     index_slices(store, split["val"])  # every validation case must be labelled too
     if not len(train_set):
         raise ValueError(f"{store_url}: no slices to train on")
-    samples = len(train_set) if cfg.max_steps_per_epoch is None else min(len(train_set), cfg.max_steps_per_epoch * cfg.batch_size)
+    samples = (
+        len(train_set)
+        if cfg.max_steps_per_epoch is None
+        else min(len(train_set), cfg.max_steps_per_epoch * cfg.batch_size)
+    )
     sampler = EpochSampler([r.tumour > 0 for r in train_set.refs], cfg.seed, cfg.oversample_tumour, samples)
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, cfg.batch_size, sampler=sampler, workers=cfg.workers, pin_memory=pin)
@@ -188,7 +210,11 @@ def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None
 
     # model, loss, optimizer, schedule
     model = UNet(model_cfg).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    weights = None if cfg.class_weight_power is None else class_weights_from_counts(class_counts(store, train_set.refs), cfg.class_weight_power)
+    weights = (
+        None
+        if cfg.class_weight_power is None
+        else class_weights_from_counts(class_counts(store, train_set.refs), cfg.class_weight_power)
+    )
     loss_fn = CrossEntropy(weights).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -197,42 +223,59 @@ def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
 
     # resume
-    epoch, step, global_step, history, best, best_state = 0, 0, 0, [], {}, {}
+    start_epoch, start_step, global_step, history, best, best_state = 0, 0, 0, [], {}, {}
     epoch_loss = [0.0, 0]  # sum of batch losses, batches: survives a mid-epoch checkpoint
     resumed_from = None
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
-        if state["model_config"] != asdict(model_cfg) or state["plan"] != plan(cfg):
+        if state["model_config"] != model_cfg.model_dump() or state["plan"] != plan(cfg):
             raise ValueError("the checkpoint belongs to another model or training config; start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        epoch, step, global_step = state["epoch"], state["step"], state["global_step"]
-        history, best, best_state, epoch_loss = state["history"], state["best"], state["best_state"], state["epoch_loss"]
-        resumed_from = (epoch, step)
+        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
+        history, best, best_state, epoch_loss = (
+            state["history"],
+            state["best"],
+            state["best_state"],
+            state["epoch_loss"],
+        )
+        resumed_from = (start_epoch, start_step)
 
     def save(epoch: int, step: int) -> None:
         if checkpoint is None:
             return
-        checkpoint.save({
-            "epoch": epoch, "step": step, "global_step": global_step, "epoch_loss": epoch_loss,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-            "history": history, "best": best, "best_state": best_state,
-            "model_config": asdict(model_cfg), "plan": plan(cfg),
-        })  # fmt: skip
+        checkpoint.save(
+            {
+                "epoch": epoch,
+                "step": step,
+                "global_step": global_step,
+                "epoch_loss": epoch_loss,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(),
+                "history": history,
+                "best": best,
+                "best_state": best_state,
+                "model_config": model_cfg.model_dump(),
+                "plan": plan(cfg),
+            }
+        )
         callbacks.on_checkpoint(epoch, step)
 
     callbacks.on_start(total_steps, global_step, resumed_from)
     model.train()
     try:
-        for epoch in range(epoch, cfg.epochs):
-            sampler.set_epoch(epoch, start=step * cfg.batch_size)
+        for epoch in range(start_epoch, cfg.epochs):
+            first = start_step if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, start=first * cfg.batch_size)
             loss_sum = torch.tensor(epoch_loss[0], device=device)
             started, n_slices = time.perf_counter(), 0
-            for step, batch in enumerate(train_loader, start=step):
+            for step, batch in enumerate(train_loader, start=first):
                 x, y = to_device(batch, device, channels_last, augment=cfg.augment)
                 loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
                 epoch_loss[1] += 1
@@ -250,7 +293,7 @@ def fit(store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None
             if not best or row["dice_mean"] > best["dice_mean"]:
                 best = row
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            step, epoch_loss = 0, [0.0, 0]
+            epoch_loss = [0.0, 0]
             save(epoch + 1, 0)
             callbacks.on_epoch(row)
     finally:
@@ -279,6 +322,14 @@ def preview(model: UNet, dataset: SliceDataset, n: int = 3, device: str | torch.
         x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None].to(device)
         pred = model.predict(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
         ref = dataset.refs[i]
-        out.append({"case": ref.case, "z": ref.z, "image": np.asarray(image, np.float32), "truth": np.asarray(label), "pred": pred})
+        out.append(
+            {
+                "case": ref.case,
+                "z": ref.z,
+                "image": np.asarray(image, np.float32),
+                "truth": np.asarray(label),
+                "pred": pred,
+            }
+        )
     model.train(was_training)
     return out

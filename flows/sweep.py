@@ -1,0 +1,91 @@
+"""Flow ``sweep``: segment every complete scan in an inbox that the current model has not done yet.
+
+Deployed on a schedule beside the event-triggered ``infer`` runs, so that nothing is missed while
+the watcher was down. It leaves alone what is done (its record names this model, newer than the
+files), what is still arriving (files changed less than ``settle_s`` ago) and what the watcher
+announced a short while ago (``grace_s``: that triggered run is on its way); the rest goes to one
+``infer`` subflow run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.states import Failed
+
+from flows.infer import Prediction, infer
+from flows.overrides import deployment_defaults
+from storage.inbox import announced, is_done, scan_inbox, state_path
+from storage.nifti import Naming
+from storage.registry import DEFAULT_ROOT, Registry
+from tasks.artifacts import summary_markdown, table
+
+STATUSES = ("pending", "done", "arriving", "announced", "incomplete")
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    inbox: list[str],
+    out: str,
+    model: str | None = None,
+    models: str = DEFAULT_ROOT,
+    naming: Naming = "auto",
+    et_label: Literal[3, 4] | None = None,
+    settle_s: float = 60.0,
+    grace_s: float = 900.0,
+    prediction: Prediction = Prediction(),
+) -> dict:
+    """Segment every complete scan in the inbox not yet segmented by the current model.
+
+    Args:
+        inbox: inbox folders: <case>/ or {HGG,LGG}/<case>/ with the four modalities
+        out: output folder
+        model: model version, 'latest', or empty for the best
+        models: model registry: a local path or an fsspec URL
+        naming: file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)
+        et_label: label written for enhancing tumour: 4 (BraTS up to 2021) or 3 (2023+); empty: each input's own edition
+        settle_s: leave a scan whose files changed less than this many seconds ago (still arriving)
+        grace_s: leave a scan the watcher announced less than this many seconds ago (its triggered run is on its way)
+        prediction: how scans are segmented
+    """
+    log = get_run_logger()
+    (prediction,) = deployment_defaults(prediction=prediction)
+    version = Registry(models).resolve(model)
+    now = time.time()
+    rows, pending = [], []
+    for root in inbox:
+        complete, waiting = scan_inbox(root, naming)
+        rows += [{"case": w, "status": "incomplete"} for w in waiting]
+        for cid, scan in sorted(complete.items()):
+            note = announced(state_path(root), scan)
+            if is_done(scan, out, version, prediction.tta):
+                status = "done"
+            elif note and now - note.get("at", 0) < grace_s:
+                status = "announced"
+            elif now - scan.newest < settle_s:
+                status = "arriving"
+            else:
+                status = "pending"
+                pending.append(scan.path)
+            rows.append({"case": cid, "status": status, "path": scan.path})
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    log.info("model %s: %s", version, counts)
+
+    summary = {"model": version, "out": out, **counts, "written": 0, "skipped": 0, "failed": 0}
+    state = None
+    if pending:
+        state = infer(pending, out, version, models, naming, et_label, prediction, return_state=True)
+        result = state.result(raise_on_failure=False)
+        if isinstance(result, dict):
+            summary.update({k: result[k] for k in ("written", "skipped", "failed") if k in result})
+    table(
+        rows or [{"case": "", "status": "inbox empty"}],
+        "sweep-cases",
+        "Scans in the inbox and what the sweep did with them",
+    )
+    summary_markdown(f"Inbox sweep → `{out}`", summary, "sweep-summary", "Inbox sweep summary")
+    if state is not None and not state.is_completed():
+        return Failed(message=f"infer: {state.message}", data=summary)
+    return summary

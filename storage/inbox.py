@@ -1,0 +1,193 @@
+"""An inbox of new scans on disk: which cases are complete, what was announced, what is done.
+
+No Prefect here: ``brats watch`` and ``brats submit`` (``flows/events.py``) turn what this finds
+into events, and the ``sweep`` flow (``flows/sweep.py``) into inference runs.
+
+* ``scan_inbox``: the complete cases of an inbox, found by the same layout walker as ingestion
+  (``storage.nifti.discover``: ``<case>/`` or ``{HGG,LGG}/<case>/``, every naming), each with the
+  size and mtime of its four modality files (its *signature*); a case still missing a file, or a
+  folder being assembled under a hidden name (``.upload-…``), is listed as waiting.
+* ``Watcher``: polls an inbox and announces each complete case once its signature stayed the same
+  across two polls, once per version of its files.
+* The announcements live in ``<inbox>/.brats-watch.json`` (``load_state``/``record``), written
+  atomically: a restarted watcher announces nothing twice, and ``brats submit`` records what it
+  sent there too, so the watcher does not announce it again.
+* ``is_done``: a case whose record (``<out>/<case>.json``, written last by inference) names this
+  model version and is newer than its files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.brats import MODALITIES
+from storage.nifti import CaseFiles, InvalidCase, case_files, discover
+
+STATE_NAME = ".brats-watch.json"  # the inbox's memory of what was announced
+
+
+@dataclass(frozen=True)
+class Scan:
+    """A case folder whose four modalities are all present and not empty."""
+
+    case: CaseFiles
+    path: str  # the case folder, absolute
+    signature: tuple  # ((channel, size, mtime_ns), ...) of the modality files
+    newest: float  # newest mtime of those files (s)
+
+
+def scan_of(case: CaseFiles) -> Scan | None:
+    """The case's scan, or None while a modality file is empty or vanished."""
+    sig = []
+    for channel in MODALITIES:
+        try:
+            st = os.stat(case.files[channel])
+        except OSError:
+            return None
+        if st.st_size == 0:
+            return None
+        sig.append((channel, st.st_size, st.st_mtime_ns))
+    folder = str(Path(case.files[MODALITIES[0]]).parent.resolve())
+    return Scan(case, folder, tuple(sig), max(s[2] for s in sig) / 1e9)
+
+
+def scan_inbox(root: str | Path, naming: str = "auto") -> tuple[dict[str, Scan], list[str]]:
+    """Complete scans of an inbox by case id, and one line for each folder not complete (yet)."""
+    root = Path(root)
+    try:
+        found = discover(root, naming=naming)
+    except FileNotFoundError:
+        if root.is_dir():  # an empty inbox is no error
+            return {}, []
+        raise FileNotFoundError(f"{root}: no such inbox folder") from None
+    complete, waiting = {}, [str(p) for p in found.problems]
+    for case in found.cases:
+        scan = scan_of(case)
+        if scan is None:
+            waiting.append(f"{case.files[MODALITIES[0]]}: a modality file is empty or vanished")
+        else:
+            complete[case.case_id] = scan
+    return complete, waiting
+
+
+def scans_at(path: str | Path, naming: str = "auto") -> list[Scan]:
+    """The scans a path names: a case folder, or every complete case under an inbox root."""
+    path = Path(path)
+    try:
+        scan = scan_of(case_files(path, None, naming))
+    except InvalidCase as e:
+        if any(path.glob("*.nii*")):  # a case folder with something wrong
+            raise ValueError(str(e)) from None
+        complete, waiting = scan_inbox(path, naming)
+        if not complete:
+            raise ValueError(f"{path}: no complete case here ({'; '.join(waiting) or 'empty'})") from None
+        return list(complete.values())
+    if scan is None:
+        raise ValueError(f"{path}: a modality file is empty")
+    return [scan]
+
+
+# ------------------------------------------------------------------ what was announced
+
+
+def _sig(value) -> tuple | None:
+    return tuple(tuple(x) for x in value) if value else None
+
+
+def state_path(inbox: str | Path) -> Path:
+    return Path(inbox) / STATE_NAME
+
+
+def load_state(path: str | Path) -> dict[str, dict]:
+    """``{case: {"path", "signature", "at", "by"}}`` of every case announced from this inbox."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable watcher state ({e}); move it away to start afresh") from None
+    return {cid: {**v, "signature": _sig(v.get("signature"))} for cid, v in data.get("emitted", {}).items()}
+
+
+def record(path: str | Path, scans: list[Scan], by: str, at: float | None = None) -> None:
+    """Note ``scans`` as announced (read-modify-write, atomic rename)."""
+    path = Path(path)
+    emitted = load_state(path)
+    for s in scans:
+        emitted[s.case.case_id] = {
+            "path": s.path,
+            "signature": s.signature,
+            "at": time.time() if at is None else at,
+            "by": by,
+        }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(json.dumps({"emitted": emitted}, indent=1, default=list))
+    os.replace(tmp, path)
+
+
+def announced(path: str | Path, scan: Scan) -> dict | None:
+    """The announcement of this very version of the scan's files, if any."""
+    note = load_state(path).get(scan.case.case_id)
+    return note if note and note.get("signature") == scan.signature else None
+
+
+class Watcher:
+    """Poll an inbox; announce (``emit``) each complete, stable scan once per version of its files."""
+
+    def __init__(
+        self,
+        inbox: str | Path,
+        emit: Callable[[list[Scan]], None],
+        state: str | Path | None = None,
+        naming: str = "auto",
+    ):
+        self.inbox = Path(inbox)
+        if not self.inbox.is_dir():
+            raise FileNotFoundError(f"{self.inbox}: no such inbox folder")
+        self.state = Path(state) if state else state_path(self.inbox)
+        self.naming, self.emit = naming, emit
+        self.previous: dict[str, tuple] = {}  # case -> signature at the last poll
+        load_state(self.state)  # unreadable state: say so now, not at the first announcement
+
+    def poll(self) -> list[Scan]:
+        """One look at the inbox; returns the scans announced by this poll."""
+        complete, _ = scan_inbox(self.inbox, self.naming)
+        emitted = load_state(self.state)  # re-read: `brats submit` may have announced some meanwhile
+        stable = [
+            s
+            for cid, s in complete.items()
+            if self.previous.get(cid) == s.signature and emitted.get(cid, {}).get("signature") != s.signature
+        ]
+        self.previous = {cid: s.signature for cid, s in complete.items()}
+        if stable:
+            self.emit(stable)  # raises when the API is down: tried again at the next poll
+            record(self.state, stable, "watch")
+        return stable
+
+    def baseline(self) -> int:
+        """Record every complete scan as announced without emitting (they are left to the sweep)."""
+        complete, _ = scan_inbox(self.inbox, self.naming)
+        emitted = load_state(self.state)
+        record(self.state, [s for cid, s in complete.items() if cid not in emitted], "baseline", at=0.0)
+        return len(complete)
+
+
+def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
+    """Where inference writes a case: (``<case>_seg.nii.gz``, ``<case>.json``, the record, written last)."""
+    return Path(out) / f"{case_id}_seg.nii.gz", Path(out) / f"{case_id}.json"
+
+
+def is_done(scan: Scan, out: str | Path, version: str, tta: bool) -> bool:
+    """Cheap check: a record by this model, newer than the scan's files. (Inference re-checks sha256s.)"""
+    seg, rec = outputs(out, scan.case.case_id)
+    try:
+        done = json.loads(rec.read_text())
+        fresh = rec.stat().st_mtime >= scan.newest and seg.is_file()
+    except (OSError, ValueError):
+        return False
+    return fresh and done.get("model_version") == version and done.get("tta") == tta

@@ -1,0 +1,61 @@
+"""What every task of the pipeline shares: how it retries, and how a flow gathers a mapped stage.
+
+* ``stage_task``: Prefect's ``@task`` with the project's preset: two retries on a transient error
+  (``OSError``: a flaky disk, bucket or network), none on invalid input or config, no result
+  caching (arrays travel by path, and a rerun must redo the work it is asked to).
+* ``gather``: wait for a mapped stage's futures as they finish, advancing its progress, and sort
+  them into result rows and failures (each with the item it was for), so one bad case never
+  stops the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+from prefect.futures import as_completed
+
+
+def is_transient(task, task_run, state) -> bool:
+    """Retry I/O errors only; invalid input (``InvalidCase``, ``ValueError``) fails at once."""
+    return isinstance(state.result(raise_on_failure=False), OSError)
+
+
+def stage_task(
+    name: str,
+    run_name: str | None = None,
+    *,
+    retries: int = 2,
+    delay: float = 1,
+    retry_if: Callable = is_transient,
+    **options,
+):
+    """``@task`` with the preset above; ``options`` go to Prefect as they are (tags, timeouts, …)."""
+    return task(
+        name=name,
+        task_run_name=run_name,
+        retries=retries,
+        retry_delay_seconds=delay,
+        retry_condition_fn=retry_if,
+        cache_policy=NONE,
+        **options,
+    )
+
+
+def gather(futures: Sequence, items: Sequence, progress=None) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(results, [(item, one-line error)]) of futures mapped over ``items``, in the order they finish."""
+    log = get_run_logger()
+    item_of = dict(zip(futures, items))
+    results, failures = [], []
+    for future in as_completed(futures):
+        future.wait()
+        if future.state.is_completed():
+            results.append(future.result())
+        else:
+            failures.append((item_of[future], str(future.state.result(raise_on_failure=False))))
+            log.error("%s", failures[-1][1])
+        if progress is not None:
+            progress.advance()
+    return results, failures
