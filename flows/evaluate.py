@@ -92,20 +92,19 @@ def evaluate(
     failures = [reason for _, reason in failed]
 
     summary = summarize(rows)
-    record = _save(
-        registry,
-        version,
-        split,
-        store,
-        prediction.tta,
-        slices.fingerprint,
-        rows,
-        summary,
-        figures,
-        overlap,
-        failures,
-        post,
-    )
+    record = {
+        "split": split,
+        "store": store,
+        "fingerprint": slices.fingerprint,
+        "tta": prediction.tta,
+        "postprocess": post,
+        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "train_overlap": overlap,
+        "failed": failures,
+        "summary": {k: v for k, v in summary.items() if k != "seconds"},
+        "per_case": rows,
+    }
+    _save(registry, version, record, figures)
     result = {
         "model": version,
         "split": split,
@@ -121,41 +120,14 @@ def evaluate(
     return result
 
 
-def _save(
-    registry: Registry,
-    version: str,
-    split: str,
-    store: str,
-    tta: bool,
-    fingerprint,
-    rows,
-    summary,
-    figures,
-    overlap,
-    failures,
-    post,
-) -> dict:
+def _save(registry: Registry, version: str, record: dict, figures: dict) -> None:
     """The evaluation, kept with the model version: info.json "evaluation", evaluation.json, PNGs."""
-    files = {
-        name: {"case": case, "file": registry.put(version, f"evaluation-{split}-{name}.png", png)}
+    record["figures"] = {
+        name: {"case": case, "file": registry.put(version, f"evaluation-{record['split']}-{name}.png", png)}
         for name, (case, png) in figures.items()
-    }
-    record = {
-        "split": split,
-        "store": store,
-        "fingerprint": fingerprint,
-        "tta": tta,
-        "postprocess": post,
-        "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "train_overlap": overlap,
-        "failed": failures,
-        "summary": {k: v for k, v in summary.items() if k != "seconds"},
-        "per_case": rows,
-        "figures": files,
     }
     registry.put(version, "evaluation.json", json.dumps(record, indent=2).encode())
     registry.update_info(version, evaluation=record)
-    return record
 
 
 def _overlays(rows: list[dict], run: dict) -> dict[str, tuple[str, bytes]]:

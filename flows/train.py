@@ -9,7 +9,8 @@
 
 A flow run that was killed and is started again with the same store and the same parameters
 continues the unfinished version from its last checkpoint (``fresh`` starts a new one); deployed,
-a crashed run is started again by an automation, as the next ``attempt``, up to ``MAX_ATTEMPTS``.
+a crashed run is started again by an automation. The version counts its attempts: after
+``MAX_ATTEMPTS`` it is given up (status ``abandoned``) and the next run starts a new one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from flows.overrides import deployment_defaults
-from storage.registry import DEFAULT_ROOT
+from storage.registry import DEFAULT_ROOT, Registry
 from tasks.evaluate import choose_postprocess
 from tasks.train import artifacts, open_version, promote_if_best, train_model
 from unet.device import pick_device
@@ -37,7 +38,6 @@ def train(
     network: UNetConfig = UNetConfig(),
     training: TrainConfig = TrainConfig(),
     fresh: bool = False,
-    attempt: int = 1,
 ) -> dict:
     """Slices in the store -> a trained U-Net as a new version in the model registry.
 
@@ -47,17 +47,17 @@ def train(
         network: the U-Net
         training: the training run
         fresh: start a new version even if an unfinished one of the same run exists
-        attempt: which attempt at this training it is (a crashed deployed run is started again as the next; at most 3)
     """
     log = get_run_logger()
-    if attempt > MAX_ATTEMPTS:
-        raise ValueError(
-            f"attempt {attempt} of a training that crashed {attempt - 1} times: giving up (at most {MAX_ATTEMPTS})"
-        )
     network, training = deployment_defaults(network=network, training=training)
     device = pick_device(training.device)  # a device that is not there fails here, at once, not after retries
-    version, reopened = open_version(models, store, network, training, fresh)
-    log.info("%s version %s in %s", "continuing unfinished" if reopened else "new", version, models)
+    version, attempt = open_version(models, store, network, training, fresh)
+    if attempt > MAX_ATTEMPTS:
+        Registry(models).update_info(version, status="abandoned")
+        raise ValueError(
+            f"{version}: attempt {attempt} after {attempt - 1} that did not finish; abandoned, start afresh"
+        )
+    log.info("%s version %s in %s", f"continuing (attempt {attempt})" if attempt > 1 else "new", version, models)
     summary = train_model(store, models, version, network, training)
     summary["postprocess"] = choose_postprocess(store, models, version, str(device))
     artifacts(models, version, summary, network, training)

@@ -298,7 +298,7 @@ def make_split(
     for name, ratio in zip(names[1:], ratios[1:]):
         if not split[name] and ratio > 0 and len(grades) >= 3:
             grade = max(sorted(trains), key=lambda g: len(trains[g]))
-            if len(trains[grade]) > 1:
+            if len(split["train"]) > 1:
                 moved = trains[grade].pop()
                 split["train"].remove(moved)
                 split[name].append(moved)

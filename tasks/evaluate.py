@@ -22,7 +22,7 @@ from tasks.plots import overlay_png
 from tasks.preset import stage_task
 from unet.checkpoint import load_model
 from unet.metrics import evaluate_case
-from unet.predict import PostProcess, best_postprocess, cached_model, mean_dice, segment, slice_probs
+from unet.predict import PostProcess, best_postprocess, cached_model, scores, segment, slice_probs
 from unet.preprocess import Geometry, to_labels
 
 NIFTI_TRUTH = "original seg"
@@ -119,21 +119,25 @@ def choose_postprocess(
         truth, _ = ground_truth(store, case_id)
         cases.append((predict_stored(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"]))
     post, tried = best_postprocess(cases)
-    before, after = mean_dice(cases, PostProcess()), mean_dice(cases, post)
+    (dice_before, hd_before), (dice_after, hd_after) = scores(cases, PostProcess()), scores(cases, post)
     choice = {
         "cases": len(cases),
         "tta": tta,
-        "mean_dice_before": round(before, 5),
-        "mean_dice_after": round(after, 5),
+        "mean_dice_before": round(dice_before, 5),
+        "mean_dice_after": round(dice_after, 5),
+        "mean_hd95_before": round(hd_before, 3),
+        "mean_hd95_after": round(hd_after, 3),
         "tried": tried,
     }
     registry.update_info(version, postprocess=post.to_dict(), postprocess_choice=choice)
     get_run_logger().info(
-        "%s: post-processing %s chosen on %d validation case(s): mean Dice %.4f -> %.4f",
+        "%s: post-processing %s chosen on %d validation case(s): mean Dice %.4f -> %.4f, HD95 %.1f -> %.1f mm",
         version,
         post.to_dict(),
         len(cases),
-        before,
-        after,
+        dice_before,
+        dice_after,
+        hd_before,
+        hd_after,
     )
-    return {"postprocess": post.to_dict(), "mean_dice_before": round(before, 4), "mean_dice_after": round(after, 4)}
+    return {"postprocess": post.to_dict(), **{k: v for k, v in choice.items() if k.startswith("mean_")}}

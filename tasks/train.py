@@ -57,8 +57,9 @@ def is_retriable(task, task_run, state) -> bool:
 @stage_task("open-version")
 def open_version(
     models: str, store_url: str, network: UNetConfig, training: TrainConfig, fresh: bool = False
-) -> tuple[str, bool]:
-    """(version, reopened): the newest unfinished version of this very run, or a new one."""
+) -> tuple[str, int]:
+    """(version, attempt): the newest unfinished version of this very run, reopened (its attempt counted
+    in ``info.json``), or a new one (attempt 1)."""
     store, registry = SliceStore(store_url), Registry(models)
     if not store.split.get("train"):
         raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
@@ -73,7 +74,10 @@ def open_version(
             and plan(TrainConfig.model_validate(info.get("train_config", {}))) == want
         ]
         if same_run:  # the newest (version ids made in the same second do not sort by time)
-            return max(same_run, key=lambda info: info.get("created", 0))["version"], True
+            info = max(same_run, key=lambda info: info.get("created", 0))
+            attempt = info.get("attempts", 1) + 1
+            registry.update_info(info["version"], attempts=attempt)
+            return info["version"], attempt
     version = registry.create(
         {
             "status": "training",
@@ -86,9 +90,10 @@ def open_version(
             "metrics": {},
             "history": [],
             "versions": package_versions(),
+            "attempts": 1,
         }
     )
-    return version, False
+    return version, 1
 
 
 @stage_task("promote-if-best")
@@ -236,7 +241,9 @@ def artifacts(models: str, version: str, summary: dict, network: UNetConfig, tra
         "",
         f"Post-processing chosen on {post.get('cases', 0)} validation case(s): `{info.get('postprocess')}` "
         f"(mean Dice {post.get('mean_dice_before', float('nan')):.4f} → "
-        f"{post.get('mean_dice_after', float('nan')):.4f}, original grids).",
+        f"{post.get('mean_dice_after', float('nan')):.4f}, "
+        f"HD95 {post.get('mean_hd95_before', float('nan')):.1f} → {post.get('mean_hd95_after', float('nan')):.1f} mm, "
+        "original grids).",
         "",
         "| network | |",
         "|---|---|",

@@ -92,7 +92,7 @@ def test_apply_augment_flips_exactly_and_keeps_background_zero():
     # left-right is the slice's H axis (NIfTI axis 0, dim -2); W (dim -1) is anterior-posterior
     assert torch.allclose(x[0], image[0].flip(-2), atol=1e-4) and torch.equal(y[0], label[0].flip(-2))
     assert torch.allclose(x[1], image[1], atol=1e-4) and torch.equal(y[1], label[1])
-    jitter = AugmentConfig(flip_lr=0.0, rotate_degrees=0.0, scale=0.0, intensity_scale=0.2, intensity_shift=0.5)
+    jitter = AugmentConfig(flip_lr=0.0, rotate_degrees=0.0, intensity_scale=0.2, intensity_shift=0.5)
     params = torch.from_numpy(np.stack([augment_params(jitter, rng) for _ in range(2)]))
     x, _ = apply_augment(image, label, params)
     background = (image == 0).all(1, keepdim=True).expand_as(image)
@@ -137,7 +137,7 @@ def test_worker_processes_deliver_the_same_batches(small_store, train_cases):
     assert len(local) == len(remote) == 3
     for (x0, y0, p0), (x1, y1, p1) in zip(local, remote):
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(p0, p1)
-    assert x0.dtype == torch.float16 and y0.dtype == torch.uint8 and p0.shape == (len(x0), 11)
+    assert x0.dtype == torch.float16 and y0.dtype == torch.uint8 and p0.shape == (len(x0), 10)
 
 
 PID_SCRIPT = """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import nibabel as nib
@@ -36,7 +37,11 @@ def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, 
     version = register(tmp_path / "models", profile="tp", padding="valid")
     out = tmp_path / "out"
     params = dict(inputs=[str(real_case)], out=str(out), models=str(tmp_path / "models"))
-    state, summary = run(params)
+    umask = os.umask(0o022)
+    try:
+        state, summary = run(params)
+    finally:
+        os.umask(umask)
     assert state.is_completed(), state.message
     assert summary["written"] == 1 and summary["model"] == version
 
@@ -56,6 +61,8 @@ def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, 
     no_brain_slices = ~brain.any(axis=(0, 1))
     assert no_brain_slices.any() and not data[:, :, no_brain_slices].any()  # skipped: background
 
+    for written in (out / f"{case}_seg.nii.gz", out / f"{case}.json"):  # others sharing the folder can read them
+        assert written.stat().st_mode & 0o777 == 0o644
     record = json.loads((out / f"{case}.json").read_text())
     assert record["model_version"] == version and record["profile"] == "tp"
     assert set(record["sha256"]) == {"flair", "t1", "t1ce", "t2"}  # the seg beside it is not an input

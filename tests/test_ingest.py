@@ -292,6 +292,16 @@ def test_split_is_deterministic_stratified_and_by_patient():
         make_split(grades, (1, -1, 0))
 
 
+@pytest.mark.parametrize("hgg,lgg", [(4, 2), (2, 1), (1, 2), (5, 0), (3, 3)])
+def test_few_cases_still_give_a_validation_and_a_test_case(hgg, lgg):
+    """Rounding per grade alone gave 4 HGG + 2 LGG a split of 5/1/0: nothing to evaluate on."""
+    grades = {f"H{i}": "HGG" for i in range(hgg)} | {f"L{i}": "LGG" for i in range(lgg)}
+    split = make_split(grades)
+    assert len(split["val"]) >= 1 and len(split["test"]) >= 1 and len(split["train"]) >= 1
+    assert sorted(sum(split.values(), [])) == sorted(grades)
+    assert make_split(grades, (0.8, 0.2, 0.0))["test"] == []  # a share of 0 stays 0
+
+
 def test_unchanged_case_is_skipped_and_changed_case_rewritten(tmp_path):
     raw = tmp_path / "raw"
     folder = _case(raw)

@@ -10,7 +10,7 @@
   augmentation draws from ``default_rng([seed, epoch, position])``. So resuming at batch ``s`` of
   epoch ``e`` (``set_epoch(e, start=s * batch)``) replays exactly the batches a run that never
   stopped would have seen.
-* Augmentation (left-right flip along H, small rotation and zoom, per-channel intensity jitter on brain voxels):
+* Augmentation (left-right flip along H, small rotation, per-channel intensity jitter on brain voxels):
   workers only draw its parameters; ``apply_augment`` runs on the device, a batch at a time, so the
   CPU side is reading and decompressing chunks, nothing else.
 * ``make_loader``: worker processes (forkserver: safe beside Prefect's threads; they exit when the
@@ -40,7 +40,6 @@ from storage.store import SliceStore
 class AugmentConfig:
     flip_lr: float = 0.5  # probability of a left-right flip (the brain is roughly symmetric; H is the L-R axis)
     rotate_degrees: float = 10.0  # rotation angle uniform in [-this, +this], bilinear / nearest
-    scale: float = 0.15  # zoom factor uniform in 1 +- this (brains and tumours come in many sizes)
     intensity_scale: float = 0.1  # per-channel gain uniform in 1 +- this (brain voxels only)
     intensity_shift: float = 0.1  # per-channel offset uniform in +- this, in z-score units
 
@@ -92,33 +91,31 @@ def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
 
 
 def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None, channels: int = 4) -> np.ndarray:
-    """(3 + 2C,) float32: flip (0/1), angle (radians), zoom, gain per channel, shift per channel.
+    """(2 + 2C,) float32: flip (0/1), angle (radians), gain per channel, shift per channel.
 
-    ``cfg`` None gives the identity (no flip, angle 0, zoom 1, gain 1, shift 0).
+    ``cfg`` None gives the identity (no flip, angle 0, gain 1, shift 0).
     """
     if cfg is None or rng is None:
-        return np.concatenate([[0.0, 0.0, 1.0], np.ones(channels), np.zeros(channels)]).astype(np.float32)
+        return np.concatenate([[0.0, 0.0], np.ones(channels), np.zeros(channels)]).astype(np.float32)
     flip = float(rng.random() < cfg.flip_lr)
     angle = np.deg2rad(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees))
-    zoom = 1.0 + rng.uniform(-cfg.scale, cfg.scale)
     gain = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, channels)
     shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, channels)
-    return np.concatenate([[flip, angle, zoom], gain, shift]).astype(np.float32)
+    return np.concatenate([[flip, angle], gain, shift]).astype(np.float32)
 
 
 def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch (N, C, H, W) float image, (N, H, W) classes, (N, 3 + 2C) params -> augmented, same device.
+    """A batch (N, C, H, W) float image, (N, H, W) classes, (N, 2 + 2C) params -> augmented, same device.
 
-    Left-right flip, rotation and zoom about the centre as one sampling grid (bilinear for the image,
+    Left-right flip then rotation about the centre as one sampling grid (bilinear for the image,
     nearest for the classes), then gain and shift on brain voxels; background stays exactly 0.
     Left-right is H, the slice's first axis (NIfTI axis 0): ``affine_grid``'s second coordinate.
     """
     n, c = x.shape[:2]
     params = params.to(x.device, torch.float32)
-    flip, angle, zoom = params[:, 0], params[:, 1], params[:, 2]
-    gain, shift = params[:, 3 : 3 + c], params[:, 3 + c : 3 + 2 * c]
-    cos, sin, mirror, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, 1.0 - 2.0 * flip, torch.zeros_like(angle)
-    # (x, y) = (W, H) sampling coordinates: rotation R / zoom times the mirror diag(1, m) of y
+    flip, angle, gain, shift = params[:, 0], params[:, 1], params[:, 2 : 2 + c], params[:, 2 + c : 2 + 2 * c]
+    cos, sin, mirror, zero = torch.cos(angle), torch.sin(angle), 1.0 - 2.0 * flip, torch.zeros_like(angle)
+    # (x, y) = (W, H) sampling coordinates: rotation R times the mirror diag(1, m) of y
     theta = torch.stack([torch.stack([cos, -sin * mirror, zero], 1), torch.stack([sin, cos * mirror, zero], 1)], 1)
     grid = F.affine_grid(theta, [n, c + 1, *x.shape[-2:]], align_corners=False)
     classes_and_brain = torch.stack([y.float(), (x != 0).any(1).float()], 1)
