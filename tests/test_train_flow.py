@@ -102,10 +102,21 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     rows = Artifact.get("train-epochs").data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert [r["epoch"] for r in rows] == [1, 2]
-    summary = Artifact.get("train-summary").data
+    artifact = Artifact.get("train-summary")
+    summary = artifact.data
     assert version in summary and "curves.png" in summary and "overlay-1.png" in summary
     assert summary.count("](data:image/png;base64,") == 4  # curves + 3 overlays inline
+    assert (
+        "file://" not in summary and f"`{models}/{version}/`" in summary
+    )  # paths as text: no link a browser cannot open
+    assert "Post-processing chosen on" in summary
     assert Artifact.get("train-progress").data == 100.0
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # on the flow run, where a person looks, not on a task run
+        stored = client.read_artifacts(limit=200)
+    (mine,) = [a for a in stored if a.id == artifact.id]
+    assert mine.flow_run_id is not None and mine.task_run_id is None
 
     assert cli("models", "list", "--models", models) == 0
     listing = capsys.readouterr().out
@@ -182,3 +193,24 @@ def test_a_device_that_is_not_there_fails_the_run_at_once_with_nothing_registere
     assert (
         Registry(str(tmp_path / "models")).versions() == []
     )  # failed before a version was opened: no retries, no leftovers
+
+
+def test_the_pipeline_run_has_its_own_summary_linking_each_stage(prefect_api, small_raw, tmp_path):
+    from flows.ingest import Preprocessing
+    from flows.pipeline import pipeline
+
+    state = pipeline(
+        [str(small_raw)],
+        str(tmp_path / "s.zarr"),
+        str(tmp_path / "models"),
+        Preprocessing(split_ratios=(0.5, 0.25, 0.25)),
+        NETWORK,
+        TRAINING,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    summary = Artifact.get("pipeline-summary")
+    assert summary.flow_run_id == state.state_details.flow_run_id  # the pipeline run's own artifact
+    for stage in ("ingest", "train", "evaluate"):
+        assert f"| {stage} | [{stage} run](" in summary.data and "?tab=Artifacts" in summary.data
+    assert state.result()["train"]["version"] in summary.data
