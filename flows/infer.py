@@ -59,8 +59,9 @@ def infer(
     """
     log = get_run_logger()
     (prediction,) = deployment_defaults(prediction=prediction)
-    version = Registry(models).resolve(model)
-    profile = Registry(models).info(version)["profile"]
+    registry = Registry(models)
+    version = registry.resolve(model)
+    profile = registry.info(version)["profile"]
     found = discover(*inputs, naming=naming)
     device = device_name(prediction.device)
     log.info("model %s (profile %s) on %s: %d case(s) -> %s", version, profile, device, len(found.cases), out)

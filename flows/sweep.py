@@ -17,7 +17,7 @@ from prefect.states import Failed
 
 from flows.infer import Prediction, infer
 from flows.overrides import deployment_defaults
-from storage.inbox import announced, is_done, scan_inbox, state_path
+from storage.inbox import announced, how_made, is_done, scan_inbox, state_path
 from storage.nifti import Naming
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks.artifacts import summary_markdown, table
@@ -60,7 +60,9 @@ def sweep(
         rows += [{"case": w, "status": "incomplete"} for w in waiting]
         for cid, scan in sorted(complete.items()):
             note = announced(state_path(root), scan)
-            if is_done(scan, out, version, prediction.tta):
+            if is_done(
+                scan, out, how_made(version, prediction.tta, et_label or scan.case.et_label, prediction.postprocess)
+            ):
                 status = "done"
             elif note and now - note.get("at", 0) < grace_s:
                 status = "announced"

@@ -12,8 +12,9 @@ into events, and the ``sweep`` flow (``flows/sweep.py``) into inference runs.
 * The announcements live in ``<inbox>/.brats-watch.json`` (``load_state``/``record``), written
   atomically: a restarted watcher announces nothing twice, and ``brats submit`` records what it
   sent there too, so the watcher does not announce it again.
-* ``is_done``: a case whose record (``<out>/<case>.json``, written last by inference) names this
-  model version and is newer than its files.
+* ``is_done``: a case whose record (``<out>/<case>.json``, written last by inference) says it was
+  made as asked (model version, TTA, ET label, post-processing: ``how_made``) and is newer than its
+  files; inference itself skips on the same record (``finished``) after checking the sha256s.
 """
 
 from __future__ import annotations
@@ -182,12 +183,23 @@ def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
     return Path(out) / f"{case_id}_seg.nii.gz", Path(out) / f"{case_id}.json"
 
 
-def is_done(scan: Scan, out: str | Path, version: str, tta: bool) -> bool:
-    """Cheap check: a record by this model, newer than the scan's files. (Inference re-checks sha256s.)"""
-    seg, rec = outputs(out, scan.case.case_id)
+def how_made(version: str, tta: bool, et_label: int, postprocess: bool) -> dict:
+    """What a record names of how its segmentation was made: two runs that agree on it write the same."""
+    return {"model_version": version, "tta": tta, "et_label": et_label, "postprocessed": postprocess}
+
+
+def finished(out: str | Path, case_id: str, how: dict) -> tuple[dict, float] | None:
+    """(record, its mtime) of a case segmented as ``how`` says, both files there, else None."""
+    seg, rec = outputs(out, case_id)
     try:
         done = json.loads(rec.read_text())
-        fresh = rec.stat().st_mtime >= scan.newest and seg.is_file()
+        mtime = rec.stat().st_mtime
     except (OSError, ValueError):
-        return False
-    return fresh and done.get("model_version") == version and done.get("tta") == tta
+        return None
+    return (done, mtime) if seg.is_file() and all(done.get(k) == v for k, v in how.items()) else None
+
+
+def is_done(scan: Scan, out: str | Path, how: dict) -> bool:
+    """Cheap check: a record made as ``how`` says, newer than the scan's files. (Inference re-checks sha256s.)"""
+    done = finished(out, scan.case.case_id, how)
+    return done is not None and done[1] >= scan.newest

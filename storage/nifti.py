@@ -47,7 +47,7 @@ import fsspec
 import nibabel as nib
 import numpy as np
 
-from storage.brats import ET_LABEL, GRADES, MODALITIES, SUFFIXES  # noqa: F401 (re-exported)
+from storage.brats import ET_LABEL, GRADES, MODALITIES, SUFFIXES
 
 try:  # ISA-L inflates gzip ~2.5x faster than zlib; optional
     from isal.igzip import decompress as _gunzip

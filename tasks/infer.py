@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.inbox import outputs
+from storage.inbox import finished, how_made, outputs
 from storage.nifti import CaseFiles, atomic_write_bytes, load_reference, read_case, sha256_file, write_segmentation
 from tasks.preset import stage_task
 from unet.device import cores, pick_device, torch_threads
@@ -69,17 +69,12 @@ def scans_only(case: CaseFiles) -> CaseFiles:
 
 
 def _done(case: CaseFiles, out: str, how: dict) -> dict | None:
-    """The record of a finished earlier run by the same model on the same bytes, else None."""
-    seg, record = outputs(out, case.case_id)
-    if not (seg.is_file() and record.is_file()):
-        return None
-    try:
-        done = json.loads(record.read_text())
-    except (OSError, ValueError):
+    """The record of a finished earlier run made as ``how`` says on the same bytes, else None."""
+    done = finished(out, case.case_id, how)
+    if done is None:
         return None
     sha = {channel: sha256_file(path) for channel, path in case.files.items()}
-    same = done.get("sha256") == sha and all(done.get(k) == v for k, v in how.items())
-    return done if same else None
+    return done[0] if done[0].get("sha256") == sha else None
 
 
 @stage_task("infer-case", "infer-{case.case_id}")
@@ -98,7 +93,7 @@ def infer_case(
     ``postprocess``: apply the model version's post-processing (else the network's raw output)."""
     start = time.perf_counter()
     case = scans_only(case)
-    how = {"model_version": version, "tta": tta, "et_label": et_label or case.et_label, "postprocessed": postprocess}
+    how = how_made(version, tta, et_label or case.et_label, postprocess)
     done = _done(case, out, how)
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)

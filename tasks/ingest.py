@@ -24,11 +24,11 @@ def ingest_case(case: CaseFiles, store_url: str, profile: str, dtype: str = "flo
         a = store.attrs(case.case_id)
         return _row(a, "skipped", time.perf_counter() - start)
     raw = read_case(case)
+    image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)  # InvalidCase: not a brain volume
     try:
-        image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)
         store.claim_slice_shape(image.shape[-2:])
-    except ValueError as e:  # not a brain volume, or slices of another shape than the store's
-        raise InvalidCase(case.files["flair"], str(e).removeprefix(f"{case.files['flair']}: ")) from None
+    except ValueError as e:  # slices of another shape than the store's: this case is the one refused
+        raise InvalidCase(case.files["flair"], str(e)) from None
     store.write_case(case.case_id, image, label, attrs)
     return _row(attrs, "ingested", time.perf_counter() - start)
 

@@ -8,7 +8,7 @@ One code path for evaluation and inference::
       -> softmax probabilities (N, K, h, w)            # pixels without brain: background
       -> Geometry.restore: upsample, window, spacing   # per batch, so memory stays one batch
       -> argmax, reorient -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
-      -> PostProcess (unet.postprocess), chosen on the validation cases with the model
+      -> PostProcess (below), chosen on the validation cases and kept with the model
 
 Slices are 2D and independent, so predicting any subset of slices gives exactly what the whole
 volume would give there (``segment(..., only=[z])`` predicts one slice for a figure).

@@ -39,6 +39,7 @@ from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt
 from scipy import ndimage
 
 from storage.brats import BRATS_TO_CLASS, CLASS_TO_BRATS, LABELS, MODALITIES
+from storage.nifti import InvalidCase
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,16 @@ def preprocess_case(
     """
     volumes = [case.volumes[m] for m in MODALITIES]
     mask = brain_mask(volumes)
-    where = case.files.files.get("flair", case.files.case_id)
-    geometry = geometry_of(
-        case.affine, case.shape, case.zooms, mask, profile.window, profile.factor, grow=grow, where=where
-    )
+    try:
+        geometry = geometry_of(case.affine, case.shape, case.zooms, mask, profile.window, profile.factor, grow=grow)
+    except ValueError as e:  # not a brain volume: a one-line reason naming the scan's file
+        raise InvalidCase(case.files.files.get("flair", case.files.case_id), str(e)) from None
     oriented = [geometry.reorient(v) for v in volumes]  # views; a no-op for BraTS's own orientation
     omask = geometry.reorient(mask)
     normed, means, stds = normalized_slices(oriented, omask, np.float32)  # (Z, C, X, Y)
     slices = downsample(geometry.window(normed, order=1), profile.factor, dtype)
-    brain = geometry.window(np.ascontiguousarray(omask.transpose(2, 0, 1)), order=0)  # (Z, window) full res
+    footprint = geometry.resample(np.ascontiguousarray(omask.transpose(2, 0, 1)), order=0)  # (Z, H, W)
+    brain = geometry.crop(footprint)  # (Z, window) full res
     labels = None
     if case.seg is not None:
         classes = BRATS_TO_CLASS[geometry.reorient(case.seg)].transpose(2, 0, 1)  # (Z, X, Y)
@@ -146,7 +148,7 @@ def preprocess_case(
         "mean": means,
         "std": stds,
         "brain_voxels": int(mask.sum()),
-        "brain_outside_window": geometry.outside(omask),  # brain voxels the window cut (0 but for huge brains)
+        "brain_outside_window": int(footprint.sum()) - int(brain.sum()),  # cut by the window (0 but for huge brains)
         "label_voxels": None
         if case.seg is None
         else {
@@ -222,8 +224,14 @@ class Geometry:
 
     def window(self, planes: np.ndarray, order: int = 1) -> np.ndarray:
         """(..., H0, W0) planes of the oriented grid -> (..., window) resampled, cut and zero-padded."""
-        if self.resampled:
-            planes = _zoom_plane(planes, self.plane, order)
+        return self.crop(self.resample(planes, order))
+
+    def resample(self, planes: np.ndarray, order: int = 1) -> np.ndarray:
+        """(..., H0, W0) planes of the oriented grid -> (..., H, W) at ``SPACING`` (themselves when already)."""
+        return _zoom_plane(planes, self.plane, order) if self.resampled else planes
+
+    def crop(self, planes: np.ndarray) -> np.ndarray:
+        """(..., H, W) resampled planes -> (..., window): cut, and zero-padded past the plane."""
         y0, y1, x0, x1 = self.box
         h, w = self.plane
         if (y0, y1, x0, x1) == (0, h, 0, w):
@@ -232,14 +240,6 @@ class Geometry:
         sy, sx = slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w))
         out[..., sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0] = planes[..., sy, sx]
         return out
-
-    def outside(self, mask: np.ndarray) -> int:
-        """Voxels of an (X0, Y0, Z0) oriented mask that fall outside the window (cut from the slices)."""
-        planes = np.ascontiguousarray(np.moveaxis(mask, 2, 0))
-        if self.resampled:
-            planes = _zoom_plane(planes.astype(np.uint8), self.plane, order=0)
-        y0, y1, x0, x1 = self.box
-        return int(planes.sum()) - int(planes[:, max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)].sum())
 
     # ------------------------------------------------------------------ slices -> input grid
 
@@ -289,18 +289,16 @@ def geometry_of(
     window: int | None,
     factor: int,
     grow: bool = False,
-    where: str = "scan",
 ) -> Geometry:
     """The geometry of one scan: ``brain`` is its (X, Y, Z) brain mask on the input grid.
 
     The window is ``window`` voxels square, grid-centred, moved just enough to hold the brain's
     in-plane bounding box; ``None`` is the whole plane. A brain larger than the window is cut
     (training data: a fixed slice size) or, with ``grow``, the window grows to hold it (inference:
-    every brain voxel is predicted). Raises ValueError (naming ``where``) for what cannot be a brain
-    scan.
+    every brain voxel is predicted). Raises ValueError for what cannot be a brain scan.
     """
     if len(shape) != 3:
-        raise ValueError(f"{where}: image is {len(shape)}D {tuple(shape)}; expected a 3D volume")
+        raise ValueError(f"image is {len(shape)}D {tuple(shape)}; expected a 3D volume")
     ornt = ornt_transform(io_orientation(affine), AXCODES_ORNT).astype(int)
     oriented = [0, 0, 0]
     spacing = [0.0, 0.0, 0.0]
@@ -309,7 +307,7 @@ def geometry_of(
     extent = [oriented[i] * spacing[i] for i in (0, 1)]
     if min(oriented[:2]) < MIN_PLANE:
         raise ValueError(
-            f"{where}: {oriented[0]}×{oriented[1]} voxels in the axial plane (grid {tuple(shape)}, "
+            f"{oriented[0]}×{oriented[1]} voxels in the axial plane (grid {tuple(shape)}, "
             f"{''.join(aff2axcodes(affine))}); expected a 3D brain volume with axial slices"
         )
     plane = tuple(
