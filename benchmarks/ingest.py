@@ -1,12 +1,24 @@
-"""Ingest benchmark: the flow against the course's way and against the floor of merely decoding.
+"""Ingest benchmark: the ``brats ingest`` command against the floor of merely decoding the files.
 
-    python benchmarks/ingest.py [--cases 20] [--workers 2] [--repeats 3] [--profile full]
+    python benchmarks/ingest.py --raw DIR [--cases 42] [--workers 2] [--repeats 3] [--profile full]
+    python benchmarks/ingest.py            # synthetic cases instead (written once under --data)
 
-On M full-size synthetic cases (written once, cached under --data), side by side in one run:
-  (a) the ingest flow: Prefect + Dask LocalCluster (started inside, as in production) -> Zarr;
-  (b) the course's way: serially, normalize and write one .npy file per slice (image and label);
-  (c) the floor: a LocalCluster of the same size that only decodes every NIfTI file (nibabel).
-Each is run --repeats times, alternating, and the medians are compared: a/c (target <= 1.3) and b/a.
+Cases: the real cases under ``--raw`` (any BraTS layout), repeated under new ids (symbolic links)
+until there are ``--cases`` of them; without ``--raw``, full-size synthetic cases. Side by side in
+one run, each ``--repeats`` times, alternating, medians compared:
+
+  floor   decode every NIfTI file with nibabel, nothing else, in ``--workers`` processes
+          (a pool started before the clock: the floor is the decoding alone)
+  work    the ingest task's own body (``tasks.ingest.ingest_case.fn``: read once, hash, validate,
+          normalize, write the case to Zarr), in the same pool: per-case work against the floor's
+  flow    ``brats ingest RAW --store S --workers W`` as a user runs it: a new process, start-up
+          (temporary Prefect API, Dask cluster, imports) and teardown included
+  fixed   the same command with nothing to do (every case already in the store, unchanged): its
+          fixed start-up and teardown
+  monai   MONAI's plain loop (``LoadImaged`` + ``NormalizeIntensityd(nonzero, channel_wise)`` ->
+          one ``.npy`` per case), serially, when MONAI is installed
+
+Targets: flow <= 2.0 x floor, flow <= 0.5 x monai, work per case <= 1.3 x floor per case, fixed <= 5 s.
 """
 
 from __future__ import annotations
@@ -15,109 +27,159 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="brats-bench-prefect-"))
+import nibabel as nib
+import numpy as np
 
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-from distributed import Client, LocalCluster  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from flows.dask_runner import dask_runner  # noqa: E402
-from flows.embedded import prefect_api  # noqa: E402
-from flows.ingest import Preprocessing, ingest  # noqa: E402
-from storage.brats import BRATS_TO_CLASS  # noqa: E402
 from storage.nifti import discover  # noqa: E402
 from storage.synth import write_dataset  # noqa: E402
-from unet.preprocess import brain_mask, normalized_slices  # noqa: E402
 
 
-def decode(paths: list[str]) -> int:
-    return sum(int(np.asanyarray(nib.load(p).dataobj).size) for p in paths)
+def replicate(raw: Path, n: int, out: Path) -> Path:
+    """``n`` cases from the real cases under ``raw``: the cases themselves, then copies under new ids
+    (``<id>_r2``, …; symbolic links to the same files)."""
+    cases = discover(raw).cases
+    if not cases:
+        raise SystemExit(f"{raw}: no BraTS cases")
+    out.mkdir(parents=True)
+    for i in range(n):
+        case = cases[i % len(cases)]
+        new = case.case_id if i < len(cases) else f"{case.case_id}_r{i // len(cases) + 1}"
+        folder = out / new
+        folder.mkdir()
+        for path in case.files.values():
+            name = Path(path).name
+            (folder / name.replace(case.case_id, new, 1)).symlink_to(Path(path).resolve())
+    return out
 
 
-def floor(cases, workers: int) -> float:
+def decode(files: list[str]) -> float:
     start = time.perf_counter()
-    with (
-        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
-        Client(cluster) as client,
-    ):
-        client.gather(client.map(decode, [list(c.files.values()) for c in cases]))
+    for path in files:
+        np.asanyarray(nib.load(path).dataobj)
     return time.perf_counter() - start
 
 
-def course(cases, out: Path) -> float:
-    """One file per slice, written serially: the way the course notebooks do it."""
+def work(case, store: str, profile: str) -> float:
+    from tasks.ingest import ingest_case
+
+    start = time.perf_counter()
+    ingest_case.fn(case, store, profile)
+    return time.perf_counter() - start
+
+
+def pooled(pool: ProcessPoolExecutor, fn, items: list[tuple]) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    per_case = list(pool.map(fn, *zip(*items)))
+    return time.perf_counter() - start, per_case
+
+
+def command(raw: Path, store: Path, workers: int, profile: str) -> float:
+    env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    args = ["brats", "ingest", str(raw), "--store", str(store), "--workers", str(workers), "--profile", profile]
+    start = time.perf_counter()
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def monai_loop(cases, out: Path) -> float:
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
+
+    load = Compose(
+        [
+            LoadImaged(keys=["image", "label"], image_only=True),
+            EnsureChannelFirstd(keys=["image", "label"]),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        ]
+    )
     start = time.perf_counter()
     for case in cases:
-        image = np.stack(
-            [np.asanyarray(nib.load(case.files[m]).dataobj).astype(np.float32) for m in ("flair", "t1", "t1ce", "t2")]
+        item = load(
+            {"image": [case.files[m] for m in ("flair", "t1", "t1ce", "t2")], "label": case.files["seg"]}
         )
-        image = normalized_slices(image, brain_mask(image))[0].transpose(1, 2, 3, 0)  # (C, X, Y, Z) z-scores
-        seg = BRATS_TO_CLASS[np.asanyarray(nib.load(case.files["seg"]).dataobj)]
-        folder = out / case.case_id
-        folder.mkdir(parents=True)
-        for z in range(image.shape[-1]):
-            np.save(folder / f"image_{z:03d}.npy", image[..., z].astype(np.float16))
-            np.save(folder / f"label_{z:03d}.npy", seg[..., z])
+        np.save(out / f"{case.case_id}_image.npy", np.asarray(item["image"]))
+        np.save(out / f"{case.case_id}_label.npy", np.asarray(item["label"]))
     return time.perf_counter() - start
-
-
-def flow(raw: Path, store: Path, workers: int, profile: str) -> float:
-    start = time.perf_counter()
-    state = ingest.with_options(task_runner=dask_runner(workers=workers))(
-        [str(raw)], str(store), Preprocessing(profile=profile), return_state=True
-    )
-    seconds = time.perf_counter() - start
-    summary = state.result()
-    assert summary["ingested"] == len(discover(raw).cases), summary
-    return seconds
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", type=int, default=20)
+    ap.add_argument("--raw", type=Path, help="real BraTS cases (default: synthetic ones)")
+    ap.add_argument("--cases", type=int, default=42)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", choices=["full", "tp"], default="full")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "brats-bench-raw"))
+    ap.add_argument("--no-monai", action="store_true", help="skip MONAI's loop")
     args = ap.parse_args()
 
-    raw = Path(args.data) / f"synth-{args.cases}"
-    if not raw.exists():
-        t = time.perf_counter()
-        write_dataset(raw.with_suffix(".part"), args.cases, seed=0)
-        raw.with_suffix(".part").rename(raw)
-        print(f"wrote {args.cases} synthetic cases in {time.perf_counter() - t:.1f} s -> {raw}")
+    tmp = Path(tempfile.mkdtemp(prefix="brats-bench-"))
+    if args.raw:
+        raw, kind = replicate(args.raw, args.cases, tmp / "raw"), f"real ({args.raw})"
+    else:
+        raw, kind = Path(args.data) / f"synth-{args.cases}", "synthetic"
+        if not raw.exists():
+            write_dataset(raw.with_suffix(".part"), args.cases, seed=0)
+            raw.with_suffix(".part").rename(raw)
     cases = discover(raw).cases
-    work = Path(tempfile.mkdtemp(prefix="brats-bench-"))
-    times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-    with prefect_api():
+    try:
+        import monai  # noqa: F401
+
+        with_monai = not args.no_monai
+    except ImportError:
+        with_monai = False
+
+    times: dict[str, list[float]] = {k: [] for k in ("floor", "work", "flow", "fixed", "monai")}
+    per_case: dict[str, list[float]] = {"floor": [], "work": []}
+    with ProcessPoolExecutor(args.workers) as pool:
+        list(pool.map(decode, [list(c.files.values()) for c in cases[: args.workers]]))  # started, warm
         for r in range(args.repeats):
-            times["c"].append(floor(cases, args.workers))
-            times["a"].append(flow(raw, work / f"store-{r}.zarr", args.workers, args.profile))
-            times["b"].append(course(cases, work / f"course-{r}"))
-            shutil.rmtree(work / f"store-{r}.zarr")
-            shutil.rmtree(work / f"course-{r}")
-            print(
-                f"repeat {r + 1}: a {times['a'][-1]:.1f} s  b {times['b'][-1]:.1f} s  c {times['c'][-1]:.1f} s",
-                flush=True,
-            )
-    shutil.rmtree(work)
-    a, b, c = (statistics.median(times[k]) for k in "abc")
-    print(
-        f"\n{args.cases} cases x 240x240x155 x 5 files, {args.workers} workers, profile {args.profile}, "
-        f"median of {args.repeats}"
-    )
-    print(f"  (a) ingest flow (Prefect + Dask -> Zarr)      {a:7.1f} s   {args.cases / a:5.2f} cases/s")
-    print(f"  (b) course: one .npy per slice, serial       {b:7.1f} s   {args.cases / b:5.2f} cases/s")
-    print(f"  (c) floor: decode NIfTI only, same workers   {c:7.1f} s   {args.cases / c:5.2f} cases/s")
-    print(f"  a/c = {a / c:.2f}  (target <= 1.3)      b/a = {b / a:.2f}")
+            wall, each = pooled(pool, decode, [(list(c.files.values()),) for c in cases])
+            times["floor"].append(wall)
+            per_case["floor"] += each
+            store = tmp / f"work-{r}.zarr"
+            wall, each = pooled(pool, work, [(c, str(store), args.profile) for c in cases])
+            times["work"].append(wall)
+            per_case["work"] += each
+            shutil.rmtree(store)
+            store = tmp / f"flow-{r}.zarr"
+            times["flow"].append(command(raw, store, args.workers, args.profile))
+            times["fixed"].append(command(raw, store, args.workers, args.profile))  # all unchanged: skipped
+            shutil.rmtree(store)
+            if with_monai:
+                (tmp / "monai").mkdir()
+                times["monai"].append(monai_loop(cases, tmp / "monai"))
+                shutil.rmtree(tmp / "monai")
+            print("repeat", r + 1, "  ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v), flush=True)
+    shutil.rmtree(tmp)
+
+    m = {k: statistics.median(v) for k, v in times.items() if v}
+    floor_case, work_case = statistics.median(per_case["floor"]), statistics.median(per_case["work"])
+    n = len(cases)
+    print(f"\n{n} {kind} cases, {args.workers} workers, profile {args.profile}, medians of {args.repeats}")
+    print(f"  floor: decode the NIfTI files only (nibabel)     {m['floor']:6.1f} s   {floor_case:5.2f} s/case")
+    print(f"  work: the ingest task's body, same pool         {m['work']:6.1f} s   {work_case:5.2f} s/case")
+    print(f"  flow: `brats ingest`, start-up included         {m['flow']:6.1f} s")
+    print(f"  fixed: `brats ingest` with nothing to do        {m['fixed']:6.1f} s")
+    if "monai" in m:
+        print(f"  MONAI LoadImaged+NormalizeIntensityd -> .npy    {m['monai']:6.1f} s   (serial)")
+    print(f"  flow / floor = {m['flow'] / m['floor']:.2f} (target <= 2.0)")
+    if "monai" in m:
+        print(f"  flow / MONAI = {m['flow'] / m['monai']:.2f} (target <= 0.5)")
+    print(f"  work / floor per case = {work_case / floor_case:.2f} (target <= 1.3)")
+    print(f"  fixed start-up = {m['fixed']:.1f} s (target <= 5)")
     return 0
 
 

@@ -247,6 +247,19 @@ def run(name: str, command: Command, argv: list[str], debug: bool) -> int:
         raise ValueError(
             "no Prefect server configured (set PREFECT_API_URL): events sent to a temporary API would trigger nothing"
         )
+    server = None
+    if command.api and not configured_api() and not {"-h", "--help"} & set(argv):
+        from flows.embedded import EphemeralAPI
+
+        server = EphemeralAPI.start()  # comes up while the flow is imported and its options parsed
+    try:
+        return _run(name, command, argv, debug, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run(name: str, command: Command, argv: list[str], debug: bool, server) -> int:
     fn = command.function()
     parser = argparse.ArgumentParser(
         prog=f"brats {name}", description=(getattr(fn, "fn", fn).__doc__ or command.help).split("\n\n")[0]
@@ -275,7 +288,7 @@ def run(name: str, command: Command, argv: list[str], debug: bool) -> int:
 
     if command.target == RUNNER and (args._dask_address or args._workers):
         fn = fn.with_options(task_runner=dask_runner(args._dask_address, args._workers))
-    with prefect_api():
+    with prefect_api(server):
         if not debug:
             one_line_console()
         return report(fn(**kwargs, return_state=True))

@@ -28,11 +28,20 @@ class _NoDashboard(logging.Filter):
 logging.getLogger("prefect.task_runner.dask").addFilter(_NoDashboard())
 
 
-def dask_runner(address: str | None = None, workers: int | None = None) -> DaskTaskRunner:
+def dask_runner(
+    address: str | None = None, workers: int | None = None, processes: bool | None = None
+) -> DaskTaskRunner:
     address = address or os.environ.get("BRATS_DASK_ADDRESS") or None
     if address:
         return DaskTaskRunner(address=address)
     workers = workers or int(os.environ.get("BRATS_DASK_WORKERS", 0)) or os.cpu_count() or 1
+    if processes is None:
+        processes = os.environ.get("BRATS_DASK_PROCESSES", "0").lower() in ("1", "true", "yes")
     return DaskTaskRunner(
-        cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": processes,
+            "dashboard_address": None,
+        }
     )

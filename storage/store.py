@@ -200,7 +200,7 @@ class SliceStore:
         _check_id(self.url, case_id)
         with self._lock(case_id):
             try:  # an older copy: hide it before deleting it, so no reader takes a half-deleted case for whole
-                self.root[f"cases/{case_id}"].attrs.update({"complete": False})
+                self.root[f"cases/{case_id}"].update_attributes({"complete": False})
             except KeyError:
                 pass
             group = self.root.create_group(f"cases/{case_id}", overwrite=True, attributes={"complete": False})
@@ -212,7 +212,7 @@ class SliceStore:
                 group.create_array(
                     "label", data=label, chunks=(1, h, w), shards=(z, h, w), compressors=COMPRESSOR, config=WRITE
                 )
-            group.attrs.update({**_jsonable(attrs), "complete": True})
+            group.update_attributes({**_jsonable(attrs), "complete": True})  # one metadata write
 
     def delete_case(self, case_id: str) -> None:
         _check_id(self.url, case_id)

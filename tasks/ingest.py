@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from storage.nifti import CaseFiles, InvalidCase, read_case, sha256_file
+from storage.nifti import CaseFiles, InvalidCase, digests, read_case, read_files
 from storage.store import SliceStore
 from tasks.preset import stage_task
 from unet.preprocess import PROFILES, preprocess_case
@@ -19,11 +19,11 @@ from unet.preprocess import PROFILES, preprocess_case
 def ingest_case(case: CaseFiles, store_url: str, profile: str, dtype: str = "float16") -> dict:
     start = time.perf_counter()
     store = SliceStore(store_url, mode="a")
-    sha = {channel: sha256_file(path) for channel, path in case.files.items()}
-    if store.is_current(case.case_id, sha, profile):
+    files = read_files(case)  # each file read once: these bytes are hashed, and decoded if the case changed
+    if store.is_current(case.case_id, digests(files), profile):
         a = store.attrs(case.case_id)
         return _row(a, "skipped", time.perf_counter() - start)
-    raw = read_case(case)
+    raw = read_case(case, files)
     image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)  # InvalidCase: not a brain volume
     try:
         store.claim_slice_shape(image.shape[-2:])

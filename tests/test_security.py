@@ -211,15 +211,18 @@ def test_the_prefect_api_listens_on_loopback_by_default(monkeypatch):
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings.models.server.api import ServerAPISettings
 
+    from flows.embedded import EphemeralAPI
+
     assert ServerAPISettings.model_fields["host"].default == "127.0.0.1"  # `prefect server start`
     launched = []
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: launched.append(args))
-    server = SubprocessASGIServer()  # what flows/embedded.py starts for every `brats` command
+    server = SubprocessASGIServer(port=4242)  # Prefect's own temporary API
     server._run_uvicorn_command()
-    args = launched[0]
-    assert args[args.index("--host") + 1] == "127.0.0.1" and server.api_url.startswith("http://127.0.0.1:")
+    ours = EphemeralAPI.command(4242)  # what flows/embedded.py starts for every `brats` command
+    assert ours == launched[0], "the temporary API must be launched exactly as Prefect launches it"
+    assert ours[ours.index("--host") + 1] == "127.0.0.1"
     embedded = (ROOT / "flows" / "embedded.py").read_text()
-    assert "SubprocessASGIServer()" in embedded and "0.0.0.0" not in embedded and "--host" not in embedded
+    assert "0.0.0.0" not in embedded
 
 
 def test_published_service_ports_default_to_loopback():

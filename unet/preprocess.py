@@ -75,26 +75,28 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, list[float], list[float]]:
-    """Z-score each modality over the brain -> (Z, C, X, Y) slices, background exactly 0.
+    """Z-score each modality over the brain -> (Z, C, X, Y) slices in ``dtype``, background exactly 0.
 
     Work is confined to the brain's bounding box; brain voxels are the mask, and since voxels
-    outside it are zero in every modality, sums over the box are sums over the brain.
+    outside it are zero in every modality, sums over the box are sums over the brain. Each box is
+    scaled in float32 and cast to ``dtype`` in the scan's own memory order, then transposed into
+    place: the cast (slow for float16) touches the box, not the whole grid.
     """
     x, y, z = mask.shape
     box = _bbox(mask)
     inside = mask[box]
-    n = max(int(inside.sum()), 1)
+    n = max(int(np.count_nonzero(inside)), 1)
     out = np.zeros((z, len(volumes), x, y), dtype=dtype)
     means, stds = [], []
     for c, v in enumerate(volumes):
-        vb = v[box].astype(np.float32)
-        flat = vb.ravel(order="K").astype(np.float64)  # float64 sums: the same figures in any voxel order
+        flat = v[box].ravel(order="K").astype(np.float64)  # float64 sums: the same figures in any voxel order
         mean = float(flat.sum()) / n
         std = float(np.sqrt(max(float(np.dot(flat, flat)) / n - mean * mean, 0.0))) or 1.0
+        vb = v[box].astype(np.float32, order="K")
         vb -= mean
         vb *= 1.0 / std
         vb *= inside
-        out[box[2], c, box[0], box[1]] = vb.transpose(2, 0, 1)
+        out[box[2], c, box[0], box[1]] = vb.astype(dtype, order="K").transpose(2, 0, 1)
         means.append(mean)
         stds.append(std)
     return out, means, stds
@@ -124,16 +126,12 @@ def preprocess_case(
         raise InvalidCase(case.files.files.get("flair", case.files.case_id), str(e)) from None
     oriented = [geometry.reorient(v) for v in volumes]  # views; a no-op for BraTS's own orientation
     omask = geometry.reorient(mask)
-    normed, means, stds = normalized_slices(oriented, omask, np.float32)  # (Z, C, X, Y)
-    slices = downsample(geometry.window(normed, order=1), profile.factor, dtype)
-    footprint = geometry.resample(np.ascontiguousarray(omask.transpose(2, 0, 1)), order=0)  # (Z, H, W)
-    brain = geometry.crop(footprint)  # (Z, window) full res
-    labels = None
-    if case.seg is not None:
-        classes = BRATS_TO_CLASS[geometry.reorient(case.seg)].transpose(2, 0, 1)  # (Z, X, Y)
-        f = profile.factor
-        labels = np.ascontiguousarray(geometry.window(classes, order=0)[:, ::f, ::f])
-    label_counts = np.bincount(labels.ravel(), minlength=4) if labels is not None else None
+    f = profile.factor
+    final = f == 1 and not geometry.resampled  # normalized slices are the result, in its dtype: no second cast
+    normed, means, stds = normalized_slices(oriented, omask, dtype if final else np.float32)  # (Z, C, X, Y)
+    slices = downsample(geometry.window(normed, order=1), f, dtype)
+    in_window, outside = _brain_in_window(geometry, omask)
+    labels = None if case.seg is None else _window_classes(geometry, geometry.reorient(case.seg))
     attrs = {
         "case_id": case.files.case_id,
         "grade": case.files.grade,
@@ -147,18 +145,39 @@ def preprocess_case(
         "geometry": geometry.to_dict(),
         "mean": means,
         "std": stds,
-        "brain_voxels": int(mask.sum()),
-        "brain_outside_window": int(footprint.sum()) - int(brain.sum()),  # cut by the window (0 but for huge brains)
+        "brain_voxels": int(np.count_nonzero(mask)),
+        "brain_outside_window": outside,  # cut by the window (0 but for huge brains)
         "label_voxels": None
         if case.seg is None
-        else {
-            str(k): int(v) for k, v in zip(LABELS, np.bincount(case.seg.ravel(order="K"), minlength=5)[list(LABELS)])
-        },
-        "class_voxels": None if label_counts is None else label_counts.tolist(),  # on the profile's grid
-        "slice_brain": brain.sum(axis=(1, 2)).tolist(),  # brain voxels per slice inside the window, full res
-        "slice_tumour": (labels > 0).sum(axis=(1, 2)).tolist() if labels is not None else None,
+        else {str(k): int(np.count_nonzero(case.seg == k)) for k in LABELS},
+        "class_voxels": None if labels is None else [int(np.count_nonzero(labels == k)) for k in range(4)],
+        "slice_brain": in_window,  # brain voxels per slice inside the window, full res
+        "slice_tumour": None if labels is None else np.count_nonzero(labels, axis=(1, 2)).tolist(),
     }
     return slices, labels, attrs
+
+
+def _brain_in_window(geometry: Geometry, omask: np.ndarray) -> tuple[list[int], int]:
+    """(brain voxels per slice inside the window at full resolution, brain voxels the window cuts)."""
+    if geometry.resampled:
+        footprint = geometry.resample(np.ascontiguousarray(omask.transpose(2, 0, 1)), order=0)  # (Z, H, W)
+        per_slice = np.count_nonzero(geometry.crop(footprint), axis=(1, 2))
+        return per_slice.tolist(), int(np.count_nonzero(footprint)) - int(per_slice.sum())
+    y0, y1, x0, x1 = geometry.box  # on the (H, W) = (X, Y) plane: count in place, no transposed copy
+    h, w = geometry.plane
+    per_slice = np.count_nonzero(omask[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)], axis=(0, 1))
+    return per_slice.tolist(), int(np.count_nonzero(omask)) - int(per_slice.sum())
+
+
+def _window_classes(geometry: Geometry, seg: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) BraTS labels on the oriented grid -> (Z, h, w) classes 0..3 on the profile's grid.
+
+    Classes are looked up inside the tumour's bounding box only; the rest is background."""
+    classes = np.zeros(seg.shape[::-1], dtype=np.uint8).transpose(2, 1, 0)  # (X, Y, Z) view of a (Z, Y, X) array
+    box = _bbox(seg)
+    classes[box] = BRATS_TO_CLASS[seg[box]]
+    f = geometry.factor
+    return np.ascontiguousarray(geometry.window(classes.transpose(2, 0, 1), order=0)[:, ::f, ::f])
 
 
 def to_labels(geometry: Geometry, classes: np.ndarray) -> np.ndarray:
