@@ -97,6 +97,12 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         api=False,
         server=True,
     ),
+    "serve": Command(
+        "flows.served:serve",
+        "segment each scan sent by `submit --served` / `watch --served` with the model kept warm (seconds)",
+        api=False,
+        server=True,
+    ),
     "sweep": Command(
         "flows.sweep:sweep",
         "segment every complete scan in an inbox not yet segmented by the current model",

@@ -6,6 +6,9 @@
     brats submit PATH     emit the same event by hand for a case folder (or every case under a root),
                           noted there too, so the watcher does not announce it again
 
+With ``--served`` both send each scan straight to the ``brats serve`` processes instead
+(``segment-scan`` task runs, a model kept warm: seconds from scan to segmentation; ``flows/served.py``).
+
 The ``infer/scans`` deployment has a trigger on the event whose parameters come from its payload
 (``path``, ``naming``; deploy/prefect.yaml); the ``sweep`` flow (``flows/sweep.py``) does whatever
 was missed. Paths in the event are absolute: the inbox must be mounted at the same path on the
@@ -65,6 +68,18 @@ def send(events: list) -> None:
         asyncio.run(_send())
 
 
+def deliver(scans: list[Scan], source: str, naming: str = "auto", served: bool = False) -> None:
+    """Announce scans (``brats.scan.arrived``: the ``infer/scans`` deployment), or, ``served``, send
+    each straight to the ``brats serve`` processes (``segment-scan``, ``flows/served.py``)."""
+    if not served:
+        send([scan_event(s, source, naming) for s in scans])
+        return
+    from tasks.served import segment_scan
+
+    for s in scans:
+        segment_scan.delay(s.path, s.case.case_id, naming)
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -76,6 +91,7 @@ def watch(
     naming: Naming = "auto",
     max_polls: int = 0,
     baseline: bool = False,
+    served: bool = False,
 ) -> int:
     """Watch an inbox; emit brats.scan.arrived for each complete new scan.
 
@@ -86,8 +102,9 @@ def watch(
         naming: file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)
         max_polls: stop after N polls (0: run until stopped, by Ctrl-C or one SIGTERM)
         baseline: record the scans already there as announced, without emitting (the sweep does them)
+        served: send each scan to the `brats serve` processes (a warm model, seconds) instead of emitting the event
     """
-    watcher = Watcher(inbox, lambda scans: send([scan_event(s, "watch", naming) for s in scans]), state, naming)
+    watcher = Watcher(inbox, lambda scans: deliver(scans, "watch", naming, served), state, naming)
     if baseline:
         print(f"{_now()} baseline: {watcher.baseline()} scan(s) recorded in {watcher.state}", flush=True)
     print(f"{_now()} watching {watcher.inbox} every {interval:g}s (state {watcher.state})", flush=True)
@@ -101,7 +118,8 @@ def watch(
         while True:
             try:
                 for s in watcher.poll():
-                    print(f"{_now()} emitted {EVENT} {s.case.case_id} {s.path}", flush=True)
+                    sent = "sent segment-scan" if served else f"emitted {EVENT}"
+                    print(f"{_now()} {sent} {s.case.case_id} {s.path}", flush=True)
             except Exception as e:  # the API or the inbox away for a moment: try again next poll
                 print(f"{_now()} poll failed, retrying: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             polls += 1
@@ -113,20 +131,21 @@ def watch(
         return 0
 
 
-def submit(paths: list[str], naming: Naming = "auto") -> int:
+def submit(paths: list[str], naming: Naming = "auto", served: bool = False) -> int:
     """Emit brats.scan.arrived by hand for case folder(s), or every complete case under inbox root(s).
 
     Args:
         paths: case folder(s) or inbox root(s)
         naming: file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)
+        served: send each scan to the `brats serve` processes (a warm model, seconds) instead of emitting the event
     """
     scans = [scan for path in paths for scan in scans_at(path, naming)]
-    send([scan_event(s, "submit", naming) for s in scans])
+    deliver(scans, "submit", naming, served)
     for s in scans:
         inbox = Path(s.path).parent.parent if s.case.grade else Path(s.path).parent  # <inbox>/[<grade>/]<case>/
         try:
             record(state_path(inbox), [s], "submit")  # so that a watcher of this inbox does not announce it again
         except OSError as e:
             print(f"note: {state_path(inbox)} not written ({e.strerror or e})", file=sys.stderr)
-        print(f"emitted {EVENT} {s.case.case_id} {s.path}")
+        print(f"{'sent segment-scan' if served else f'emitted {EVENT}'} {s.case.case_id} {s.path}")
     return 0

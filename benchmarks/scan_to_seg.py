@@ -1,0 +1,157 @@
+"""Scan-to-segmentation benchmark: seconds from ``brats submit`` to ``<case>_seg.nii.gz`` on disk.
+
+    python benchmarks/scan_to_seg.py --case DIR [--models M --model V] [--repeats 5]
+
+What an operator runs, on this machine: a real ``prefect server start`` (temporary home), then, once
+and before the clock, ``brats serve --out OUT`` (a task worker with the model loaded and run once).
+Each repeat copies the case under a new id into an inbox (a new scan, nothing cached on disk) and
+times ``brats submit <folder> --served`` (a new process: start-up included) until the segmentation
+and its record are written. For comparison, the cold path a deployment's flow run takes: ``brats
+infer <folder>`` as a new process (imports, model load, prediction, write), timed the same way.
+
+The model: ``--models``/``--model`` (e.g. a trained ``tp`` version), else an untrained ``tp`` U-Net
+of ``--base`` channels (the cost does not depend on the weights). Prints each time and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer in {timeout:.0f} s")
+
+
+def untrained(models: Path, base: int) -> str:
+    import torch
+
+    from storage.registry import Registry
+    from unet.checkpoint import save_model
+    from unet.model import UNet, UNetConfig
+
+    registry = Registry(str(models))
+    version = registry.create({"profile": "tp", "status": "complete"})
+    torch.manual_seed(0)
+    save_model(registry, version, UNet(UNetConfig(base_channels=base)))
+    registry.set_best(version)
+    return version
+
+
+def new_scan(case: Path, inbox: Path, new_id: str) -> Path:
+    folder = inbox / new_id
+    folder.mkdir(parents=True)
+    for f in case.iterdir():
+        if f.name.endswith((".nii.gz", ".nii")) and not f.name.split(".")[0].endswith("_seg"):
+            shutil.copy(f, folder / f.name.replace(case.name, new_id, 1))
+    return folder
+
+
+def until_written(out: Path, case_id: str, start: float, timeout: float = 300) -> float:
+    record = out / f"{case_id}.json"  # written last, after the segmentation
+    while not record.exists():
+        if time.perf_counter() - start > timeout:
+            raise SystemExit(f"no {record} after {timeout:.0f} s")
+        time.sleep(0.02)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", type=Path, default=ROOT / "tests" / "data" / "Brats18_2013_2_1", help="a case folder")
+    ap.add_argument("--models", type=Path, help="model registry (default: an untrained tp model)")
+    ap.add_argument("--model", default=None, help="version in --models (default: its best)")
+    ap.add_argument("--base", type=int, default=16, help="base channels of the untrained model")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cold", type=int, default=2, help="cold `brats infer` runs for comparison (0: none)")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="brats-scan2seg-"))
+    models = args.models or tmp / "models"
+    version = args.model or (None if args.models else untrained(models, args.base))
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    log = open(tmp / "server.log", "w")
+    procs = [
+        subprocess.Popen(
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=log
+        )
+    ]
+    out, inbox = tmp / "out", tmp / "inbox"
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/health")
+        serve = ["brats", "serve", "--out", str(out), "--models", str(models)] + (
+            ["--model", version] if version else []
+        )
+        procs.append(subprocess.Popen(serve, env=env, stdout=subprocess.PIPE, stderr=log, text=True))
+        ready = procs[-1].stdout.readline()
+        if "serving" not in ready:
+            raise SystemExit(f"brats serve did not start: {ready!r} (see {tmp / 'server.log'})")
+        print(ready.strip())
+        time.sleep(1.0)  # the worker subscribes right after it says so
+        served, submit_only, cold = [], [], []
+        for r in range(args.repeats):
+            folder = new_scan(args.case, inbox, f"{args.case.name}_s{r}")
+            start = time.perf_counter()
+            subprocess.run(["brats", "submit", str(folder), "--served"], env=env, check=True, capture_output=True)
+            submit_only.append(time.perf_counter() - start)
+            served.append(until_written(out, folder.name, start))
+            print(f"served {r + 1}: submit {submit_only[-1]:.1f} s, segmentation written after {served[-1]:.1f} s")
+        for r in range(args.cold):
+            folder = new_scan(args.case, inbox, f"{args.case.name}_c{r}")
+            start = time.perf_counter()
+            infer = ["brats", "infer", str(folder), "--out", str(out), "--models", str(models)]
+            subprocess.run(infer + (["--model", version] if version else []), env=env, check=True, capture_output=True)
+            cold.append(until_written(out, folder.name, start))
+            print(f"cold `brats infer` {r + 1}: {cold[-1]:.1f} s")
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+    print(f"\ncase {args.case.name}, model {version or 'best'} of {models}")
+    median = statistics.median(served)
+    print(f"  served (brats serve, warm): submit -> segmentation  median {median:5.1f} s  (target <= 10)")
+    print(f"    of which `brats submit` itself                     median {statistics.median(submit_only):5.1f} s")
+    if cold:
+        print(f"  cold (`brats infer`, a new process)                 median {statistics.median(cold):5.1f} s")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

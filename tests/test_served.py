@@ -1,0 +1,85 @@
+"""``brats serve``: a real task-worker process on the test API, scans sent by ``submit --served``.
+
+The process loads the model once; each submitted scan becomes a ``segment-scan`` task run there and
+writes what ``brats infer`` writes. A bad scan fails its own task run with a one-line reason and the
+process keeps serving; a new best model is used from the next scan on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+from flows.events import submit
+from storage.registry import Registry
+from tests.test_infer import register
+
+pytestmark = pytest.mark.slow
+
+
+def written(out, case_id: str, timeout: float = 120) -> dict:
+    record = out / f"{case_id}.json"
+    deadline = time.monotonic() + timeout
+    while not record.exists():
+        assert time.monotonic() < deadline, f"no {record} after {timeout:.0f} s"
+        time.sleep(0.1)
+    return json.loads(record.read_text())
+
+
+def task_runs(name: str) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+
+
+def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alone(prefect_api, small_raw, tmp_path):
+    models, out, inbox = tmp_path / "models", tmp_path / "out", tmp_path / "inbox"
+    first = register(models)
+    for src in sorted((small_raw / "HGG").iterdir())[:2]:
+        shutil.copytree(src, inbox / src.name)
+    cases = sorted(p.name for p in inbox.iterdir())
+    bad = inbox / "BAD_1"
+    shutil.copytree(inbox / cases[0], bad)
+    for f in bad.iterdir():
+        f.rename(bad / f.name.replace(cases[0], "BAD_1"))
+    (bad / "BAD_1_t1.nii.gz").write_bytes(b"\x1f\x8b garbage")
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    command = [sys.executable, "-m", "flows.cli", "serve", "--out", str(out), "--models", str(models)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = server.stdout.readline()
+        assert f"serving segment-scan: model {first}" in ready, ready
+        time.sleep(1.0)  # subscribed right after it says so
+        assert submit([str(bad), str(inbox / cases[0])], served=True) == 0
+        record = written(out, cases[0])
+        assert record["model_version"] == first
+        seg = nib.load(out / f"{cases[0]}_seg.nii.gz")
+        reference = nib.load(next((inbox / cases[0]).glob("*_flair.nii.gz")))
+        assert seg.shape == reference.shape and (seg.affine == reference.affine).all()
+
+        deadline = time.monotonic() + 60
+        while not (runs := [r for r in task_runs("segment-BAD_1") if r.state and r.state.is_final()]):
+            assert time.monotonic() < deadline, "the bad scan's task run never ended"
+            time.sleep(0.2)
+        assert runs[0].state.is_failed() and "truncated or corrupt gzip" in runs[0].state.message
+        assert not (out / "BAD_1_seg.nii.gz").exists()
+        (done,) = task_runs(f"segment-{cases[0]}")
+        assert done.state.is_completed()
+
+        second = register(models, seed=1)  # a new best: the next scan uses it, in the same process
+        assert Registry(str(models)).best() == second
+        assert submit([str(inbox / cases[1])], served=True) == 0
+        assert written(out, cases[1])["model_version"] == second
+        assert server.poll() is None  # still serving
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
