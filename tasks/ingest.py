@@ -1,13 +1,22 @@
-"""Prefect task: one raw case -> one complete case in the slice store.
+"""Prefect tasks: raw cases -> complete cases in the slice store.
 
-Retried on transient I/O errors (``OSError``: a flaky disk or bucket), never on invalid data
-(``InvalidCase``), which fails the task at once with a one-line reason naming the file.
-Returns metadata only; the arrays go straight from the worker to the store.
+``ingest_case``: one case. Retried on transient I/O errors (``OSError``: a flaky disk or bucket),
+never on invalid data (``InvalidCase``), which fails the task at once with a one-line reason naming
+the file. Returns metadata only; the arrays go straight from the worker to the store.
+
+``ingest_cases``: a few cases in one task run, what the ingest flow maps over Dask. A task run on a
+Dask worker costs ~0.07 s of Prefect's own (its context is serialized and rebuilt for each run), a
+quarter of a case's work; a batch pays it once. Each case is still done on its own: an invalid one
+becomes a ``quarantined`` row with its reason (logged as an error) and the others go on; an
+``OSError`` retries the batch, whose finished cases are then skipped (unchanged).
 """
 
 from __future__ import annotations
 
 import time
+
+from prefect import get_run_logger
+from prefect.runtime import task_run
 
 from storage.nifti import CaseFiles, InvalidCase, digests, read_case, read_files
 from storage.store import SliceStore
@@ -45,3 +54,28 @@ def _row(attrs: dict, status: str, seconds: float) -> dict:
         "tumour_voxels": sum(labels.values()) if labels else 0,
         "seconds": round(seconds, 2),
     }
+
+
+def _batch_name() -> str:
+    cases = task_run.parameters["cases"]
+    return f"ingest-{cases[0].case_id}" + (f"-and-{len(cases) - 1}-more" if len(cases) > 1 else "")
+
+
+@stage_task("ingest-cases", _batch_name)
+def ingest_cases(cases: list[CaseFiles], store_url: str, profile: str, dtype: str = "float16") -> list[dict]:
+    """``ingest_case`` for each case, in turn; an invalid case is a ``quarantined`` row, not a failure."""
+    rows = []
+    for case in cases:
+        try:
+            rows.append(ingest_case.fn(case, store_url, profile, dtype))
+        except InvalidCase as e:
+            get_run_logger().error("%s", e)
+            rows.append({"case": case.case_id, "status": "quarantined", "reason": str(e)})
+    return rows
+
+
+def batches(items: list, size: int) -> list[list]:
+    """``items`` in consecutive batches of at most ``size``, as even as can be."""
+    n = max(1, -(-len(items) // max(1, size)))
+    cut = [len(items) * i // n for i in range(n + 1)]
+    return [items[a:b] for a, b in zip(cut, cut[1:]) if b > a]

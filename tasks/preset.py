@@ -44,8 +44,11 @@ def stage_task(
     )
 
 
-def gather(futures: Sequence, items: Sequence, progress=None) -> tuple[list[Any], list[tuple[Any, str]]]:
-    """(results, [(item, one-line error)]) of futures mapped over ``items``, in the order they finish."""
+def gather(
+    futures: Sequence, items: Sequence, progress=None, weight: Callable[[Any], int] = lambda item: 1
+) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(results, [(item, one-line error)]) of futures mapped over ``items``, in the order they finish;
+    each finished item advances ``progress`` by its ``weight`` (e.g. the cases in a batch)."""
     log = get_run_logger()
     item_of = dict(zip(futures, items))
     results, failures = [], []
@@ -57,5 +60,5 @@ def gather(futures: Sequence, items: Sequence, progress=None) -> tuple[list[Any]
             failures.append((item_of[future], str(future.state.result(raise_on_failure=False))))
             log.error("%s", failures[-1][1])
         if progress is not None:
-            progress.advance()
+            progress.advance(weight(item_of[future]))
     return results, failures

@@ -328,3 +328,13 @@ def test_a_full_profile_store_refuses_slices_of_another_grid(real_case, tmp_path
         str(small / f"{small.name}_flair.nii.gz") + ": slices 48x48 differ from the store's 240x240"
     )
     assert "\n" not in str(err.value) and SliceStore(url).case_ids() == ["Brats18_2013_2_1"]
+
+
+@pytest.mark.parametrize(
+    "n,size,expected", [(42, 4, [3, 4, 4, 4, 4, 3, 4, 4, 4, 4, 4]), (5, 4, [2, 3]), (3, 1, [1, 1, 1]), (0, 4, [])]
+)
+def test_cases_are_batched_evenly_in_order(n, size, expected):
+    from tasks.ingest import batches
+
+    got = batches(list(range(n)), size)
+    assert [len(b) for b in got] == expected and [i for b in got for i in b] == list(range(n))

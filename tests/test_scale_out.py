@@ -102,6 +102,7 @@ def test_ingest_runs_on_an_existing_cluster_by_address(prefect_api, dask_cluster
 
     url = str(tmp_path / "slices.zarr")
     params = dict(raw=[str(small_raw)], store=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
+    params["cases_per_task"] = 1  # a task run per case: six to share between the two workers
     state = ingest.with_options(task_runner=dask_runner(address=address))(**params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
