@@ -283,7 +283,7 @@ def _run(name: str, command: Command, argv: list[str], debug: bool, server) -> i
             dest="_workers",
             metavar="N",
             type=int,
-            help="LocalCluster worker processes (default: one per core)",
+            help="LocalCluster workers (default: one per core)",
         )
     args = parser.parse_args(argv)
     kwargs = parameters(args)

@@ -2,9 +2,13 @@
 
 ``BRATS_DASK_ADDRESS`` (or ``brats ingest --dask-address``) names an existing scheduler, e.g.
 ``tcp://scheduler:8786``; otherwise each flow run starts a ``LocalCluster`` of
-``BRATS_DASK_WORKERS`` single-threaded worker processes (default: one per core), without a
-dashboard. Dask's own INFO lines (``distributed.*``: scheduler, nanny, worker start and stop) stay
-out of the console, in this process and in the worker processes it starts; warnings still show.
+``BRATS_DASK_WORKERS`` single-threaded workers (default: one per core), without a dashboard.
+The local workers are threads of this process unless ``BRATS_DASK_PROCESSES=1``: ingestion's
+work releases the GIL (ISA-L inflate, numpy, blosc), threads start in a fraction of a second
+where worker processes each import Prefect and the pipeline again (seconds, on a small run most of
+the command), and nothing is pickled between them. Dask's own INFO lines (``distributed.*``:
+scheduler, nanny, worker start and stop) stay out of the console, in this process and in any
+worker processes it starts; warnings still show.
 """
 
 from __future__ import annotations
