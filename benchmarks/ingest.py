@@ -106,9 +106,7 @@ def monai_loop(cases, out: Path) -> float:
     )
     start = time.perf_counter()
     for case in cases:
-        item = load(
-            {"image": [case.files[m] for m in ("flair", "t1", "t1ce", "t2")], "label": case.files["seg"]}
-        )
+        item = load({"image": [case.files[m] for m in ("flair", "t1", "t1ce", "t2")], "label": case.files["seg"]})
         np.save(out / f"{case.case_id}_image.npy", np.asarray(item["image"]))
         np.save(out / f"{case.case_id}_label.npy", np.asarray(item["label"]))
     return time.perf_counter() - start

@@ -147,9 +147,7 @@ def preprocess_case(
         "std": stds,
         "brain_voxels": int(np.count_nonzero(mask)),
         "brain_outside_window": outside,  # cut by the window (0 but for huge brains)
-        "label_voxels": None
-        if case.seg is None
-        else {str(k): int(np.count_nonzero(case.seg == k)) for k in LABELS},
+        "label_voxels": None if case.seg is None else {str(k): int(np.count_nonzero(case.seg == k)) for k in LABELS},
         "class_voxels": None if labels is None else [int(np.count_nonzero(labels == k)) for k in range(4)],
         "slice_brain": in_window,  # brain voxels per slice inside the window, full res
         "slice_tumour": None if labels is None else np.count_nonzero(labels, axis=(1, 2)).tolist(),
