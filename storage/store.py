@@ -45,11 +45,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+from numcodecs import Blosc
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from storage.nifti import CASE_ID
@@ -61,6 +65,7 @@ except ImportError:  # pragma: no cover - not POSIX: no locking, as on object st
 
 SCHEMA = 2  # 2: cases carry their geometry (orientation, spacing, window) instead of a crop box
 COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0)  # COMPRESSOR's bytes, from numcodecs
 WRITE = {"write_empty_chunks": True}  # inside a shard an empty chunk costs bytes; checking costs 2x the write
 LOCKS = ".locks"  # <store>/.locks/<case_id>.lock (local stores); outside the cases/ group readers list
 STORE_LOCK = "_store"  # not a valid case id, so never a case's lock
@@ -204,14 +209,9 @@ class SliceStore:
             except KeyError:
                 pass
             group = self.root.create_group(f"cases/{case_id}", overwrite=True, attributes={"complete": False})
-            z, c, h, w = image.shape
-            group.create_array(
-                "image", data=image, chunks=(1, c, h, w), shards=(z, c, h, w), compressors=COMPRESSOR, config=WRITE
-            )
+            write_slices(group, "image", image)
             if label is not None:
-                group.create_array(
-                    "label", data=label, chunks=(1, h, w), shards=(z, h, w), compressors=COMPRESSOR, config=WRITE
-                )
+                write_slices(group, "label", label)
             group.update_attributes({**_jsonable(attrs), "complete": True})  # one metadata write
 
     def delete_case(self, case_id: str) -> None:
@@ -243,6 +243,34 @@ class SliceStore:
             yield
         finally:
             os.close(fd)
+
+
+def write_slices(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
+    """``data`` (Z, ...) as the array ``name``: one shard of one-slice chunks, each blosc-compressed.
+
+    Zarr makes the array's metadata; the shard's bytes are made here, byte for byte what zarr
+    writes (chunks in order, then the index of (offset, nbytes) pairs and its crc32c; a test
+    compares them) and written through the array's own store. Zarr's own write encodes each chunk
+    through its async pipeline, ~0.3 ms a chunk on top of compressing it: with 155 slices a case,
+    most of the cost of writing it.
+    """
+    z = data.shape[0]
+    array = group.create_array(
+        name,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=(1, *data.shape[1:]),
+        shards=data.shape,
+        compressors=COMPRESSOR,
+        config=WRITE,
+    )
+    chunks = [BLOSC.encode(np.ascontiguousarray(data[i])) for i in range(z)]
+    sizes = np.fromiter(map(len, chunks), dtype="<u8", count=z)
+    index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
+    shard = b"".join(chunks) + index + google_crc32c.value(index).to_bytes(4, "little")
+    key = f"{array.path}/{array.metadata.encode_chunk_key((0,) * data.ndim)}"
+    sync(array.store.set(key, default_buffer_prototype().buffer.from_bytes(shard)))
+    return array
 
 
 def _check_id(url: str, case_id: str) -> None:

@@ -338,3 +338,26 @@ def test_cases_are_batched_evenly_in_order(n, size, expected):
 
     got = batches(list(range(n)), size)
     assert [len(b) for b in got] == expected and [i for b in got for i in b] == list(range(n))
+
+
+@pytest.mark.parametrize(
+    "dtype,shape", [("float16", (7, 4, 24, 20)), ("float32", (5, 4, 16, 16)), ("uint8", (6, 24, 20))]
+)
+def test_slices_are_written_byte_for_byte_as_zarr_writes_them(tmp_path, dtype, shape):
+    import zarr
+
+    from storage.store import COMPRESSOR, WRITE, write_slices
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=shape) * (rng.random(shape) > 0.5) if dtype != "uint8" else rng.integers(0, 4, shape)
+    data = data.astype(dtype)
+    data[0] = 0  # a slice without brain: written all the same
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="a", zarr_format=3)
+    ours = write_slices(root, "ours", data)
+    theirs = root.create_array(
+        "theirs", data=data, chunks=(1, *shape[1:]), shards=shape, compressors=COMPRESSOR, config=WRITE
+    )
+    shard = "c/" + "/".join(["0"] * len(shape))
+    assert (tmp_path / "s.zarr" / "ours" / shard).read_bytes() == (tmp_path / "s.zarr" / "theirs" / shard).read_bytes()
+    assert ours.metadata == theirs.metadata
+    assert np.array_equal(ours[:], data) and np.array_equal(ours[3], data[3])
