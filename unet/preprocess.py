@@ -74,13 +74,18 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
+SLAB = 8  # axial planes processed at once: small enough to stay in the CPU's cache
+
+
 def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, list[float], list[float]]:
     """Z-score each modality over the brain -> (Z, C, X, Y) slices in ``dtype``, background exactly 0.
 
     Work is confined to the brain's bounding box; brain voxels are the mask, and since voxels
-    outside it are zero in every modality, sums over the box are sums over the brain. Each box is
-    scaled in float32 and cast to ``dtype`` in the scan's own memory order, then transposed into
-    place: the cast (slow for float16) touches the box, not the whole grid.
+    outside it are zero in every modality, sums over the box are sums over the brain. Integer scans
+    are summed exactly (int64), so the figures do not depend on the voxel order (float scans: in
+    float64). The box is then scaled and cast a slab of ``SLAB`` planes at a time, in cache: the
+    transposition from the scan's (X, Y) planes into the slices' memory order and the cast to
+    float16 (slow in numpy) touch the box only, never the whole grid.
     """
     x, y, z = mask.shape
     box = _bbox(mask)
@@ -89,17 +94,34 @@ def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.n
     out = np.zeros((z, len(volumes), x, y), dtype=dtype)
     means, stds = [], []
     for c, v in enumerate(volumes):
-        flat = v[box].ravel(order="K").astype(np.float64)  # float64 sums: the same figures in any voxel order
-        mean = float(flat.sum()) / n
-        std = float(np.sqrt(max(float(np.dot(flat, flat)) / n - mean * mean, 0.0))) or 1.0
-        vb = v[box].astype(np.float32, order="K")
-        vb -= mean
-        vb *= 1.0 / std
-        vb *= inside
-        out[box[2], c, box[0], box[1]] = vb.astype(dtype, order="K").transpose(2, 0, 1)
+        vb = v[box]
+        total, squares = _moments(vb)
+        mean = total / n
+        std = float(np.sqrt(max(squares / n - mean * mean, 0.0))) or 1.0
+        for z0 in range(0, vb.shape[2], SLAB):
+            planes = slice(z0, z0 + SLAB)
+            t = vb[:, :, planes].astype(np.float32)
+            t -= mean
+            t *= 1.0 / std
+            t *= inside[:, :, planes]
+            zs = slice(box[2].start + z0, box[2].start + z0 + t.shape[2])
+            out[zs, c, box[0], box[1]] = t.astype(dtype, order="K").transpose(2, 0, 1)
         means.append(mean)
         stds.append(std)
     return out, means, stds
+
+
+def _moments(v: np.ndarray) -> tuple[float, float]:
+    """(sum, sum of squares) of a volume: exact for integer voxels, float64 otherwise."""
+    if v.dtype.kind in "iu" and v.dtype.itemsize <= 2:  # squares of 16-bit values fit int64 sums
+        total, squares = 0, 0
+        for z0 in range(0, v.shape[2], SLAB):
+            slab = v[:, :, z0 : z0 + SLAB].astype(np.int64)
+            total += int(slab.sum())
+            squares += int(np.einsum("ijk,ijk->", slab, slab))
+        return float(total), float(squares)
+    flat = v.ravel(order="K").astype(np.float64)
+    return float(flat.sum()), float(np.dot(flat, flat))
 
 
 def downsample(slices: np.ndarray, factor: int, dtype=np.float16) -> np.ndarray:
