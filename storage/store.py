@@ -267,7 +267,7 @@ def write_slices(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
     chunks = [BLOSC.encode(np.ascontiguousarray(data[i])) for i in range(z)]
     sizes = np.fromiter(map(len, chunks), dtype="<u8", count=z)
     index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
-    shard = b"".join(chunks) + index + google_crc32c.value(index).to_bytes(4, "little")
+    shard = b"".join([*chunks, index, google_crc32c.value(index).to_bytes(4, "little")])
     key = f"{array.path}/{array.metadata.encode_chunk_key((0,) * data.ndim)}"
     sync(array.store.set(key, default_buffer_prototype().buffer.from_bytes(shard)))
     return array
