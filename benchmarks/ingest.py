@@ -19,6 +19,9 @@ one run, each ``--repeats`` times, alternating, medians compared:
           ``prefect server start`` (started once, before the clock): no temporary API to start
   monai   MONAI's plain loop (``LoadImaged`` + ``NormalizeIntensityd(nonzero, channel_wise)`` ->
           one ``.npy`` per case), serially, when MONAI is installed
+  nnunet  with ``--nnunet BIN`` (the ``bin`` folder of an environment with nnunetv2): nnU-Net v2's
+          own path to training data: convert to its raw layout (images linked, labels renumbered
+          4 -> 3), then ``nnUNetv2_plan_and_preprocess -c 2d`` with ``--workers`` processes
 
 Targets: flow <= 2.0 x floor, flow <= 0.5 x monai, work per case <= 1.3 x floor per case, fixed <= 5 s.
 """
@@ -26,6 +29,7 @@ Targets: flow <= 2.0 x floor, flow <= 0.5 x monai, work per case <= 1.3 x floor 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -139,6 +143,45 @@ def monai_loop(cases, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def nnunet(cases, bin_dir: Path, out: Path, workers: int) -> float:
+    """nnU-Net v2: dataset conversion + fingerprint + plan + 2d preprocessing, timed as one."""
+    raw = out / "raw" / "Dataset501_BraTS"
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(out / "raw"),
+        "nnUNet_preprocessed": str(out / "preprocessed"),
+        "nnUNet_results": str(out / "results"),
+    }
+    start = time.perf_counter()
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "labelsTr").mkdir()
+    for case in cases:
+        for i, m in enumerate(("flair", "t1", "t1ce", "t2")):
+            (raw / "imagesTr" / f"{case.case_id}_{i:04d}.nii.gz").symlink_to(Path(case.files[m]).resolve())
+        seg = nib.load(case.files["seg"])
+        labels = np.asanyarray(seg.dataobj).astype(np.uint8)
+        labels[labels == 4] = 3  # nnU-Net wants consecutive labels
+        nib.save(nib.Nifti1Image(labels, seg.affine, seg.header), raw / "labelsTr" / f"{case.case_id}.nii.gz")
+    (raw / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"},
+                "labels": {"background": 0, "NCR": 1, "ED": 2, "ET": 3},
+                "numTraining": len(cases),
+                "file_ending": ".nii.gz",
+            }
+        )
+    )
+    subprocess.run(
+        [str(bin_dir / "nnUNetv2_plan_and_preprocess"), "-d", "501", "-c", "2d", "-np", str(workers)]
+        + ["-npfp", str(workers)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw", type=Path, help="real BraTS cases (default: synthetic ones)")
@@ -148,6 +191,7 @@ def main() -> int:
     ap.add_argument("--profile", choices=["full", "tp"], default="full")
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "brats-bench-raw"))
     ap.add_argument("--no-monai", action="store_true", help="skip MONAI's loop")
+    ap.add_argument("--nnunet", type=Path, help="bin folder of an environment with nnunetv2 (nnU-Net v2 side by side)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="brats-bench-"))
@@ -167,7 +211,7 @@ def main() -> int:
         with_monai = False
 
     times: dict[str, list[float]] = {
-        k: [] for k in ("floor", "work", "flow", "fixed", "flow+server", "fixed+server", "monai")
+        k: [] for k in ("floor", "work", "flow", "fixed", "flow+server", "fixed+server", "monai", "nnunet")
     }
     server, api = prefect_server(tmp / "prefect-server")
     per_case: dict[str, list[float]] = {"floor": [], "work": []}
@@ -193,6 +237,9 @@ def main() -> int:
                 (tmp / "monai").mkdir()
                 times["monai"].append(monai_loop(cases, tmp / "monai"))
                 shutil.rmtree(tmp / "monai")
+            if args.nnunet:
+                times["nnunet"].append(nnunet(cases, args.nnunet, tmp / "nnunet", args.workers))
+                shutil.rmtree(tmp / "nnunet")
             print("repeat", r + 1, "  ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v), flush=True)
     server.terminate()
     server.wait()
@@ -210,6 +257,8 @@ def main() -> int:
     print(f"  fixed, with a running prefect server            {m['fixed+server']:6.1f} s")
     if "monai" in m:
         print(f"  MONAI LoadImaged+NormalizeIntensityd -> .npy    {m['monai']:6.1f} s   (serial)")
+    if "nnunet" in m:
+        print(f"  nnU-Net v2 convert + plan + preprocess (2d)     {m['nnunet']:6.1f} s   ({args.workers} processes)")
     print(f"  flow / floor = {m['flow'] / m['floor']:.2f} (target <= 2.0)")
     if "monai" in m:
         print(f"  flow / MONAI = {m['flow'] / m['monai']:.2f} (target <= 0.5)")
