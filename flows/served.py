@@ -49,6 +49,7 @@ def serve(
         limit: scans segmented at once (1 on a CPU: each gets every core; 2 on a GPU keeps it fed)
     """
     import torch
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
     from prefect.task_worker import serve as task_worker
 
     from storage.registry import Registry
@@ -81,5 +82,7 @@ def serve(
         f"{time.strftime('%H:%M:%S')} serving segment-scan: model {version} ({info['profile']}) on {device} -> {out}",
         flush=True,
     )
-    task_worker(served.segment_scan, limit=limit)
+    # a served task run has no flow run: its logs stay on this console (the UI has its state and table)
+    with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+        task_worker(served.segment_scan, limit=limit)
     return 0
