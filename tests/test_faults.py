@@ -337,7 +337,7 @@ def test_killing_the_brats_ingest_cli_and_rerunning_it(prefect_api, tmp_path):
             assert proc.poll() is None, proc.communicate()[0].decode()[-3000:]
             assert time.monotonic() < deadline, "the CLI wrote no case in time"
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Dask workers, like a node going away
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI with its Dask workers and temporary API, like a node going away
         proc.wait(30)
     finally:
         if proc.poll() is None:
