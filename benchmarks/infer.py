@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from storage.brats import REGIONS
-from storage.nifti import discover, load_reference, read_case, write_segmentation
+from storage.nifti import discover, read_case, write_segmentation
 from storage.synth import write_dataset
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.metrics import dice
@@ -116,7 +116,7 @@ def run_one(model, counter, case, profile, out: Path, device, batch_size, tta, o
     )
     sync(device)
     t.append(time.perf_counter())
-    write_segmentation(labels, load_reference(case.files["flair"]), out / f"{case.case_id}_seg.nii.gz")
+    write_segmentation(labels, scan.reference, out / f"{case.case_id}_seg.nii.gz")
     t.append(time.perf_counter())
     stages = dict(zip(("read", "preprocess", "predict", "write"), (b - a for a, b in zip(t, t[1:]))))
     pixels = [h * w for h, w in counter.tiles]

@@ -119,6 +119,7 @@ class Case:
     affine: np.ndarray  # 4x4
     zooms: tuple[float, float, float]
     sha256: dict[str, str]  # channel -> hex digest of the file's bytes
+    reference: nib.Nifti1Image  # the FLAIR file's image: its header and grid, for outputs on the same grid
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -272,10 +273,6 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def sha256_file(path: str) -> str:
-    return hashlib.sha256(read_bytes(path)).hexdigest()
-
-
 def _decode(path: str, raw: bytes) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Bytes of a .nii or .nii.gz file -> (array, image), refusing anything short, absurd or not NIfTI.
 
@@ -328,7 +325,7 @@ def read_case(case: CaseFiles, files: dict[str, bytes] | None = None) -> Case:
     ``files``: the case's bytes when the caller has them already (``read_files``), so that the bytes
     hashed are the bytes decoded and each file is read once."""
     files = files if files is not None else read_files(case)
-    arrays, ref = {}, None
+    arrays, images, ref = {}, {}, None
     for channel, path in case.files.items():
         arr, img = _decode(path, files[channel])
         if ref is None:
@@ -344,11 +341,11 @@ def read_case(case: CaseFiles, files: dict[str, bytes] | None = None) -> Case:
                 raise InvalidCase(path, "contains NaN or Inf voxels")
             if not arr.any():
                 raise InvalidCase(path, f"{channel} is all zero: no brain")
-        arrays[channel] = arr
+        arrays[channel], images[channel] = arr, img
     seg = arrays.pop("seg", None)
     img = ref[1]
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return Case(case, arrays, seg, img.affine.copy(), zooms, digests(files))
+    return Case(case, arrays, seg, img.affine.copy(), zooms, digests(files), images["flair"])
 
 
 def labels(path: str, arr: np.ndarray, et_label: int = 4) -> np.ndarray:
@@ -386,11 +383,6 @@ def read_labels(path: str, edition: str = "brats2019", sha256: str | None = None
     if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
         raise InvalidCase(path, "changed since ingestion (sha256 differs)")
     return labels(path, _decode(path, raw)[0], ET_LABEL[edition])
-
-
-def load_reference(path: str) -> nib.Nifti1Image:
-    """The header and affine of an input file, to write outputs on the same grid."""
-    return _decode(path, read_bytes(path))[1]
 
 
 # ------------------------------------------------------------------ writing

@@ -25,7 +25,7 @@ import numpy as np
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.inbox import finished, how_made, outputs
-from storage.nifti import CaseFiles, atomic_write_bytes, load_reference, read_case, sha256_file, write_segmentation
+from storage.nifti import CaseFiles, atomic_write_bytes, digests, read_case, read_files, write_segmentation
 from tasks.preset import stage_task
 from unet.device import cores, pick_device, torch_threads
 from unet.predict import PostProcess, cached_model, segment_case, volumes_ml
@@ -68,13 +68,10 @@ def scans_only(case: CaseFiles) -> CaseFiles:
     return replace(case, files={k: v for k, v in case.files.items() if k != "seg"})
 
 
-def _done(case: CaseFiles, out: str, how: dict) -> dict | None:
-    """The record of a finished earlier run made as ``how`` says on the same bytes, else None."""
+def _done(case: CaseFiles, out: str, how: dict, files: dict[str, bytes]) -> dict | None:
+    """The record of a finished earlier run made as ``how`` says on these same bytes, else None."""
     done = finished(out, case.case_id, how)
-    if done is None:
-        return None
-    sha = {channel: sha256_file(path) for channel, path in case.files.items()}
-    return done[0] if done[0].get("sha256") == sha else None
+    return done[0] if done is not None and done[0].get("sha256") == digests(files) else None
 
 
 @stage_task("infer-case", "infer-{case.case_id}")
@@ -94,19 +91,19 @@ def infer_case(
     start = time.perf_counter()
     case = scans_only(case)
     how = how_made(version, tta, et_label or case.et_label, postprocess)
-    done = _done(case, out, how)
+    files = read_files(case)  # each file read once: hashed for the skip check, and decoded if not done
+    done = _done(case, out, how, files)
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
-    scan = read_case(case)  # InvalidCase: a one-line reason, no retry
+    scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
     model, info = cached_model(models, version, device)
     post = PostProcess.from_dict(info.get("postprocess")) if postprocess else None
     labels, attrs = segment_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)
-    reference = load_reference(case.files["flair"])  # the input's grid and header
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
     with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
-        write_segmentation(written, reference, seg_path)
+        write_segmentation(written, scan.reference, seg_path)  # the input's grid and header
         record = {
             "case": case.case_id,
             **how,

@@ -465,7 +465,7 @@ def test_oserror_writing_a_segmentation_is_retried_and_leaves_no_temp_file(prefe
 
     reads = []
     real_read = tasks.infer.read_case
-    monkeypatch.setattr(tasks.infer, "read_case", lambda c: reads.append(c) or real_read(c))
+    monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
     monkeypatch.setattr(os, "fsync", failing_fsync)
     state = tasks.infer.infer_case(case, str(out), str(models), version, "cpu", return_state=True)
     monkeypatch.setattr(os, "fsync", real_fsync)
@@ -490,7 +490,7 @@ def test_invalid_scan_in_inference_is_not_retried(prefect_api, tmp_path, monkeyp
     version = register_model(models)
     reads = []
     real_read = tasks.infer.read_case
-    monkeypatch.setattr(tasks.infer, "read_case", lambda c: reads.append(c) or real_read(c))
+    monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
     state = tasks.infer.infer_case(case, str(tmp_path / "out"), str(models), version, "cpu", return_state=True)
     assert state.is_failed() and f"{t2.name}: truncated" in state.message
     assert len(reads) == 1
