@@ -48,6 +48,7 @@ def serve(
         prediction: how scans are segmented
         limit: scans segmented at once (1 on a CPU: each gets every core; 2 on a GPU keeps it fed)
     """
+    import numpy as np
     import torch
     from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
     from prefect.task_worker import serve as task_worker
@@ -56,7 +57,7 @@ def serve(
     from tasks import served
     from tasks.infer import device_name
     from unet.device import cores
-    from unet.predict import cached_model, predict_probs
+    from unet.predict import cached_model, slice_probs
     from unet.preprocess import PROFILES
 
     device = device_name(prediction.device)
@@ -65,7 +66,7 @@ def serve(
     network, info = cached_model(models, version, device)
     profile = PROFILES[info["profile"]]
     side = (profile.window or 240) // profile.factor
-    predict_probs(network, torch.zeros(2, 4, side, side, device=device))  # kernels chosen before the first scan
+    slice_probs(network, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
     served.SETTINGS.update(
         out=out,
         models=models,
