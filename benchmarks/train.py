@@ -14,7 +14,7 @@
   first ``--cases`` labelled cases of DIR ingested once at the full profile under ``--data``), or
   of synthetic full-size cases when neither is given. Median slices/s over windows of batches,
   after the prefetch queues have drained, with 1 worker and with ``--workers``: slices/s per worker
-  process (``--read zarr``: every chunk through zarr, as before ``unet.data.ShardSlices``). Also
+  process (``--read zarr``: every chunk through zarr, as before ``storage.shards.ShardSlices``). Also
   ``SliceDataset.__getitem__`` in this process, through zarr and through ``ShardSlices``.
 * ratio = loader slices/s / step slices/s: the loader must deliver at least twice the step rate.
 * projection for a GPU machine: per-worker slices/s (the lower of the two measurements) x ``--cores``

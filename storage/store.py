@@ -9,8 +9,9 @@
         label   (Z, H, W)        uint8 classes 0..3 (absent for unlabeled scans)
 
 Chunks are one slice (``(1, 4, H, W)``, what a training sample reads) inside one shard per case
-array, so a case is two files on disk or object storage, not hundreds; blosc-lz4 with byte shuffle
-compresses the zeros around the brain away at near-memcpy speed (see benchmarks/ingest.py).
+array (written and read directly: ``storage/shards.py``), so a case is two files on disk or
+object storage, not hundreds; blosc-lz4 with byte shuffle compresses the zeros around the brain
+away at near-memcpy speed (see benchmarks/ingest.py).
 
 Atomicity: a case group is created with ``complete: false``, its arrays are written, and only then
 ``complete: true`` is set. Readers list only complete cases, so a killed writer never leaves a half
@@ -45,18 +46,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from numcodecs import Blosc
-from zarr.codecs import BloscCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from storage.nifti import CASE_ID
+from storage.shards import write_slices
 
 try:
     import fcntl
@@ -64,9 +61,6 @@ except ImportError:  # pragma: no cover - not POSIX: no locking, as on object st
     fcntl = None
 
 SCHEMA = 2  # 2: cases carry their geometry (orientation, spacing, window) instead of a crop box
-COMPRESSOR = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-BLOSC = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0)  # COMPRESSOR's bytes, from numcodecs
-WRITE = {"write_empty_chunks": True}  # inside a shard an empty chunk costs bytes; checking costs 2x the write
 LOCKS = ".locks"  # <store>/.locks/<case_id>.lock (local stores); outside the cases/ group readers list
 STORE_LOCK = "_store"  # not a valid case id, so never a case's lock
 
@@ -243,34 +237,6 @@ class SliceStore:
             yield
         finally:
             os.close(fd)
-
-
-def write_slices(group: zarr.Group, name: str, data: np.ndarray) -> zarr.Array:
-    """``data`` (Z, ...) as the array ``name``: one shard of one-slice chunks, each blosc-compressed.
-
-    Zarr makes the array's metadata; the shard's bytes are made here, byte for byte what zarr
-    writes (chunks in order, then the index of (offset, nbytes) pairs and its crc32c; a test
-    compares them) and written through the array's own store. Zarr's own write encodes each chunk
-    through its async pipeline, ~0.3 ms a chunk on top of compressing it: with 155 slices a case,
-    most of the cost of writing it.
-    """
-    z = data.shape[0]
-    array = group.create_array(
-        name,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=(1, *data.shape[1:]),
-        shards=data.shape,
-        compressors=COMPRESSOR,
-        config=WRITE,
-    )
-    chunks = [BLOSC.encode(np.ascontiguousarray(data[i])) for i in range(z)]
-    sizes = np.fromiter(map(len, chunks), dtype="<u8", count=z)
-    index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
-    shard = b"".join([*chunks, index, google_crc32c.value(index).to_bytes(4, "little")])
-    key = f"{array.path}/{array.metadata.encode_chunk_key((0,) * data.ndim)}"
-    sync(array.store.set(key, default_buffer_prototype().buffer.from_bytes(shard)))
-    return array
 
 
 def _check_id(url: str, case_id: str) -> None:

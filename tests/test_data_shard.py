@@ -1,4 +1,4 @@
-"""unet.data.ShardSlices: the loader's direct shard reads return exactly what zarr reads, or defer to zarr."""
+"""storage.shards.ShardSlices: the loader's direct shard reads return exactly what zarr reads, or defer to zarr."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.store import COMPRESSOR, SliceStore
-from unet.data import AugmentConfig, EpochSampler, ShardSlices, SliceDataset, make_loader, slice_reader
+from storage.shards import COMPRESSOR, ShardSlices, slice_reader
+from storage.store import SliceStore
+from unet.data import AugmentConfig, EpochSampler, SliceDataset, make_loader
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

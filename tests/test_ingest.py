@@ -346,7 +346,7 @@ def test_cases_are_batched_evenly_in_order(n, size, expected):
 def test_slices_are_written_byte_for_byte_as_zarr_writes_them(tmp_path, dtype, shape):
     import zarr
 
-    from storage.store import COMPRESSOR, WRITE, write_slices
+    from storage.shards import COMPRESSOR, WRITE, write_slices
 
     rng = np.random.default_rng(0)
     data = rng.normal(size=shape) * (rng.random(shape) > 0.5) if dtype != "uint8" else rng.integers(0, 4, shape)

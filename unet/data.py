@@ -5,7 +5,7 @@
   skipped by default, using the per-slice counts the store keeps in its case attributes, so
   indexing reads no pixels. The store is opened lazily in each process that reads it (a
   ``DataLoader`` worker gets the URL, never an open handle). On a local store the chunks are read
-  by ``ShardSlices`` (a ``pread`` and a blosc decode each, bit-identical to zarr, 15-25x faster
+  by ``storage.shards.ShardSlices`` (a ``pread`` and a blosc decode each, bit-identical to zarr, 15-25x faster
   than a zarr read per chunk); anything it does not understand is read through zarr.
 * ``EpochSampler``: the order of an epoch is a function of ``(seed, epoch)`` only, optionally
   oversampling slices with tumour; it yields keys ``(index, epoch, position)``, and a sample's
@@ -26,21 +26,17 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-import google_crc32c
 import numcodecs.blosc
 import numpy as np
 import torch
 import torch.nn.functional as F
-import zarr
 from torch.utils.data import DataLoader, Dataset, Sampler
-from zarr.storage import LocalStore
 
+from storage.shards import slice_reader
 from storage.store import SliceStore
 
 
@@ -89,121 +85,6 @@ def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
         counts[1:] += store.attrs(case)["class_voxels"][1:]
     counts[0] = len(refs) * h * w - counts[1:].sum()
     return counts
-
-
-# ----------------------------------------------------------------------------- reading
-
-_MISSING = 2**64 - 1  # a shard index entry (offset, nbytes) of two of these: the chunk was never written
-
-
-class ShardSlices:
-    """``array[z]`` for a local zarr v3 array stored the way ``SliceStore.write_case`` stores one:
-    a single shard (index at its end, crc32c-checked) of one-slice chunks, each blosc-compressed.
-
-    Why not zarr: a zarr read of one small chunk runs zarr's async pipeline (a hop to its event loop
-    thread, then worker-thread hops to read the shard index, read the chunk and decode it) and reads
-    the shard index again every time: ~1.5 ms per chunk, ~330 slices/s for a sample's two chunks,
-    while reading and decoding the bytes take ~0.1 ms. Nothing public avoids it: the async API itself
-    (no event-loop bridge) is ~500 slices/s, gathering a batch's reads is no faster, and zarr has no
-    setting for synchronous I/O or for caching shard indexes. Here the index is read once per shard
-    file (and again whenever the file changes: zarr replaces files by rename, so the index belongs to
-    the inode read from), a chunk is one ``pread`` and one ``numcodecs`` blosc decode (the library
-    zarr's blosc codec calls) straight into the output, so the bytes are the ones zarr would return.
-
-    ``for_array`` returns None for anything else (an fsspec or memory store, other codecs, chunks
-    that are not single slices, several shards, a shard not written yet), and a shard file that
-    disappears later is read through zarr again: callers then use zarr, with zarr's result.
-    """
-
-    def __init__(self, array: zarr.Array, path: Path, chunk_shape: tuple[int, ...], dtype: np.dtype, fill_value):
-        self.array, self.path = array, path
-        self.chunk_shape, self.dtype, self.fill_value = chunk_shape, dtype, fill_value
-        self.shape, self.n = tuple(array.shape), array.shape[0]
-        self._stamp: tuple | None = None
-        self._index = np.empty((0, 2), np.uint64)
-
-    @classmethod
-    def for_array(cls, array: zarr.Array) -> ShardSlices | None:
-        """A reader for ``array`` if it is laid out as described above, else None (use zarr)."""
-        store = array.store
-        if not isinstance(store, LocalStore) or array.metadata.zarr_format != 3:
-            return None
-        meta = array.metadata.to_dict()
-        shape = tuple(array.shape)
-        chunk = (1, *shape[1:])
-        dtype = np.dtype(array.dtype)
-        little = {"name": "bytes", "configuration": {"endian": "little"}}
-        try:
-            (codec,) = meta["codecs"]
-            conf = codec["configuration"]
-            inner_bytes, blosc = conf["codecs"]
-            understood = (
-                codec["name"] == "sharding_indexed"
-                and tuple(conf["chunk_shape"]) == chunk
-                and tuple(meta["chunk_grid"]["configuration"]["chunk_shape"]) == shape  # one shard
-                and meta["chunk_grid"]["name"] == "regular"
-                and conf.get("index_location", "end") == "end"
-                and [dict(c) for c in conf["index_codecs"]] == [little, {"name": "crc32c"}]
-                and inner_bytes["name"] == "bytes"
-                and (dtype.itemsize == 1 or inner_bytes.get("configuration") == little["configuration"])
-                and blosc["name"] == "blosc"
-                and not meta.get("storage_transformers")
-            )
-        except (KeyError, TypeError, ValueError):
-            return None
-        if not understood or sys.byteorder != "little" or dtype.hasobject or shape[0] == 0:
-            return None
-        path = Path(store.root) / array.path / array.metadata.encode_chunk_key((0,) * len(shape))
-        if not path.is_file():
-            return None  # never written (zarr reads fill values) or not a plain file
-        return cls(array, path, chunk, dtype, array.fill_value)
-
-    def _load_index(self, fd: int, stamp: tuple) -> None:
-        size = stamp[2]
-        nbytes = self.n * 16 + 4
-        tail = os.pread(fd, nbytes, size - nbytes) if size >= nbytes else b""
-        if len(tail) != nbytes:
-            raise ValueError(f"{self.path}: shard of {size} bytes cannot hold an index of {self.n} chunks")
-        if google_crc32c.value(tail[:-4]) != int.from_bytes(tail[-4:], "little"):
-            raise ValueError(f"{self.path}: shard index checksum mismatch")
-        index = np.frombuffer(tail[:-4], "<u8").reshape(self.n, 2)
-        written = index[:, 0] != _MISSING
-        if (index[written, 0] + index[written, 1] > size - nbytes).any():
-            raise ValueError(f"{self.path}: shard index points past the chunks")
-        self._index, self._stamp = index, stamp
-
-    def __getitem__(self, z: int) -> np.ndarray:
-        if not 0 <= z < self.n:
-            raise IndexError(f"slice {z} of {self.n}")
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:  # the case was deleted or is being replaced: zarr's answer
-            return self.array[z]
-        try:
-            st = os.fstat(fd)
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if stamp != self._stamp:
-                self._load_index(fd, stamp)
-            offset, nbytes = (int(v) for v in self._index[z])
-            out = np.empty(self.chunk_shape, self.dtype)
-            if offset == _MISSING:
-                out.fill(self.fill_value)
-                return out[0]
-            data = os.pread(fd, nbytes, offset)
-        finally:
-            os.close(fd)
-        # blosc header: bytes 4..8 hold the decoded size; decompress accepts a larger destination silently
-        if len(data) != nbytes or nbytes < 16 or int.from_bytes(data[4:8], "little") != out.nbytes:
-            raise ValueError(f"{self.path}: chunk {z} does not decode to {out.nbytes} bytes")
-        numcodecs.blosc.decompress(data, out)
-        return out[0]
-
-
-def slice_reader(array: zarr.Array | None):
-    """What ``SliceDataset`` indexes with ``[z]``: a ``ShardSlices`` where it applies, else the zarr array."""
-    if array is None:
-        return None
-    return ShardSlices.for_array(array) or array
 
 
 # ----------------------------------------------------------------------------- augmentation
