@@ -46,6 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from prefect_server import prefect_server  # noqa: E402
+
 from storage.nifti import discover  # noqa: E402
 from storage.synth import write_dataset  # noqa: E402
 
@@ -100,29 +102,6 @@ def command(raw: Path, store: Path, workers: int, profile: str, api: str | None 
     if done.returncode:
         raise SystemExit(f"{' '.join(args)} failed:\n{done.stderr[-2000:]}")
     return seconds
-
-
-def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
-    """A real ``prefect server start`` on a free loopback port, with its own home; (process, API URL)."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    args = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(600):
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return server, url
-        except OSError:
-            time.sleep(0.2)
-    server.kill()
-    raise SystemExit("prefect server start did not answer")
 
 
 def monai_loop(cases, out: Path) -> float:

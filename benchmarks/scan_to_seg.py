@@ -18,34 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer in {timeout:.0f} s")
+from prefect_server import prefect_server  # noqa: E402
 
 
 def untrained(models: Path, base: int) -> str:
@@ -94,23 +77,18 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="brats-scan2seg-"))
     models = args.models or tmp / "models"
     version = args.model or (None if args.models else untrained(models, args.base))
-    port = free_port()
+    log = open(tmp / "server.log", "w")
+    server, api = prefect_server(tmp / "prefect", log)
+    procs = [server]
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_API_URL": api,
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
-    log = open(tmp / "server.log", "w")
-    procs = [
-        subprocess.Popen(
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=log
-        )
-    ]
     out, inbox = tmp / "out", tmp / "inbox"
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/health")
         serve = ["brats", "serve", "--out", str(out), "--models", str(models)] + (
             ["--model", version] if version else []
         )

@@ -1,0 +1,32 @@
+"""A real ``prefect server start`` for a benchmark: its own home, a free loopback port, answering
+before the clock starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+def prefect_server(home: Path, log=subprocess.DEVNULL, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """(the server process, its API URL); stop it with ``terminate()``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    args = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return server, url
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit(f"prefect server start did not answer within {timeout:.0f} s")
