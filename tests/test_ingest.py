@@ -83,6 +83,20 @@ def test_real_case_normalized_in_store(real_case, tmp_path):
     )
 
 
+def test_normalized_slices_are_numpys_float16_bit_for_bit(real_case):
+    """The slab-wise normalization (cast and transposed by torch) gives exactly the bits of the plain
+    numpy formula on the whole volume: the same float32 arithmetic, then numpy's float16 rounding
+    (equal as numbers: the same bits but for the sign of background zeros)."""
+    case = read_case(discover(real_case).cases[0])
+    image, _, attrs = preprocess_case(case, PROFILES["full"], np.float16)
+    volumes = [case.volumes[m] for m in ("flair", "t1", "t1ce", "t2")]
+    brain = np.any([v != 0 for v in volumes], axis=0)
+    for c, v in enumerate(volumes):
+        plain = (v.astype(np.float32) - attrs["mean"][c]) * np.float32(1.0 / attrs["std"][c]) * brain
+        expected = plain.astype(np.float16).transpose(2, 0, 1)
+        assert image[:, c].dtype == np.float16 and np.array_equal(image[:, c], expected)
+
+
 def test_tp_profile_crops_and_halves(real_case):
     case = read_case(discover(real_case).cases[0])
     image, label, attrs = preprocess_case(case, PROFILES["tp"])
