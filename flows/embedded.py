@@ -98,7 +98,7 @@ class EphemeralAPI:
 @contextmanager
 def prefect_api(server: EphemeralAPI | None = None) -> Iterator[str]:
     """The configured API, or ``server`` (already started), or a temporary API started now."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if server is None and (url := PREFECT_API_URL.value()):
         yield url
@@ -107,7 +107,9 @@ def prefect_api(server: EphemeralAPI | None = None) -> Iterator[str]:
     try:
         url = server.wait()
         os.environ["PREFECT_API_URL"] = url  # for the worker processes the flow starts
-        with temporary_settings({PREFECT_API_URL: url}):
+        # Heartbeats let a server mark a crashed run; this API goes when the process goes, so nothing
+        # reads them, and Prefect joins its heartbeat thread (which sleeps in 1 s steps) after each flow run.
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield url
     finally:
         from prefect.events.worker import EventsWorker
