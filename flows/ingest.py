@@ -1,6 +1,7 @@
 """Flow ``ingest``: raw BraTS folders -> normalized axial slices in a Zarr store, in parallel on Dask.
 
-discover cases -> ingest_cases mapped over Dask, a few cases a task (skip unchanged, quarantine invalid) ->
+discover cases -> set aside those unchanged since ingested (size, modification time) -> ingest_cases mapped
+over Dask, a few cases a task (skip unchanged bytes, quarantine invalid) ->
 patient-level split of the labelled cases + fingerprint -> artifacts (cases, quarantine, summary)
 """
 
@@ -17,7 +18,7 @@ from flows.overrides import deployment_defaults
 from storage.nifti import Naming, discover
 from storage.store import SliceStore, make_split
 from tasks.artifacts import RunProgress, summary_markdown, table
-from tasks.ingest import batches, ingest_cases
+from tasks.ingest import batches, ingest_cases, unchanged
 from tasks.preset import gather
 
 
@@ -38,7 +39,9 @@ class Preprocessing(BaseModel):
 
 
 @flow(name="ingest", task_runner=dask_runner(), log_prints=True)
-def ingest(raw: list[str], store: str, data: Preprocessing = Preprocessing(), cases_per_task: int = 4) -> dict:
+def ingest(
+    raw: list[str], store: str, data: Preprocessing = Preprocessing(), cases_per_task: int = 4, rehash: bool = False
+) -> dict:
     """Raw BraTS folders -> normalized axial slices in a Zarr store, in parallel on Dask.
 
     Args:
@@ -46,6 +49,7 @@ def ingest(raw: list[str], store: str, data: Preprocessing = Preprocessing(), ca
         store: slice store: a local path or an fsspec URL (s3://…)
         data: preprocessing and split
         cases_per_task: cases per Prefect task run (each run costs ~0.07 s on Dask); 1: a run per case
+        rehash: read and hash every file, even those whose size and modification time are as recorded
     """
     log = get_run_logger()
     (data,) = deployment_defaults(data=data)
@@ -54,11 +58,14 @@ def ingest(raw: list[str], store: str, data: Preprocessing = Preprocessing(), ca
     slices.claim_profile(data.profile)
     log.info("found %d cases (%d refused on sight) -> %s", len(found.cases), len(found.problems), store)
 
-    work = batches(found.cases, cases_per_task)
-    futures = ingest_cases.map(work, store_url=store, profile=data.profile, dtype=data.dtype)
+    skipped, todo = ([], found.cases) if rehash else unchanged(slices, found.cases, data.profile)
+    log.info("%d cases unchanged since ingested, %d to read", len(skipped), len(todo))
+    work = batches(todo, cases_per_task)
+    futures = ingest_cases.map(work, store_url=store, profile=data.profile, dtype=data.dtype) if work else []
     with RunProgress(len(found.cases), "ingest-progress", "ingesting cases") as progress:
+        progress.advance(len(skipped))
         done, failed = gather(futures, work, progress, weight=len)
-    rows = [row for batch in done for row in batch]
+    rows = skipped + [row for batch in done for row in batch]
     quarantine = [{"case": p.path, "reason": str(p)} for p in found.problems]
     quarantine += [{"case": r["case"], "reason": r["reason"]} for r in rows if r["status"] == "quarantined"]
     quarantine += [{"case": case.case_id, "reason": reason} for batch, reason in failed for case in batch]

@@ -39,6 +39,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -271,6 +272,32 @@ def discover(*roots: str | Path, naming: str = "auto") -> Discovery:
 def read_bytes(path: str) -> bytes:
     with fsspec.open(path, "rb") as f:
         return f.read()
+
+
+RACY_S = 2  # a file modified less than this long ago gets no stamp (see ``stamps``)
+
+
+def stamps(case: CaseFiles) -> dict[str, str] | None:
+    """Each file's size and modification time, ``"size:mtime_ns"``, read without opening the file: what
+    ``make`` and ``rsync`` compare to tell a rewritten file. Taken before the bytes are read, so a
+    write during the read leaves a stamp that no longer matches.
+
+    None when a stamp cannot vouch for a file's bytes: a remote file (fsspec URL), or one modified
+    less than ``RACY_S`` seconds ago, which a second write within the same tick of the file system's
+    clock could change without changing its stamp (git's "racy" rule). Those files are hashed."""
+    now = time.time_ns()
+    out = {}
+    for channel, path in case.files.items():
+        if "://" in path:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if st.st_mtime_ns > now - RACY_S * 10**9:
+            return None
+        out[channel] = f"{st.st_size}:{st.st_mtime_ns}"
+    return out
 
 
 def _decode(path: str, raw: bytes) -> tuple[np.ndarray, nib.Nifti1Image]:

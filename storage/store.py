@@ -3,7 +3,7 @@
 ::
 
     <store>/                     attrs: schema, profile, split, fingerprint
-      cases/<case_id>/           attrs: sources + sha256, affine, shape, zooms, stats, grade,
+      cases/<case_id>/           attrs: sources + sha256 + stamps, affine, shape, zooms, stats, grade,
                                         slice_brain, slice_tumour, complete
         image   (Z, 4, H, W)     float16 z-scores, channels flair, t1, t1ce, t2
         label   (Z, H, W)        uint8 classes 0..3 (absent for unlabeled scans)
@@ -182,6 +182,11 @@ class SliceStore:
         except KeyError:
             return False
         return a.get("complete") is True and a.get("sha256") == sha256 and a.get("profile") == profile
+
+    def restamp(self, case_id: str, stamps: dict[str, str] | None) -> None:
+        """Record new file stamps (``storage.nifti.stamps``) for a case whose files' bytes are unchanged."""
+        with self._lock(case_id):
+            self.root[f"cases/{case_id}"].update_attributes({"stamps": stamps})
 
     def image(self, case_id: str) -> zarr.Array:
         return self.root[f"cases/{case_id}/image"]

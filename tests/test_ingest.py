@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from storage.nifti import InvalidCase, case_files, discover, read_case
+from storage.nifti import CaseFiles, InvalidCase, case_files, discover, read_case, stamps
 from storage.store import SliceStore, make_split
 from storage.synth import make_case, write_case
 from tasks.ingest import ingest_case
@@ -328,6 +330,20 @@ def test_unchanged_case_is_skipped_and_changed_case_rewritten(tmp_path):
     assert ingest_case.fn(case, url, "full")["status"] == "ingested"
     store = SliceStore(url)
     assert np.array_equal(store.image(folder.name)[:, 1], store.image(folder.name)[:, 3])
+
+
+def test_stamps_vouch_only_for_settled_local_files(tmp_path):
+    folder = _case(tmp_path / "raw")
+    case = discover(tmp_path / "raw").cases[0]
+    assert stamps(case) is None  # just written: a second write in the same clock tick would keep the stamp
+    old = time.time() - 60
+    for f in folder.iterdir():
+        os.utime(f, (old, old))
+    got = stamps(case)
+    flair = folder / f"{folder.name}_flair.nii.gz"
+    assert got["flair"] == f"{flair.stat().st_size}:{flair.stat().st_mtime_ns}" and set(got) == set(case.files)
+    remote = CaseFiles(case.case_id, {**case.files, "t1": "s3://bucket/t1.nii.gz"})
+    assert stamps(remote) is None  # remote files are hashed
 
 
 def test_a_full_profile_store_refuses_slices_of_another_grid(real_case, tmp_path):

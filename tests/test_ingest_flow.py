@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +118,49 @@ def test_transient_io_error_is_retried_invalid_data_is_not(prefect_api, small_ra
         "t2.nii.gz",
         "seg.nii.gz",
     ]
+
+
+def _task_runs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as api:
+        runs = api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted(r.name for r in runs)
+
+
+def test_cases_unchanged_since_ingested_start_no_task(prefect_api, small_raw, tmp_path):
+    """A scheduled run over unchanged files reads none of them: each case's files have the size and
+    modification time recorded when it was ingested. Files rewritten with the same bytes are read and
+    hashed once (a task), skipped, and known by their new stamps from then on."""
+    raw = tmp_path / "raw"
+    shutil.copytree(small_raw, raw)
+    old = time.time() - 3600  # files written just now get no stamp (see storage.nifti.stamps)
+    for f in raw.rglob("*.nii.gz"):
+        os.utime(f, (old, old))
+    params = dict(raw=[str(raw)], store=str(tmp_path / "s.zarr"), data=Preprocessing(profile="tp"))
+    state, summary = _run(params)
+    assert summary["ingested"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 2  # 2 batches of 3
+
+    state, summary = _run(params)
+    assert summary["skipped"] == 6 and summary["ingested"] == 0
+    assert _task_runs(state.state_details.flow_run_id) == []
+    fingerprint = summary["fingerprint"]
+
+    t1 = next(raw.rglob("*_t1.nii.gz"))
+    t1.write_bytes(t1.read_bytes())  # the same bytes, a new modification time
+    os.utime(t1, (old + 60, old + 60))
+    state, summary = _run(params)
+    assert summary["skipped"] == 6 and summary["fingerprint"] == fingerprint
+    assert _task_runs(state.state_details.flow_run_id) == [f"ingest-{t1.parent.name}"]
+    state, _ = _run(params)
+    assert _task_runs(state.state_details.flow_run_id) == []
+
+    state, summary = _run({**params, "rehash": True})  # every file read and hashed again
+    assert summary["skipped"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 2
+
+    shutil.copy(t1.with_name(t1.name.replace("_t1.", "_t2.")), t1)  # changed bytes: read, and ingested again
+    os.utime(t1, (old + 120, old + 120))
+    state, summary = _run(params)
+    assert summary["ingested"] == 1 and summary["skipped"] == 5
+    assert _task_runs(state.state_details.flow_run_id) == [f"ingest-{t1.parent.name}"]
