@@ -105,6 +105,8 @@ def prefect_api(server: EphemeralAPI | None = None) -> Iterator[str]:
         return
     server = server or EphemeralAPI.start()
     try:
+        import fastapi.encoders  # noqa: F401  Prefect's lazy import for the first flow run's parameters (0.3 s): done while the API starts
+
         url = server.wait()
         os.environ["PREFECT_API_URL"] = url  # for the worker processes the flow starts
         # Heartbeats let a server mark a crashed run; this API goes when the process goes, so nothing
