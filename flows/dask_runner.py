@@ -49,3 +49,11 @@ def dask_runner(
             "dashboard_address": None,
         }
     )
+
+
+def cluster_threads() -> int:
+    """Worker threads of the running flow's Dask cluster, summed: 1 without one (or while it has no workers)."""
+    from prefect.context import get_run_context
+
+    client = getattr(get_run_context().task_runner, "client", None)
+    return max(1, sum(client.nthreads().values())) if client is not None else 1

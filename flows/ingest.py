@@ -13,12 +13,12 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from pydantic import BaseModel, Field
 
-from flows.dask_runner import dask_runner
+from flows.dask_runner import cluster_threads, dask_runner
 from flows.overrides import deployment_defaults
 from storage.nifti import Naming, discover
 from storage.store import SliceStore, make_split
 from tasks.artifacts import RunProgress, summary_markdown, table
-from tasks.ingest import batches, ingest_cases, unchanged
+from tasks.ingest import batch_size, batches, ingest_cases, unchanged
 from tasks.preset import gather
 
 
@@ -40,7 +40,11 @@ class Preprocessing(BaseModel):
 
 @flow(name="ingest", task_runner=dask_runner(), log_prints=True)
 def ingest(
-    raw: list[str], store: str, data: Preprocessing = Preprocessing(), cases_per_task: int = 4, rehash: bool = False
+    raw: list[str],
+    store: str,
+    data: Preprocessing = Preprocessing(),
+    cases_per_task: int | None = None,
+    rehash: bool = False,
 ) -> dict:
     """Raw BraTS folders -> normalized axial slices in a Zarr store, in parallel on Dask.
 
@@ -48,7 +52,8 @@ def ingest(
         raw: raw roots in any BraTS layout ({HGG,LGG}/<case>/, <case>/) or case folders
         store: slice store: a local path or an fsspec URL (s3://…)
         data: preprocessing and split
-        cases_per_task: cases per Prefect task run (each run costs ~0.07 s on Dask); 1: a run per case
+        cases_per_task: cases per Prefect task run (each run costs ~0.07 s on Dask); default: two runs per Dask
+            worker thread at least, 8 cases at most; 1: a run per case
         rehash: read and hash every file, even those whose size and modification time are as recorded
     """
     log = get_run_logger()
@@ -60,7 +65,7 @@ def ingest(
 
     skipped, todo = ([], found.cases) if rehash else unchanged(slices, found.cases, data.profile)
     log.info("%d cases unchanged since ingested, %d to read", len(skipped), len(todo))
-    work = batches(todo, cases_per_task)
+    work = batches(todo, cases_per_task or batch_size(len(todo), cluster_threads()))
     futures = ingest_cases.map(work, store_url=store, profile=data.profile, dtype=data.dtype) if work else []
     with RunProgress(len(found.cases), "ingest-progress", "ingesting cases") as progress:
         progress.advance(len(skipped))

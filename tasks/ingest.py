@@ -11,7 +11,8 @@ metadata only; the arrays go straight from the worker to the store.
 
 ``ingest_cases``: a few cases in one task run, what the ingest flow maps over Dask. A task run on a
 Dask worker costs ~0.07 s of Prefect's own (its context is serialized and rebuilt for each run), a
-quarter of a case's work; a batch pays it once. Each case is still done on its own: an invalid one
+quarter of a case's work; a batch pays it once (``batch_size``: two batches a worker thread at
+least, eight cases at most). Each case is still done on its own: an invalid one
 becomes a ``quarantined`` row with its reason (logged as an error) and the others go on; an
 ``OSError`` retries the batch, whose finished cases are then skipped (unchanged).
 """
@@ -95,6 +96,15 @@ def ingest_cases(cases: list[CaseFiles], store_url: str, profile: str, dtype: st
             get_run_logger().error("%s", e)
             rows.append({"case": case.case_id, "status": "quarantined", "reason": str(e)})
     return rows
+
+
+MAX_CASES_PER_TASK = 8  # ~2 s of work a task run: Prefect's ~0.07 s a run is then a few per cent
+
+
+def batch_size(cases: int, threads: int) -> int:
+    """Cases in a task run: at least two task runs per worker thread, so that no thread idles behind
+    a slow one at the end, and at most ``MAX_CASES_PER_TASK``."""
+    return max(1, min(MAX_CASES_PER_TASK, -(-cases // (2 * max(threads, 1)))))
 
 
 def batches(items: list, size: int) -> list[list]:

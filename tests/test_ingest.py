@@ -370,6 +370,13 @@ def test_cases_are_batched_evenly_in_order(n, size, expected):
     assert [len(b) for b in got] == expected and [i for b in got for i in b] == list(range(n))
 
 
+@pytest.mark.parametrize("cases,threads,size", [(42, 2, 8), (6, 2, 2), (6, 1, 3), (42, 16, 2), (3, 16, 1), (0, 2, 1)])
+def test_batch_size_gives_each_thread_two_runs_at_least_and_a_run_8_cases_at_most(cases, threads, size):
+    from tasks.ingest import batch_size
+
+    assert batch_size(cases, threads) == size
+
+
 @pytest.mark.parametrize(
     "dtype,shape", [("float16", (7, 4, 24, 20)), ("float32", (5, 4, 16, 16)), ("uint8", (6, 24, 20))]
 )

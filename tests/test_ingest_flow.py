@@ -140,7 +140,7 @@ def test_cases_unchanged_since_ingested_start_no_task(prefect_api, small_raw, tm
         os.utime(f, (old, old))
     params = dict(raw=[str(raw)], store=str(tmp_path / "s.zarr"), data=Preprocessing(profile="tp"))
     state, summary = _run(params)
-    assert summary["ingested"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 2  # 2 batches of 3
+    assert summary["ingested"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 3  # 2 threads: 3 runs of 2
 
     state, summary = _run(params)
     assert summary["skipped"] == 6 and summary["ingested"] == 0
@@ -157,7 +157,7 @@ def test_cases_unchanged_since_ingested_start_no_task(prefect_api, small_raw, tm
     assert _task_runs(state.state_details.flow_run_id) == []
 
     state, summary = _run({**params, "rehash": True})  # every file read and hashed again
-    assert summary["skipped"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 2
+    assert summary["skipped"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 3
 
     shutil.copy(t1.with_name(t1.name.replace("_t1.", "_t2.")), t1)  # changed bytes: read, and ingested again
     os.utime(t1, (old + 120, old + 120))

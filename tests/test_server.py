@@ -495,7 +495,7 @@ def test_ingest_deployment_runs_on_the_worker_and_its_artifacts_are_readable(sta
     assert "| ingested | 6 |" in artifacts["ingest-summary"]["data"]
     tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
     done = [t for t in tasks if t["name"].startswith("ingest-") and t["state_type"] == "COMPLETED"]
-    assert len(done) == 2  # six cases in batches of four at most: 3 + 3
+    assert len(done) == 2  # six cases, one worker thread (BRATS_DASK_WORKERS=1): two batches of 3
 
     from storage.store import SliceStore
 
