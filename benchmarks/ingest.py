@@ -8,7 +8,9 @@ until there are ``--cases`` of them; without ``--raw``, full-size synthetic case
 one run, each ``--repeats`` times, alternating, medians compared:
 
   floor   decode every NIfTI file with nibabel, nothing else, in ``--workers`` processes
-          (a pool started before the clock: the floor is the decoding alone)
+          (a pool started before the clock: the floor is the decoding alone; its processes keep freed
+          memory as the ``brats`` program does, ``flows.cli.keep_freed_memory``, so the floor is no
+          slower than in a plain process)
   work    the ingest task's own body (``tasks.ingest.ingest_case.fn``: read once, hash, validate,
           normalize, write the case to Zarr), in the same pool: per-case work against the floor's
   flow    ``brats ingest RAW --store S --workers W`` as a user runs it: a new process, start-up
@@ -48,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from prefect_server import prefect_server  # noqa: E402
 
+from flows.cli import keep_freed_memory  # noqa: E402
 from storage.nifti import discover  # noqa: E402
 from storage.synth import write_dataset  # noqa: E402
 
@@ -194,7 +197,7 @@ def main() -> int:
     }
     server, api = prefect_server(tmp / "prefect-server")
     per_case: dict[str, list[float]] = {"floor": [], "work": []}
-    with ProcessPoolExecutor(args.workers) as pool:
+    with ProcessPoolExecutor(args.workers, initializer=keep_freed_memory) as pool:
         list(pool.map(decode, [list(c.files.values()) for c in cases[: args.workers]]))  # started, warm
         for r in range(args.repeats):
             wall, each = pooled(pool, decode, [(list(c.files.values()),) for c in cases])
