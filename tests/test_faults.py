@@ -69,8 +69,11 @@ def _sha(a) -> str:
 
 
 def case_snapshot(store: SliceStore, case_id: str) -> dict:
+    """A case's attrs and array checksums; not its source files' stamps, which say when those files were
+    last written as seen at ingestion (none for files written under 2 s before), not what the case holds."""
     label = store.label(case_id)
-    return {"attrs": store.attrs(case_id), "image": _sha(store.image(case_id)), "label": label and _sha(label)}
+    attrs = {k: v for k, v in store.attrs(case_id).items() if k != "stamps"}
+    return {"attrs": attrs, "image": _sha(store.image(case_id)), "label": label and _sha(label)}
 
 
 def store_snapshot(url: str) -> dict:
