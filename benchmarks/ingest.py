@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefect_server import prefect_server  # noqa: E402
+from prefect_server import prefect_server, program  # noqa: E402
 
 from flows.cli import keep_freed_memory  # noqa: E402
 from storage.nifti import discover  # noqa: E402
@@ -98,7 +98,8 @@ def command(raw: Path, store: Path, workers: int, profile: str, api: str | None 
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "WARNING"}
     if api:
         env["PREFECT_API_URL"] = api
-    args = ["brats", "ingest", str(raw), "--store", str(store), "--workers", str(workers), "--profile", profile]
+    args = [program("brats"), "ingest", str(raw), "--store", str(store)]
+    args += ["--workers", str(workers), "--profile", profile]
     start = time.perf_counter()
     done = subprocess.run(args, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start

@@ -6,9 +6,16 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
+
+
+def program(name: str) -> str:
+    """A command of the environment running this benchmark (``.venv/bin/prefect``, ``.venv/bin/brats``),
+    so that ``.venv/bin/python benchmarks/...`` needs no activated environment."""
+    return str(Path(sys.executable).parent / name)
 
 
 def prefect_server(home: Path, log=subprocess.DEVNULL, timeout: float = 120) -> tuple[subprocess.Popen, str]:
@@ -18,7 +25,7 @@ def prefect_server(home: Path, log=subprocess.DEVNULL, timeout: float = 120) -> 
         port = s.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    args = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    args = [program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(args, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + timeout

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefect_server import prefect_server  # noqa: E402
+from prefect_server import prefect_server, program  # noqa: E402
 
 
 def untrained(models: Path, base: int) -> str:
@@ -89,7 +89,7 @@ def main() -> int:
     }
     out, inbox = tmp / "out", tmp / "inbox"
     try:
-        serve = ["brats", "serve", "--out", str(out), "--models", str(models)] + (
+        serve = [program("brats"), "serve", "--out", str(out), "--models", str(models)] + (
             ["--model", version] if version else []
         )
         procs.append(subprocess.Popen(serve, env=env, stdout=subprocess.PIPE, stderr=log, text=True))
@@ -102,14 +102,15 @@ def main() -> int:
         for r in range(args.repeats):
             folder = new_scan(args.case, inbox, f"{args.case.name}_s{r}")
             start = time.perf_counter()
-            subprocess.run(["brats", "submit", str(folder), "--served"], env=env, check=True, capture_output=True)
+            submit = [program("brats"), "submit", str(folder), "--served"]
+            subprocess.run(submit, env=env, check=True, capture_output=True)
             submit_only.append(time.perf_counter() - start)
             served.append(until_written(out, folder.name, start))
             print(f"served {r + 1}: submit {submit_only[-1]:.1f} s, segmentation written after {served[-1]:.1f} s")
         for r in range(args.cold):
             folder = new_scan(args.case, inbox, f"{args.case.name}_c{r}")
             start = time.perf_counter()
-            infer = ["brats", "infer", str(folder), "--out", str(out), "--models", str(models)]
+            infer = [program("brats"), "infer", str(folder), "--out", str(out), "--models", str(models)]
             subprocess.run(infer + (["--model", version] if version else []), env=env, check=True, capture_output=True)
             cold.append(until_written(out, folder.name, start))
             print(f"cold `brats infer` {r + 1}: {cold[-1]:.1f} s")

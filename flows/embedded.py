@@ -115,7 +115,10 @@ def prefect_api(server: EphemeralAPI | None = None) -> Iterator[str]:
         return
     server = server or EphemeralAPI.start()
     try:
-        import fastapi.encoders  # noqa: F401  Prefect's lazy import for the first flow run's parameters (0.3 s): done while the API starts
+        # Done while the API starts: Prefect's lazy import for the first flow run's parameters (0.3 s), and
+        # torch, which every flow here but an ingest with nothing to normalize needs (1-2 s).
+        import fastapi.encoders  # noqa: F401
+        import torch  # noqa: F401
 
         url = server.wait()
         os.environ["PREFECT_API_URL"] = url  # for the worker processes the flow starts

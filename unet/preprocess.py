@@ -35,7 +35,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
@@ -94,6 +93,8 @@ def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.n
     kept under ``TORCH_SERIAL`` values so that torch does it on the calling thread: its own threads
     would compete with the other workers' (measured: up to 3x slower on a busy machine).
     """
+    import torch  # here: a run that normalizes nothing (every case unchanged) never imports it (1-2 s)
+
     x, y, z = mask.shape
     box = _bbox(mask)
     inside = mask[box]
