@@ -57,9 +57,9 @@ def unchanged(store: SliceStore, cases: list[CaseFiles], profile: str) -> tuple[
     done = set(store.case_ids())
     rows, todo = [], []
     for case in cases:
-        a = store.attrs(case.case_id) if case.case_id in done else {}
-        current = a.get("profile") == profile and a.get("stamps") is not None and a.get("stamps") == stamps(case)
-        if current:
+        stamped = stamps(case) if case.case_id in done else None  # None: not in the store, or no stamp vouches
+        a = store.attrs(case.case_id) if stamped else {}
+        if stamped and a.get("stamps") == stamped and a.get("profile") == profile:
             rows.append(_row(a, "skipped", 0.0))
         else:
             todo.append(case)
