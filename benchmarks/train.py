@@ -57,7 +57,7 @@ def _ingest(url: str, cases: list) -> str:
     store.claim_profile("full")
     for case in cases:
         ingest_case.fn(case, url, "full")
-    store.publish({"train": store.case_ids(), "val": [], "test": []})
+    store.publish(split={"train": store.case_ids(), "val": [], "test": []})
     return url
 
 

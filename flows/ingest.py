@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from flows.dask_runner import cluster_threads, dask_runner
 from flows.overrides import deployment_defaults
 from storage.nifti import Naming, discover
-from storage.store import SliceStore, make_split
+from storage.store import SliceStore
 from tasks.artifacts import RunProgress, summary_markdown, table
 from tasks.ingest import batch_size, batches, ingest_cases, unchanged
 from tasks.preset import gather
@@ -76,19 +76,17 @@ def ingest(
     quarantine += [{"case": case.case_id, "reason": reason} for batch, reason in failed for case in batch]
     rows = [r for r in rows if r["status"] != "quarantined"]
 
-    attrs = {c: slices.attrs(c) for c in slices.case_ids()}
-    labelled = {c: a.get("grade") for c, a in attrs.items() if a.get("slice_tumour") is not None}
-    split = make_split(labelled, data.split_ratios, data.split_seed)  # unlabelled scans are never trained on
+    published = slices.publish(data.split_ratios, data.split_seed, quarantine)  # from the store as it is now
     summary = {
         "store": store,
         "profile": data.profile,
         "ingested": sum(r["status"] == "ingested" for r in rows),
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "quarantined": len(quarantine),
-        "cases_in_store": len(attrs),
-        "unlabelled": len(attrs) - len(labelled),
-        "split": {k: len(v) for k, v in split.items()},
-        "fingerprint": slices.publish(split, quarantine),
+        "cases_in_store": published["cases"],
+        "unlabelled": published["cases"] - published["labelled"],
+        "split": {k: len(v) for k, v in published["split"].items()},
+        "fingerprint": published["fingerprint"],
     }
     table(sorted(rows, key=lambda r: r["case"]), "ingest-cases", "Cases this run ingested or skipped (unchanged)")
     table(quarantine or [{"case": "", "reason": "none"}], "ingest-quarantine", "Cases refused, with the reason")

@@ -96,6 +96,8 @@ class SliceStore:
 
     def claim_profile(self, profile: str) -> None:
         """Record the preprocessing profile, refusing to mix two in one store."""
+        if self.root.attrs.get("profile") == profile:  # recorded once and never changed: no lock needed
+            return
 
         def claim(attrs: dict) -> dict:
             have = attrs.get("profile")
@@ -135,15 +137,37 @@ class SliceStore:
     def quarantine(self) -> list[dict]:
         return self.root.attrs.get("quarantine", [])
 
-    def publish(self, split: dict[str, list[str]], quarantine: list[dict] = ()) -> str:
-        """Write the split, the last run's quarantine and the fingerprint of the complete cases."""
-        digest = hashlib.sha256()
-        for case_id in self.case_ids():
-            a = self.attrs(case_id)
-            digest.update(json.dumps([case_id, a["sha256"], a["profile"]], sort_keys=True).encode())
-        fp = digest.hexdigest()[:16]
-        self._update_root(lambda attrs: {"split": split, "fingerprint": fp, "quarantine": list(quarantine)})
-        return fp
+    def publish(
+        self,
+        ratios: Iterable[float] = (0.7, 0.15, 0.15),
+        seed: int = 0,
+        quarantine: Iterable[dict] = (),
+        split: dict[str, list[str]] | None = None,
+    ) -> dict[str, Any]:
+        """Write the split, the last run's quarantine and the fingerprint, all made from the complete cases
+        as they are under the store lock: the patient split of the labelled ones (``make_split``), or
+        ``split`` as given. Two ingestions that end at once both publish from what the store holds when
+        they publish, never from a list of cases read earlier, so the last one to publish is right.
+
+        Returns the split, the fingerprint and the numbers of cases and of labelled cases."""
+        published: dict[str, Any] = {}
+
+        def change(attrs: dict) -> dict:
+            cases = {case_id: self.attrs(case_id) for case_id in self.case_ids()}
+            digest = hashlib.sha256()
+            for case_id, a in cases.items():
+                digest.update(json.dumps([case_id, a["sha256"], a["profile"]], sort_keys=True).encode())
+            grades = {c: a.get("grade") for c, a in cases.items() if a.get("slice_tumour") is not None}
+            published.update(  # unlabelled scans are never trained on: only labelled cases are split
+                split=make_split(grades, ratios, seed) if split is None else split,
+                fingerprint=digest.hexdigest()[:16],
+                cases=len(cases),
+                labelled=len(grades),
+            )
+            return {**{k: published[k] for k in ("split", "fingerprint")}, "quarantine": list(quarantine)}
+
+        self._update_root(change)
+        return published
 
     def _update_root(self, change) -> None:
         """Read-modify-write of the root attrs under the store lock, from a fresh read: ``change(attrs)``

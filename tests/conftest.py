@@ -69,7 +69,7 @@ def small_raw(tmp_path_factory) -> Path:
 def small_store(small_raw, tmp_path_factory) -> str:
     """The small synthetic cases ingested (without Prefect) into a 'full'-profile store with a split."""
     from storage.nifti import discover
-    from storage.store import SliceStore, make_split
+    from storage.store import SliceStore
     from tasks.ingest import ingest_case
 
     url = str(tmp_path_factory.mktemp("store") / "slices.zarr")
@@ -77,6 +77,5 @@ def small_store(small_raw, tmp_path_factory) -> str:
     store.claim_profile("full")
     for case in discover(small_raw).cases:
         ingest_case.fn(case, url, "full")
-    grades = {c: store.attrs(c)["grade"] for c in store.case_ids()}
-    store.publish(make_split(grades, (0.5, 0.25, 0.25)))
+    store.publish((0.5, 0.25, 0.25))
     return url

@@ -23,7 +23,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from storage.nifti import discover
 from storage.store import SliceStore
+from tasks.ingest import ingest_case
 from tests.test_faults import ROOT, ingest_all, store_snapshot, synth_raw
 
 CASE = "BraTS19_RACE_0001_1"
@@ -141,6 +143,55 @@ def test_two_ingestions_at_once_end_like_one(tmp_path):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     assert store_snapshot(url) == store_snapshot(clean)
+
+
+def _waiting_for(lock: Path, timeout: float = 120) -> None:
+    """Return once some process or thread is blocked waiting for ``lock`` (a ``->`` line in /proc/locks)."""
+    inode, deadline = os.stat(lock).st_ino, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if fields[1] == "->" and fields[6].rsplit(":", 1)[-1] == str(inode):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nothing waited for {lock} within {timeout} s")
+
+
+@pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs Linux's /proc/locks to see a waiting lock")
+def test_a_case_completed_while_an_ingestion_publishes_is_in_its_split(prefect_api, tmp_path):
+    """Forced interleaving of two ingestions of one store: the ingest flow has ingested its cases and
+    waits for the store lock to publish its split, while another writer completes one more case. The
+    split the flow then publishes holds that case, as the split of one ingestion of all the cases does
+    (published from a list of cases read before the lock, it would silently leave the case out)."""
+    from flows.ingest import ingest
+    from storage.store import LOCKS, STORE_LOCK
+
+    raw = synth_raw(tmp_path / "raw", cases=4)
+    clean = str(tmp_path / "clean.zarr")
+    ingest_all(raw, clean)
+    cases = discover(raw).cases
+    late = cases[1]  # the other writer's case
+    mine = tmp_path / "mine"  # the flow's raw root: the same layout ({HGG,LGG}/<case>/) without the late case
+    for case in cases:
+        if case is not late:
+            folder = Path(case.files["flair"]).parent
+            (mine / folder.parent.name).mkdir(parents=True, exist_ok=True)
+            (mine / folder.parent.name / folder.name).symlink_to(folder, target_is_directory=True)
+    url = str(tmp_path / "s.zarr")
+    store = SliceStore(url, mode="a")
+    store.claim_profile("full")
+    store.claim_slice_shape(tuple(SliceStore(clean).root.attrs["slice_shape"]))  # as an earlier ingestion left it
+    lock = Path(url) / LOCKS / f"{STORE_LOCK}.lock"
+    result = {}
+    with store._lock(STORE_LOCK):
+        flow = threading.Thread(target=lambda: result.update(ingest(raw=[str(mine)], store=url)))
+        flow.start()
+        _waiting_for(lock)  # the flow has ingested its three cases and waits to publish
+        assert set(SliceStore(url).case_ids()) == {c.case_id for c in cases} - {late.case_id}
+        ingest_case.fn(late, url, "full")  # the other writer completes its case now
+    flow.join(300)
+    assert result["split"] == {k: len(v) for k, v in SliceStore(clean).split.items()}
+    assert store_snapshot(url)["root"] == store_snapshot(clean)["root"]
 
 
 def test_two_first_ingestions_cannot_claim_two_profiles(tmp_path):

@@ -30,7 +30,7 @@ def real_store(real_case, tmp_path_factory) -> str:
     store = SliceStore(url, mode="a")
     store.claim_profile("full")
     ingest_case.fn(case_files(real_case), url, "full")
-    store.publish({"train": store.case_ids(), "val": [], "test": []})
+    store.publish(split={"train": store.case_ids(), "val": [], "test": []})
     return url
 
 

@@ -70,7 +70,7 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
     store.claim_profile("full")
     case = discover(raw).cases[0]
     ingest_case.fn(case, url, "full")
-    store.publish({"train": [], "val": [], "test": [case.case_id]})
+    store.publish(split={"train": [], "val": [], "test": [case.case_id]})
     models = tmp_path / "models"
     register(models)
     params = dict(store=url, models=str(models))

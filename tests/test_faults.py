@@ -36,7 +36,7 @@ import pytest
 import zarr
 
 from storage.nifti import discover
-from storage.store import SliceStore, make_split
+from storage.store import SliceStore
 from storage.synth import write_dataset
 from tasks.ingest import ingest_case
 
@@ -59,8 +59,7 @@ def ingest_all(raw, url: str, profile: str = "full", reverse: bool = False) -> N
     cases = discover(raw).cases
     for case in reversed(cases) if reverse else cases:
         ingest_case.fn(case, url, profile)
-    grades = {c: store.attrs(c).get("grade") for c in store.case_ids()}
-    store.publish(make_split(grades), [])
+    store.publish()
 
 
 def _sha(a) -> str:
