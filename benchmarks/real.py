@@ -1,22 +1,21 @@
-"""Quality on real anatomy: ingest real BraTS cases, train on a patient split, score held-out cases.
+"""Quality on real anatomy: cross-validate a recipe on real BraTS cases, or compare variants of it.
 
-    python benchmarks/real.py RAW [RAW ...] [--preset cpu|gpu] [--work runs/real] [--split-seed 0]
+    python benchmarks/real.py RAW [RAW ...] [--recipe cpu] [--set FIELD=JSON ...] [--work runs/real]
+    python benchmarks/real.py RAW [RAW ...] --recipe cpu --ablation NAME:FIELD=JSON,FIELD=JSON ... [--work …]
 
-RAW: folders of real BraTS cases in any layout the readers take (e.g. the 20 BraTS 2018 cases
-that ``shared/data/real20/extract.py`` writes, and ``tests/data``). The product's own flows run,
-in one process on the embedded defaults (ephemeral Prefect API, Dask LocalCluster, local store):
+RAW: folders of real BraTS cases in any layout the readers take (e.g. the 20 BraTS 2018 cases that
+``shared/data/real20/extract.py`` writes, and ``tests/data``). The product's own flows run, in one
+process on the embedded defaults (ephemeral Prefect API, Dask LocalCluster, local store):
 
-    ingest (split by patient: --split train/val/test ratios)
-      -> train (the preset; the best epoch by per-case 3D validation Dice; post-processing chosen
-         on the validation cases)
-      -> evaluate the test cases on their original grids: the network's raw output, with mirror
-         TTA, with the post-processing, and with both
+    ingest with the recipe's profile and split
+      -> train: with ``training.folds`` K (the cpu and gpu recipes), a K-fold cross-validation by
+         patient, every case scored on its original grid by the fold model that never saw it, with
+         the post-processing chosen on all of them; else one model on the split, scored on its test cases
 
-and prints, per test case and as means, Dice and HD95 (mm) for WT, TC and ET, with the time of each
-stage. Presets (the budget is the training plan, fixed in steps so that figures are comparable):
-
-    cpu  profile tp (96x96 slices), U-Net base 16, batch norm, about 15 minutes on 2 cores
-    gpu  profile full (240x240), the paper's base 64, bf16 autocast: for a CUDA machine
+and prints the per-fold table, the per-case scores (worst first), pooled means and medians, and the
+worst cases by name. ``--ablation`` runs each variant (the recipe with some fields changed; an
+empty change is the recipe itself) on the same folds, one after another, and prints each beside the
+first; finished variants are kept in ``WORK/ablation/NAME.json`` and not run again.
 """
 
 from __future__ import annotations
@@ -33,162 +32,163 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # nothing leaves this machine
 
-NETWORK = dict(depth=4, padding="same", norm="batch")
-TRAINING = dict(max_steps_per_epoch=250, oversample_tumour=3.0, class_weight_power=0.5)
-PRESETS = {  # profile, network, training
-    "cpu": (
-        "tp",
-        {**NETWORK, "base_channels": 16},
-        {**TRAINING, "epochs": 24, "batch_size": 8, "lr": 3e-3, "workers": 1, "device": "cpu"},
-    ),
-    "gpu": (
-        "full",
-        {**NETWORK, "base_channels": 64},
-        {**TRAINING, "epochs": 30, "batch_size": 32, "lr": 1e-3, "workers": 8, "device": "cuda"},
-    ),
-}
 REGIONS = ("WT", "TC", "ET")
-VARIANTS = [  # name, post-processing, mirror TTA
-    ("raw network output", False, False),
-    ("+ TTA", False, True),
-    ("+ post-processing", True, False),
-    ("+ post-processing + TTA (default)", True, True),
-]
+COLUMNS = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
 
 
-def table(rows: list[dict], title: str) -> str:
-    cols = [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}" for r in REGIONS]
-    head = f"{'case':24}" + "".join(f"{c:>10}" for c in cols)
+def fmt(column: str, value: float) -> str:
+    return f"{value:>9.3f}" if column.startswith("dice") else f"{value:>9.1f}"
+
+
+def case_table(rows: list[dict], title: str) -> str:
+    head = f"{'case':24}{'fold':>5}" + "".join(f"{c:>9}" for c in COLUMNS) + f"{'WT ml':>8}{'ET ml':>7}"
     lines = [title, head, "-" * len(head)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: min(r[f"dice_{k}"] for k in REGIONS)):
         lines.append(
-            f"{r['case']:24}" + "".join(f"{r[c]:>10.3f}" if c.startswith("dice") else f"{r[c]:>10.1f}" for c in cols)
+            f"{r['case']:24}{r.get('fold', ''):>5}"
+            + "".join(fmt(c, r[c]) for c in COLUMNS)
+            + f"{r.get('truth_WT_ml', float('nan')):>8.1f}{r.get('truth_ET_ml', float('nan')):>7.1f}"
         )
     lines.append("-" * len(head))
-    for stat, fn in (("mean", statistics.fmean), ("median", statistics.median)):
-        lines.append(
-            f"{stat:24}"
-            + "".join(
-                f"{fn([r[c] for r in rows]):>10.3f}" if c.startswith("dice") else f"{fn([r[c] for r in rows]):>10.1f}"
-                for c in cols
-            )
-        )
+    for stat, fn in (("mean", statistics.fmean), ("median", statistics.median), ("worst", None)):
+        values = [
+            (min if c.startswith("dice") else max)([r[c] for r in rows]) if fn is None else fn([r[c] for r in rows])
+            for c in COLUMNS
+        ]
+        lines.append(f"{stat:29}" + "".join(fmt(c, v) for c, v in zip(COLUMNS, values)))
     return "\n".join(lines)
+
+
+def fold_table(per_fold: list[dict]) -> str:
+    lines = [f"{'fold':>4}{'cases':>6}" + "".join(f"{c:>9}" for c in COLUMNS)]
+    lines += [f"{f['fold']:>4}{f['cases']:>6}" + "".join(fmt(c, f[c]) for c in COLUMNS) for f in per_fold]
+    return "\n".join(lines)
+
+
+def misses(rows: list[dict]) -> list[str]:
+    """The failures the targets name: a whole tumour below 0.6, an enhancing tumour of 1 ml or more missed."""
+    out = [f"{r['case']}: WT Dice {r['dice_WT']:.2f}" for r in rows if r["dice_WT"] < 0.6]
+    out += [
+        f"{r['case']}: ET of {r['truth_ET_ml']} ml missed"
+        for r in rows
+        if r.get("truth_ET_ml", 0) >= 1 and r["dice_ET"] == 0
+    ]
+    return out
+
+
+def parse_changes(text: str) -> dict:
+    return {k: json.loads(v) for k, v in (part.split("=", 1) for part in text.split(",") if part)}
+
+
+def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> dict:
+    """Train the recipe with ``changes`` (fields of its network or training); the CV record or test scores."""
+    from flows.evaluate import evaluate
+    from flows.infer import Prediction
+    from flows.train import train
+    from storage.registry import Registry
+
+    unknown = set(changes) - set(type(recipe.network).model_fields) - set(type(recipe.training).model_fields)
+    if unknown:
+        raise SystemExit(f"no such network or training field: {', '.join(sorted(unknown))}")
+    network = recipe.network.model_copy(update={k: v for k, v in changes.items() if k in type(recipe.network).model_fields})
+    training = recipe.training.model_copy(
+        update={"seed": seed, **{k: v for k, v in changes.items() if k in type(recipe.training).model_fields}}
+    )
+    network, training = (
+        type(network).model_validate(network.model_dump()),
+        type(training).model_validate(training.model_dump()),
+    )
+    started = time.perf_counter()
+    trained = train(store, models, network, training, fresh=True)
+    seconds = time.perf_counter() - started
+    info = Registry(models).info(trained["version"])
+    if training.folds:
+        cv = info["cv"]
+        return {"version": trained["version"], "seconds": seconds, "per_case": cv["per_case"], **cv}
+    ev = evaluate(store, trained["version"], models, "test", Prediction(device=training.device))
+    rows = Registry(models).info(trained["version"])["evaluation"]["per_case"]
+    return {"version": trained["version"], "seconds": seconds, "per_case": rows, "per_fold": [], "evaluate": ev}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("raw", nargs="+", help="folders of real BraTS cases")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--recipe", default="cpu", help="paper, cpu or gpu (flows.recipes)")
     p.add_argument("--work", default="runs/real", help="store, registry and results go here")
-    p.add_argument("--split", type=float, nargs=3, default=(0.6, 0.15, 0.25), metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the folds too)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="change a field of the recipe")
     p.add_argument(
-        "--model", help="a version already trained in --work: choose its post-processing again and evaluate it"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=JSON",
-        help="override a network or training field, e.g. --set epochs=10",
+        "--ablation", nargs="+", metavar="NAME:FIELD=JSON,…", help="variants of the recipe, on the same folds"
     )
     args = p.parse_args()
 
     from flows.embedded import prefect_api
-    from flows.evaluate import evaluate
-    from flows.infer import Prediction
-    from flows.ingest import Preprocessing, ingest
-    from flows.train import train
-    from storage.store import SliceStore
-    from tasks.evaluate import choose_postprocess
-    from unet.model import UNetConfig
-    from unet.train import TrainConfig
+    from flows.ingest import ingest
+    from flows.recipes import recipe as named
 
-    profile, network, training = PRESETS[args.preset]
+    recipe = named(args.recipe)
+    base = parse_changes(",".join(args.set))
+    variants = [
+        (name, {**base, **parse_changes(text)}) for name, _, text in (v.partition(":") for v in args.ablation or [])
+    ]
+    variants = variants or [(args.recipe, base)]
     work = Path(args.work)
-    store, models = str(work / f"slices-{profile}.zarr"), str(work / "models")
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    network = UNetConfig(**{**network, **{k: v for k, v in overrides.items() if k in UNetConfig.model_fields}})
-    training = TrainConfig(
-        **{**training, "seed": args.seed, **{k: v for k, v in overrides.items() if k in TrainConfig.model_fields}}
-    )
-    seconds = {}
-    started = time.perf_counter()
+    (work / "ablation").mkdir(parents=True, exist_ok=True)
+    store, models = str(work / f"slices-{recipe.data.profile}.zarr"), str(work / "models")
+    results = {}
     with prefect_api():
-        seconds["start-up"] = time.perf_counter() - started
-        t = time.perf_counter()
-        data = Preprocessing(profile=profile, split_ratios=tuple(args.split), split_seed=args.split_seed)
-        state = ingest(args.raw, store, data, return_state=True)
+        started = time.perf_counter()
+        state = ingest(args.raw, store, recipe.data, return_state=True)
         summary = state.result(raise_on_failure=False)
         if not isinstance(summary, dict):
             print(f"ingest failed: {state.message}", file=sys.stderr)
             return 1
-        seconds["ingest"] = time.perf_counter() - t
-        split = SliceStore(store).split
         print(
-            f"{summary['cases_in_store']} real cases; split train {len(split['train'])}, val {len(split['val'])}, "
-            f"test {len(split['test'])}"
-            f"{' (' + state.message + ')' if not state.is_completed() else ''}",
+            f"{summary['cases_in_store']} real cases in {store}, split {summary['split']} "
+            f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
+        for name, changes in variants:
+            done = work / "ablation" / f"{name}.json"
+            if args.ablation and done.exists():
+                results[name] = json.loads(done.read_text())
+                print(f"{name}: kept from {done}")
+                continue
+            print(f"{name}: recipe {args.recipe} with {changes or 'no change'} ...", flush=True)
+            results[name] = {"changes": changes, **run_variant(store, models, recipe, changes, args.seed)}
+            done.write_text(json.dumps(results[name], indent=2, default=str))
 
-        t = time.perf_counter()
-        if args.model:  # chosen again by today's rule; trained as it was
-            version = args.model
-            choose_postprocess(store, models, version, training.device)
-        else:
-            version = train(store, models, network, training, fresh=True)["version"]
-        seconds["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        runs = {}
-        for name, post, tta in VARIANTS:  # the product's default last: its record stays with the version
-            runs[name] = evaluate(
-                store, version, models, "test", Prediction(postprocess=post, tta=tta, device=training.device)
+    for name, r in results.items():
+        print(f"\n=== {name}: {r['changes'] or 'the recipe'} — {r['version']}, {r['seconds']:.0f} s")
+        if r["per_fold"]:
+            print(fold_table(r["per_fold"]))
+        post = r.get("postprocess", {})
+        if post:
+            print(
+                f"post-processing chosen out of fold: {post['postprocess']} (mean Dice "
+                f"{post['mean_dice_before']:.4f} -> {post['mean_dice_after']:.4f}, HD95 "
+                f"{post['mean_hd95_before']:.1f} -> {post['mean_hd95_after']:.1f} mm)"
             )
-        seconds["evaluate"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - started
-
-    from storage.registry import Registry
-
-    info = Registry(models).info(version)
-    per_case = info["evaluation"]["per_case"]
-    print()
-    given = {**PRESETS[args.preset][1], **PRESETS[args.preset][2], **overrides, "seed": args.seed}
-    print(f"preset {args.preset}: profile {profile}, " + ", ".join(f"{k} {v}" for k, v in given.items()))
-    print(
-        f"model {version}: best epoch {info['metrics']['best_epoch']} of {len(info['history'])}; "
-        "validation (per-case 3D, store grid) Dice "
-        + " ".join(f"{r} {info['metrics'][f'dice_{r}']:.3f}" for r in REGIONS)
-    )
-    choice = info.get("postprocess_choice", {})
-    print(
-        f"post-processing chosen on {choice.get('cases')} validation case(s): {info.get('postprocess')} "
-        f"(mean validation Dice {choice.get('mean_dice_before', float('nan')):.4f} -> "
-        f"{choice.get('mean_dice_after', float('nan')):.4f}, "
-        f"HD95 {choice.get('mean_hd95_before', float('nan')):.1f} -> "
-        f"{choice.get('mean_hd95_after', float('nan')):.1f} mm)"
-    )
-    print()
-    print(table(per_case, f"test cases ({len(per_case)}), original grids, with post-processing and TTA (the default)"))
-    print()
-    print("means of the same test cases by variant:")
-    for name, _, _ in VARIANTS:
-        print(
-            f"  {name:28}"
-            + "".join(f"  Dice {r} {runs[name][f'dice_{r}']:.3f}" for r in REGIONS)
-            + "".join(f"  HD95 {r} {runs[name][f'hd95_{r}']:5.1f}" for r in REGIONS)
-        )
-    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    out = work / "real-benchmark.json"
-    out.write_text(
-        json.dumps(
-            {"preset": args.preset, "version": version, "seconds": seconds, "means": runs, "per_case": per_case},
-            indent=2,
-        )
-    )
-    print(f"written: {out}")
+        print(case_table(r["per_case"], f"{len(r['per_case'])} cases, original grids"))
+        print("misses: " + ("; ".join(misses(r["per_case"])) or "none"))
+    if len(results) > 1:
+        first = next(iter(results))
+        print(f"\nablation: per-case means on the same folds, and the change against {first}")
+        print(f"{'variant':28}" + "".join(f"{c:>9}" for c in COLUMNS) + f"{'minutes':>9}")
+        for name, r in results.items():
+            means = [statistics.fmean(x[c] for x in r["per_case"]) for c in COLUMNS]
+            ref = [statistics.fmean(x[c] for x in results[first]["per_case"]) for c in COLUMNS]
+            print(f"{name:28}" + "".join(fmt(c, m) for c, m in zip(COLUMNS, means)) + f"{r['seconds'] / 60:>9.1f}")
+            if name != first:
+                print(
+                    f"{'':28}"
+                    + "".join(
+                        f"{m - b:>+9.3f}" if c.startswith("dice") else f"{m - b:>+9.1f}"
+                        for c, m, b in zip(COLUMNS, means, ref)
+                    )
+                )
+    (work / "real-benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwritten: {work / 'real-benchmark.json'}")
     return 0
 
 

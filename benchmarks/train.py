@@ -42,9 +42,11 @@ import numpy as np
 import torch
 
 from storage.store import SliceStore
-from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, augment_params, make_loader
+from unet.augment import AugmentConfig, apply_augment, augment_params
+from unet.data import EpochSampler, SliceDataset, make_loader
 from unet.device import pick_device
-from unet.model import CrossEntropy, UNet, UNetConfig
+from unet.loss import CrossEntropy
+from unet.model import UNet, UNetConfig
 from unet.train import autocast_dtype, train_step
 
 H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM, dense (no sparsity)

@@ -17,7 +17,7 @@ from prefect.states import Failed
 from prefect.utilities.annotations import unmapped
 
 from flows.infer import Prediction
-from flows.overrides import deployment_defaults
+from flows.overrides import sections
 from storage.registry import DEFAULT_ROOT, Registry
 from storage.store import SliceStore
 from tasks.artifacts import RunProgress, markdown, png_markdown, table
@@ -60,7 +60,7 @@ def evaluate(
         prediction: how the cases are segmented
     """
     log = get_run_logger()
-    (prediction,) = deployment_defaults(prediction=prediction)
+    (prediction,) = sections(prediction=prediction)
     registry = Registry(models)
     version = registry.resolve(model)
     info = registry.info(version)

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from pydantic import BaseModel, Field
 
-from flows.overrides import deployment_defaults
+from flows.overrides import sections
 from storage.nifti import Naming, discover
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks.artifacts import RunProgress, summary_markdown, table
@@ -58,7 +58,7 @@ def infer(
         prediction: how scans are segmented
     """
     log = get_run_logger()
-    (prediction,) = deployment_defaults(prediction=prediction)
+    (prediction,) = sections(prediction=prediction)
     registry = Registry(models)
     version = registry.resolve(model)
     profile = registry.info(version)["profile"]

@@ -14,7 +14,7 @@ from prefect.states import Failed
 from pydantic import BaseModel, Field
 
 from flows.dask_runner import cluster_threads, dask_runner
-from flows.overrides import deployment_defaults
+from flows.overrides import sections
 from storage.nifti import Naming, discover
 from storage.store import SliceStore
 from tasks.artifacts import RunProgress, summary_markdown, table
@@ -57,7 +57,7 @@ def ingest(
         rehash: read and hash every file, even those whose size and modification time are as recorded
     """
     log = get_run_logger()
-    (data,) = deployment_defaults(data=data)
+    (data,) = sections(data=data)
     found = discover(*raw, naming=data.naming)
     slices = SliceStore(store, mode="a")
     slices.claim_profile(data.profile)

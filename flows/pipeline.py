@@ -12,7 +12,7 @@ from prefect.states import Failed
 from flows.evaluate import evaluate
 from flows.infer import Prediction
 from flows.ingest import Preprocessing, ingest
-from flows.overrides import deployment_defaults
+from flows.overrides import sections
 from flows.train import train
 from storage.registry import DEFAULT_ROOT
 from storage.store import SliceStore
@@ -32,8 +32,9 @@ def pipeline(
     evaluate_split: str = "test",
     prediction: Prediction = Prediction(),
     allow_quarantine: bool = True,
+    recipe: str | None = None,
 ) -> dict:
-    """Ingest -> train -> evaluate on raw BraTS data.
+    """Ingest -> train (one model, or a cross-validated ensemble) -> evaluate on raw BraTS data.
 
     Args:
         raw: raw roots in any BraTS layout ({HGG,LGG}/<case>/, <case>/) or case folders
@@ -45,10 +46,11 @@ def pipeline(
         evaluate_split: split to evaluate the new model on: train, val, test or all
         prediction: how the evaluated cases are segmented
         allow_quarantine: go on training when some cases were quarantined
+        recipe: start from a named recipe's data, network and training (paper, cpu, gpu); fields given still apply
     """
     log = get_run_logger()
-    data, network, training, prediction = deployment_defaults(
-        data=data, network=network, training=training, prediction=prediction
+    data, network, training, prediction = sections(
+        recipe, data=data, network=network, training=training, prediction=prediction
     )
     runs = {}
     runs["ingest"] = ingest(raw, store, data, return_state=True)
@@ -62,12 +64,12 @@ def pipeline(
 
     runs["train"] = train(store, models, network, training, fresh=True, return_state=True)
     trained = runs["train"].result()
-    runs["evaluate"] = evaluate(store, trained["version"], models, evaluate_split, prediction, return_state=True)
-    result = {
-        "ingest": summary,
-        "train": {k: trained[k] for k in ("version", "metrics", "best")},
-        "evaluate": runs["evaluate"].result(),
-    }
+    result = {"ingest": summary, "train": {k: trained[k] for k in ("version", "metrics", "best")}}
+    if SliceStore(store).split.get(evaluate_split) or evaluate_split == "all":  # a held-out split to score
+        runs["evaluate"] = evaluate(store, trained["version"], models, evaluate_split, prediction, return_state=True)
+        result["evaluate"] = runs["evaluate"].result()
+    else:
+        log.info("no %s split in %s: the model's figures are its cross-validation's", evaluate_split, store)
     return _summary(runs, result)
 
 
@@ -86,7 +88,7 @@ def _summary(runs: dict, result):
                     f"split {r['split']}"
                 ),
                 "train": lambda r: (
-                    f"`{r['version']}`, validation Dice "
+                    f"`{r['version']}`, {'cross-validated' if r.get('folds') else 'validation'} Dice "
                     + ", ".join(f"{k} {r['metrics'][f'dice_{k}']:.3f}" for k in ("WT", "TC", "ET"))
                 ),
                 "evaluate": lambda r: (

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.infer import Prediction, infer
-from flows.overrides import deployment_defaults
+from flows.overrides import sections
 from storage.inbox import announced, how_made, is_done, scan_inbox, state_path
 from storage.nifti import Naming
 from storage.registry import DEFAULT_ROOT, Registry
@@ -51,7 +51,7 @@ def sweep(
         prediction: how scans are segmented
     """
     log = get_run_logger()
-    (prediction,) = deployment_defaults(prediction=prediction)
+    (prediction,) = sections(prediction=prediction)
     version = Registry(models).resolve(model)
     now = time.time()
     rows, pending = [], []

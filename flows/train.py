@@ -1,4 +1,6 @@
-"""Flow ``train``: slices in the store -> a trained U-Net as a new version in the model registry.
+"""Flow ``train``: slices in the store -> a trained U-Net (or a cross-validated ensemble) in the registry.
+
+One model (``training.folds`` 0):
 
     check the device -> open (or reopen) a model version
     -> train_model (tag gpu; retries resume from its checkpoint)
@@ -7,22 +9,36 @@
     -> announce it: the event ``brats.model.trained`` (version, store, registry), on which the
        ``evaluate/after-train`` deployment evaluates exactly that version
 
+K-fold cross-validation (``training.folds`` K >= 2): the labelled cases outside the store's test
+split are cut into K folds by patient; fold i's model trains on the others, and segments fold i
+(its *out-of-fold* cases) on their original grids. Each fold is a run of this flow (``fold`` i): on
+a server, runs of the same deployment, started together so that K workers take one each; on one
+machine, subflows one after another. Then an **ensemble** version (the mean of the K models'
+probabilities) is registered, its post-processing is chosen on every case's out-of-fold
+segmentation, and the cross-validated scores (per case, per fold, pooled) become its metrics; it
+is promoted and announced as one model is.
+
 A flow run that was killed and is started again with the same store and the same parameters
-continues the unfinished version from its last checkpoint (``fresh`` starts a new one); deployed,
-a crashed run is started again by an automation. The version counts its attempts: after
-``MAX_ATTEMPTS`` it is given up (status ``abandoned``) and the next run starts a new one.
+continues the unfinished version from its last checkpoint (``fresh`` starts a new one), and a
+cross-validation reuses the folds already finished; deployed, a crashed run is started again by an
+automation. A version counts its attempts: after ``MAX_ATTEMPTS`` it is given up (status
+``abandoned``) and the next run starts a new one.
 """
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
-from prefect.events import emit_event
-from prefect.runtime import flow_run
+import time
 
-from flows.overrides import deployment_defaults
+from prefect import flow, get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.events import emit_event
+from prefect.runtime import deployment, flow_run
+
+from flows.overrides import sections
 from storage.registry import DEFAULT_ROOT, Registry
-from tasks.evaluate import choose_postprocess
-from tasks.train import artifacts, open_version, promote_if_best, train_model
+from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
+from tasks.train import artifacts, cv_artifacts, open_version, promote_if_best, register_ensemble, train_model
 from unet.device import pick_device
 from unet.model import UNetConfig
 from unet.train import TrainConfig
@@ -38,8 +54,10 @@ def train(
     network: UNetConfig = UNetConfig(),
     training: TrainConfig = TrainConfig(),
     fresh: bool = False,
+    fold: int | None = None,
+    recipe: str | None = None,
 ) -> dict:
-    """Slices in the store -> a trained U-Net as a new version in the model registry.
+    """Slices in the store -> a trained U-Net, or with training.folds K a cross-validated ensemble of K.
 
     Args:
         store: slice store (local path or fsspec URL) with a train/val split
@@ -47,11 +65,20 @@ def train(
         network: the U-Net
         training: the training run
         fresh: start a new version even if an unfinished one of the same run exists
+        fold: train only this fold of a cross-validation (0..folds-1): what each fold's run does
+        recipe: start from a named recipe's network and training (paper, cpu, gpu); fields given still apply
     """
     log = get_run_logger()
-    network, training = deployment_defaults(network=network, training=training)
+    network, training = sections(recipe, network=network, training=training)
     device = pick_device(training.device)  # a device that is not there fails here, at once, not after retries
-    version, attempt = open_version(models, store, network, training, fresh)
+    if training.folds and fold is None:
+        return _cross_validate(store, models, network, training, fresh)
+    if fold is not None and not training.folds:
+        raise ValueError(f"fold {fold} given, but training.folds is 0: set the number of folds")
+    version, attempt = open_version(models, store, network, training, fresh, fold)
+    if attempt == 0:
+        log.info("fold %d: version %s is already trained; reused", fold, version)
+        return {"version": version, "fold": fold, "reused": True}
     if attempt > MAX_ATTEMPTS:
         Registry(models).update_info(version, status="abandoned")
         raise ValueError(
@@ -59,10 +86,66 @@ def train(
         )
     log.info("%s version %s in %s", f"continuing (attempt {attempt})" if attempt > 1 else "new", version, models)
     summary = train_model(store, models, version, network, training)
+    if fold is not None:  # a member of an ensemble: scored on its fold; the ensemble is chosen and promoted
+        summary["out_of_fold"] = predict_out_of_fold(store, models, version, str(device))
+        artifacts(models, version, summary, network, training)
+        return {**summary, "fold": fold}
     summary["postprocess"] = choose_postprocess(store, models, version, str(device))
     artifacts(models, version, summary, network, training)
     best = promote_if_best(models, version)
     log.info("%s: validation Dice %s%s", version, summary["metrics"], " — now BEST" if best else "")
+    _announce(version, store, models, best, summary["metrics"])
+    return {**summary, "best": best}
+
+
+def _cross_validate(store: str, models: str, network: UNetConfig, training: TrainConfig, fresh: bool) -> dict:
+    log = get_run_logger()
+    start = time.perf_counter()
+    members = _run_folds(store, models, network, training, fresh)
+    version = register_ensemble(models, members)
+    cv = cross_validation(store, models, version)
+    metrics = cv["metrics"]
+    summary = {
+        "version": version,
+        "registry": models,
+        "members": members,
+        "folds": training.folds,
+        "metrics": metrics,
+        "postprocess": cv["postprocess"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    Registry(models).update_info(version, seconds=summary["seconds"])
+    cv_artifacts(models, version, cv, network, training)
+    best = promote_if_best(models, version)
+    log.info("%s: cross-validated Dice %s%s", version, metrics, " — now BEST" if best else "")
+    _announce(version, store, models, best, metrics)
+    return {**summary, "best": best}
+
+
+def _run_folds(store: str, models: str, network: UNetConfig, training: TrainConfig, fresh: bool) -> list[str]:
+    """The K fold versions, in fold order: deployed, K runs of this deployment at once; else subflows."""
+    name = deployment.name
+    params = {"store": store, "models": models, "network": network, "training": training, "fresh": fresh}
+    if not name:
+        return [train(**params, fold=i)["version"] for i in range(training.folds)]
+    runs = [
+        run_deployment(f"{flow_run.flow_name}/{name}", parameters={**params, "fold": i}, timeout=0)
+        for i in range(training.folds)
+    ]
+    get_run_logger().info("folds started as runs of %s/%s: %s", flow_run.flow_name, name, [r.name for r in runs])
+    with get_client(sync_client=True) as client:
+        while True:
+            states = [client.read_flow_run(r.id).state for r in runs]
+            if all(s.is_final() for s in states):
+                break
+            time.sleep(5)
+    failed = [f"fold {i}: {s.name} {s.message or ''}".strip() for i, s in enumerate(states) if not s.is_completed()]
+    if failed:
+        raise RuntimeError("cross-validation folds did not complete: " + "; ".join(failed))
+    return [open_version.fn(models, store, network, training, False, i)[0] for i in range(training.folds)]
+
+
+def _announce(version: str, store: str, models: str, best: bool, metrics: dict) -> None:
     emit_event(
         EVENT,
         resource={
@@ -70,6 +153,5 @@ def train(
             "prefect.resource.name": version,
             "brats.evaluate": str(flow_run.parent_flow_run_id is None).lower(),  # a pipeline evaluates its own
         },
-        payload={"version": version, "store": store, "models": models, "best": best, "metrics": summary["metrics"]},
+        payload={"version": version, "store": store, "models": models, "best": best, "metrics": metrics},
     )
-    return {**summary, "best": best}

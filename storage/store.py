@@ -54,6 +54,7 @@ from zarr.errors import ContainsGroupError
 
 from storage.nifti import CASE_ID
 from storage.shards import write_slices
+from storage.split import make_split
 
 try:
     import fcntl
@@ -284,45 +285,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-def make_split(
-    grades: dict[str, str | None], ratios: Iterable[float] = (0.7, 0.15, 0.15), seed: int = 0
-) -> dict[str, list[str]]:
-    """Patient-level train/val/test split of labelled cases, deterministic and stratified by grade.
-
-    Within each grade, cases are ordered by a hash of (seed, case id) — so the order does not depend
-    on which other cases exist — and cut by largest-remainder rounding of the ratios. Rounding per
-    grade can leave val or test empty with few cases; whenever there are 3 or more cases, each of
-    them gets at least one (taken from the end of the largest grade's train cases), as long as its
-    ratio is not 0.
-    """
-    names = ("train", "val", "test")
-    ratios = np.asarray(list(ratios), dtype=float)
-    if ratios.shape != (3,) or (ratios < 0).any() or ratios.sum() <= 0:
-        raise ValueError(f"split ratios must be three non-negative numbers, got {ratios.tolist()}")
-    ratios = ratios / ratios.sum()
-    split: dict[str, list[str]] = {n: [] for n in names}
-    by_grade: dict[str, list[str]] = {}
-    for case_id, grade in grades.items():
-        by_grade.setdefault(grade or "unknown", []).append(case_id)
-    trains: dict[str, list[str]] = {}
-    for grade in sorted(by_grade):
-        ids = sorted(by_grade[grade], key=lambda c: hashlib.sha256(f"{seed}:{c}".encode()).hexdigest())
-        exact = ratios * len(ids)
-        counts = np.floor(exact).astype(int)
-        for i in np.argsort(-(exact - counts), kind="stable")[: len(ids) - counts.sum()]:
-            counts[i] += 1
-        start = 0
-        for name, n in zip(names, counts):
-            split[name] += ids[start : start + n]
-            start += n
-        trains[grade] = ids[: counts[0]]
-    for name, ratio in zip(names[1:], ratios[1:]):
-        if not split[name] and ratio > 0 and len(grades) >= 3:
-            grade = max(sorted(trains), key=lambda g: len(trains[g]))
-            if len(split["train"]) > 1:
-                moved = trains[grade].pop()
-                split["train"].remove(moved)
-                split[name].append(moved)
-    return {n: sorted(v) for n, v in split.items()}

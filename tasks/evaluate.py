@@ -10,7 +10,9 @@ in, and the row says so. Metrics: ``unet.metrics.evaluate_case`` with the case's
 
 from __future__ import annotations
 
+import io
 import time
+from dataclasses import replace
 
 import numpy as np
 from prefect import get_run_logger
@@ -21,8 +23,9 @@ from storage.store import SliceStore
 from tasks.plots import overlay_png
 from tasks.preset import stage_task
 from unet.checkpoint import load_model
-from unet.metrics import evaluate_case
-from unet.predict import PostProcess, best_postprocess, cached_model, scores, segment, slice_probs
+from unet.metrics import REGIONS, evaluate_case, summarize
+from unet.postprocess import PostProcess, best_postprocess, scores
+from unet.predict import cached_model, segment, slice_probs
 from unet.preprocess import Geometry, to_labels
 
 NIFTI_TRUTH = "original seg"
@@ -44,6 +47,8 @@ def ground_truth(store: SliceStore, case_id: str) -> tuple[np.ndarray, str]:
     if label is None:
         raise ValueError(f"{case_id}: no ground truth ({why}) and no label in the store")
     geometry = Geometry.from_dict(attrs["geometry"])
+    if label.shape[-2:] != geometry.slice_shape:  # labels kept at the window's resolution (profile tp)
+        geometry = replace(geometry, factor=1)
     one_hot = np.moveaxis(np.eye(4, dtype=np.float32)[np.asarray(label[:])], -1, 1)  # (Z, 4, h, w)
     return to_labels(geometry, geometry.restore(one_hot)), f"store label ({why})"
 
@@ -101,8 +106,45 @@ def overlay_case(
     image = np.asarray(store.image(case_id)[z : z + 1], dtype=np.float32)
     pred = slice_probs(model, image, tta).argmax(axis=1)[0]
     label = store.label(case_id)
-    truth = np.asarray(label[z]) if label is not None else None
+    f = label.shape[-1] // image.shape[-1] if label is not None else 1  # finer labels: on the slices' grid
+    truth = np.asarray(label[z])[::f, ::f] if label is not None else None
     return overlay_png(image[0], truth, pred, f"{title}: {case_id}, slice {z}")
+
+
+@stage_task("predict-out-of-fold", "predict-out-of-fold-{version}")
+def predict_out_of_fold(
+    store_url: str, models: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
+) -> list[dict]:
+    """A fold model's raw segmentations of its validation cases (the fold it never trained on), on
+    their original grids: kept with the version (``oof-<case>.npz``) for the ensemble's choice of
+    post-processing, and scored (BraTS metrics per case, recorded as ``out_of_fold``)."""
+    store, registry = SliceStore(store_url), Registry(models)
+    model, info = load_model(registry, version, device)
+    rows = []
+    for case_id in info["split"]["val"]:
+        pred = predict_stored(store, case_id, model, tta, batch_size)
+        registry.put(version, OUT_OF_FOLD.format(case=case_id), _npz(pred))
+        truth, source = ground_truth(store, case_id)
+        metrics = evaluate_case(pred, truth, store.attrs(case_id)["zooms"])
+        rows.append({"case": case_id, "fold": info["fold"], **_brief(metrics), "truth": source})
+    registry.update_info(version, out_of_fold=rows)
+    return rows
+
+
+OUT_OF_FOLD = "oof-{case}.npz"
+
+
+def _npz(labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, labels=labels)
+    return buf.getvalue()
+
+
+def _brief(metrics: dict) -> dict:
+    """The region metrics of a case (Dice, HD95, sensitivity of WT, TC, ET), rounded for tables."""
+    return {
+        k: round(v, 4) for k, v in metrics.items() if k[: k.index("_")] in ("dice", "hd95", "sens") and "_L" not in k
+    }
 
 
 @stage_task("choose-postprocess", "choose-postprocess-{version}")
@@ -118,11 +160,15 @@ def choose_postprocess(
     for case_id in info["split"]["val"]:
         truth, _ = ground_truth(store, case_id)
         cases.append((predict_stored(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"]))
+    return _record_choice(registry, version, cases, "validation")
+
+
+def _record_choice(registry: Registry, version: str, cases: list, on: str) -> dict:
     post, tried = best_postprocess(cases)
     (dice_before, hd_before), (dice_after, hd_after) = scores(cases, PostProcess()), scores(cases, post)
     choice = {
         "cases": len(cases),
-        "tta": tta,
+        "on": on,
         "mean_dice_before": round(dice_before, 5),
         "mean_dice_after": round(dice_after, 5),
         "mean_hd95_before": round(hd_before, 3),
@@ -131,13 +177,65 @@ def choose_postprocess(
     }
     registry.update_info(version, postprocess=post.to_dict(), postprocess_choice=choice)
     get_run_logger().info(
-        "%s: post-processing %s chosen on %d validation case(s): mean Dice %.4f -> %.4f, HD95 %.1f -> %.1f mm",
+        "%s: post-processing %s chosen on %d %s case(s): mean Dice %.4f -> %.4f, HD95 %.1f -> %.1f mm",
         version,
         post.to_dict(),
         len(cases),
+        on,
         dice_before,
         dice_after,
         hd_before,
         hd_after,
     )
     return {"postprocess": post.to_dict(), **{k: v for k, v in choice.items() if k.startswith("mean_")}}
+
+
+@stage_task("cross-validation", "cross-validation-{version}")
+def cross_validation(store_url: str, models: str, version: str) -> dict:
+    """An ensemble's cross-validated estimate, from its members' out-of-fold segmentations: the
+    post-processing chosen on all of them (every labelled case, each scored by the model that never
+    saw it), then every case scored with it (``cv.per_case``), per fold and pooled (mean, median,
+    worst); the pooled means become the version's ``metrics``."""
+    store, registry = SliceStore(store_url), Registry(models)
+    info = registry.info(version)
+    cases, folds = [], []
+    for fold, member in enumerate(info["members"]):
+        for case_id in registry.info(member)["split"]["val"]:
+            with np.load(io.BytesIO(registry.get(member, OUT_OF_FOLD.format(case=case_id)))) as f:
+                pred = f["labels"]
+            truth, _ = ground_truth(store, case_id)
+            cases.append((pred, truth, store.attrs(case_id)["zooms"]))
+            folds.append((case_id, fold))
+    choice = _record_choice(registry, version, cases, "out-of-fold")
+    post = PostProcess.from_dict(choice["postprocess"])
+    rows = []
+    for (case_id, fold), (pred, truth, zooms) in zip(folds, cases):
+        raw = evaluate_case(pred, truth, zooms)
+        rows.append(
+            {
+                "case": case_id,
+                "fold": fold,
+                **_brief(evaluate_case(post.apply(pred, zooms), truth, zooms)),
+                **{f"raw_{k}": v for k, v in _brief(raw).items() if k.startswith(("dice", "hd95"))},
+                "truth_WT_ml": _ml(truth, (1, 2, 4), zooms),
+                "truth_ET_ml": _ml(truth, (4,), zooms),
+            }
+        )
+    summary = summarize([{k: v for k, v in r.items() if k != "fold"} for r in rows])
+    per_fold = [
+        {"fold": f, "cases": len(part), **{k: round(float(np.mean([r[k] for r in part])), 4) for k in _MEANS}}
+        for f in range(len(info["members"]))
+        if (part := [r for r in rows if r["fold"] == f])
+    ]
+    metrics = {k: round(summary[k]["mean"], 4) for k in _MEANS}
+    metrics["dice_mean"] = round(float(np.mean([metrics[f"dice_{r}"] for r in REGIONS])), 4)
+    cv = {"per_case": rows, "per_fold": per_fold, "summary": summary, "postprocess": choice}
+    registry.update_info(version, metrics=metrics, cv=cv)
+    return {"metrics": metrics, "per_fold": per_fold, "per_case": rows, "postprocess": choice}
+
+
+_MEANS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]
+
+
+def _ml(labels: np.ndarray, members: tuple, zooms) -> float:
+    return round(float(np.isin(labels, members).sum()) * float(np.prod(zooms)) / 1000, 2)

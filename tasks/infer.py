@@ -28,7 +28,8 @@ from storage.inbox import finished, how_made, outputs
 from storage.nifti import CaseFiles, atomic_write_bytes, digests, read_case, read_files, write_segmentation
 from tasks.preset import stage_task
 from unet.device import cores, pick_device, torch_threads
-from unet.predict import PostProcess, cached_model, segment_case, volumes_ml
+from unet.postprocess import PostProcess
+from unet.predict import cached_model, segment_case, volumes_ml
 
 # Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
 # predicts (torch, the remaining cores). More buys nothing on CPU; on a GPU it keeps it fed.

@@ -22,6 +22,7 @@ import zarr
 from prefect import get_run_logger
 
 from storage.registry import Registry
+from storage.split import make_folds
 from storage.store import SliceStore
 from tasks.artifacts import RunProgress, key, markdown, png_markdown, table
 from tasks.plots import curves_png, overlay_png
@@ -56,10 +57,17 @@ def is_retriable(task, task_run, state) -> bool:
 
 @stage_task("open-version")
 def open_version(
-    models: str, store_url: str, network: UNetConfig, training: TrainConfig, fresh: bool = False
+    models: str,
+    store_url: str,
+    network: UNetConfig,
+    training: TrainConfig,
+    fresh: bool = False,
+    fold: int | None = None,
 ) -> tuple[str, int]:
     """(version, attempt): the newest unfinished version of this very run, reopened (its attempt counted
-    in ``info.json``), or a new one (attempt 1)."""
+    in ``info.json``), or a new one (attempt 1). ``fold``: the version of fold ``fold`` of a
+    cross-validation in ``training.folds`` folds (it trains on the others and validates on it); a
+    complete one of the same run is reused (attempt 0: nothing to train) unless ``fresh``."""
     store, registry = SliceStore(store_url), Registry(models)
     if not store.split.get("train"):
         raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
@@ -68,13 +76,16 @@ def open_version(
         same_run = [
             info
             for info in registry.versions()
-            if info.get("status") == "training"
+            if info.get("status") in ("training", "complete" if fold is not None else "training")
             and info.get("store_fingerprint") == store.fingerprint
             and info.get("model") == model_cfg
+            and info.get("fold") == fold
             and plan(TrainConfig.model_validate(info.get("train_config", {}))) == want
         ]
         if same_run:  # the newest (version ids made in the same second do not sort by time)
             info = max(same_run, key=lambda info: info.get("created", 0))
+            if info["status"] == "complete":
+                return info["version"], 0
             attempt = info.get("attempts", 1) + 1
             registry.update_info(info["version"], attempts=attempt)
             return info["version"], attempt
@@ -85,7 +96,8 @@ def open_version(
             "profile": store.profile,
             "store": store_url,
             "store_fingerprint": store.fingerprint,
-            "split": store.split,
+            "split": store.split if fold is None else fold_split(store, training.folds, training.seed, fold),
+            "fold": fold,
             "train_config": training.model_dump(),
             "metrics": {},
             "history": [],
@@ -94,6 +106,44 @@ def open_version(
         }
     )
     return version, 1
+
+
+def fold_split(store: SliceStore, folds: int, seed: int, fold: int) -> dict[str, list[str]]:
+    """Fold ``fold`` of ``folds`` over the store's labelled cases outside its test split: train on the
+    other folds, validate on this one (``storage.split.make_folds``: by patient, by grade)."""
+    cases = store.split.get("train", []) + store.split.get("val", [])
+    parts = make_folds({c: store.attrs(c).get("grade") for c in cases}, folds, seed)
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: folds are numbered 0..{folds - 1}")
+    return {"train": sorted(c for i, part in enumerate(parts) if i != fold for c in part), "val": parts[fold]}
+
+
+@stage_task("register-ensemble")
+def register_ensemble(models: str, members: list[str]) -> str:
+    """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no
+    weights of its own; it predicts with the mean of their probabilities (``unet.ensemble``)."""
+    registry = Registry(models)
+    infos = [registry.info(m) for m in members]
+    first = infos[0]
+    return registry.create(
+        {
+            "status": "complete",
+            "kind": "ensemble",
+            "members": members,
+            "model": first["model"],
+            "profile": first["profile"],
+            "store": first["store"],
+            "store_fingerprint": first["store_fingerprint"],
+            "split": {
+                "train": sorted({c for i in infos for c in i["split"]["train"]}),
+                "val": [],
+                "folds": [i["split"]["val"] for i in infos],
+            },
+            "train_config": first["train_config"],
+            "metrics": {},
+            "versions": package_versions(),
+        }
+    )
 
 
 @stage_task("promote-if-best")
@@ -172,8 +222,9 @@ def train_model(store_url: str, models: str, version: str, network: UNetConfig, 
     start = time.perf_counter()
     registry = Registry(models)
     report = _Report(registry, version, training.epochs)
+    split = registry.info(version)["split"]  # the store's, or a cross-validation fold's
     try:
-        result = fit(store_url, network, training, RegistryCheckpoint(registry, version), report)
+        result = fit(store_url, network, training, RegistryCheckpoint(registry, version), report, split)
     finally:
         report.close()
 
@@ -208,7 +259,7 @@ def train_model(store_url: str, models: str, version: str, network: UNetConfig, 
 def _figures(registry: Registry, version: str, model: UNet, result, store_url: str) -> dict[str, str]:
     """Loss/Dice curves and overlays of the best model on validation slices, saved with the model."""
     files = {"curves.png": registry.put(version, "curves.png", curves_png(result.history))}
-    val = SliceDataset(store_url, SliceStore(store_url).split["val"])
+    val = SliceDataset(store_url, registry.info(version)["split"]["val"], context=model.cfg.context)
     for i, s in enumerate(preview(model, val, OVERLAYS)):
         name = f"overlay-{i + 1}.png"
         png = overlay_png(s["image"], s["truth"], s["pred"], f"{s['case']} slice {s['z']}")
@@ -266,3 +317,54 @@ def artifacts(models: str, version: str, summary: dict, network: UNetConfig, tra
         *[png_markdown(registry.get(version, name), name) for name in files if name.startswith("overlay-")],
     ]
     markdown("\n".join(lines), key("train-summary"), f"Training summary of {version}")
+
+
+def cv_artifacts(models: str, version: str, cv: dict, network: UNetConfig, training: TrainConfig) -> None:
+    """The cross-validation's per-case table (worst first) and its summary: pooled and per-fold scores,
+    the worst cases by name, the post-processing chosen on the out-of-fold segmentations."""
+    regions = ("WT", "TC", "ET")
+    rows = sorted(cv["per_case"], key=lambda r: min(r[f"dice_{k}"] for k in regions))
+    table(rows, "cv-cases", f"Out-of-fold scores per case of {version}, worst first")
+    m, post = cv["metrics"], cv["postprocess"]
+    stat = lambda fn, k: fn([r[k] for r in rows])  # noqa: E731
+    lines = [
+        f"# Cross-validation → `{version}`",
+        "",
+        f"{training.folds}-fold cross-validation over {len(rows)} cases; the ensemble of the "
+        f"{training.folds} fold models is `{version}`. Every case is scored by the fold model that never "
+        f"saw it, on its original grid, with the post-processing `{post['postprocess']}` chosen on all of them "
+        f"(mean Dice {post['mean_dice_before']:.4f} → {post['mean_dice_after']:.4f}, "
+        f"HD95 {post['mean_hd95_before']:.1f} → {post['mean_hd95_after']:.1f} mm).",
+        "",
+        "| | " + " | ".join(f"Dice {k}" for k in regions) + " | " + " | ".join(f"HD95 {k}" for k in regions) + " |",
+        "|---|" + "---:|" * 6,
+        *[
+            f"| {name} | "
+            + " | ".join(f"{stat(fn, f'{mm}_{k}'):.3f}" for mm in ("dice", "hd95") for k in regions)
+            + " |"
+            for name, fn in (("mean", np.mean), ("median", np.median))
+        ],
+        "| worst | "
+        + " | ".join(f"{min(r[f'dice_{k}'] for r in rows):.3f}" for k in regions)
+        + " | "
+        + " | ".join(f"{max(r[f'hd95_{k}'] for r in rows):.1f}" for k in regions)
+        + " |",
+        "",
+        "| fold | cases | " + " | ".join(f"Dice {k}" for k in regions) + " |",
+        "|---|---:|" + "---:|" * 3,
+        *[
+            f"| {f['fold']} | {f['cases']} | " + " | ".join(f"{f[f'dice_{k}']:.3f}" for k in regions) + " |"
+            for f in cv["per_fold"]
+        ],
+        "",
+        "Worst cases: "
+        + "; ".join(
+            f"`{r['case']}` (WT {r['dice_WT']:.2f}, TC {r['dice_TC']:.2f}, ET {r['dice_ET']:.2f}; "
+            f"truth WT {r['truth_WT_ml']} ml, ET {r['truth_ET_ml']} ml)"
+            for r in rows[:3]
+        )
+        + ".",
+        "",
+        f"Pooled means: Dice WT {m['dice_WT']:.3f}, TC {m['dice_TC']:.3f}, ET {m['dice_ET']:.3f}.",
+    ]
+    markdown("\n".join(lines), key("cv-summary"), f"Cross-validation summary of {version}")

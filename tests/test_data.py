@@ -14,16 +14,8 @@ import pytest
 import torch
 
 from storage.store import SliceStore
-from unet.data import (
-    AugmentConfig,
-    EpochSampler,
-    SliceDataset,
-    apply_augment,
-    augment_params,
-    class_counts,
-    index_slices,
-    make_loader,
-)
+from unet.augment import N_PARAMS, AugmentConfig, apply_augment, augment_params
+from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +129,7 @@ def test_worker_processes_deliver_the_same_batches(small_store, train_cases):
     assert len(local) == len(remote) == 3
     for (x0, y0, p0), (x1, y1, p1) in zip(local, remote):
         assert torch.equal(x0, x1) and torch.equal(y0, y1) and torch.equal(p0, p1)
-    assert x0.dtype == torch.float16 and y0.dtype == torch.uint8 and p0.shape == (len(x0), 10)
+    assert x0.dtype == torch.float16 and y0.dtype == torch.uint8 and p0.shape == (len(x0), N_PARAMS)
 
 
 PID_SCRIPT = """

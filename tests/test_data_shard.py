@@ -12,7 +12,8 @@ from zarr.codecs import ZstdCodec
 
 from storage.shards import COMPRESSOR, ShardSlices, slice_reader
 from storage.store import SliceStore
-from unet.data import AugmentConfig, EpochSampler, SliceDataset, make_loader
+from unet.augment import AugmentConfig
+from unet.data import EpochSampler, SliceDataset, make_loader
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from storage.nifti import CaseFiles, InvalidCase, case_files, discover, read_case, stamps
-from storage.store import SliceStore, make_split
+from storage.store import SliceStore
 from storage.synth import make_case, write_case
 from tasks.ingest import ingest_case
 from tests.conftest import rewrite_nifti
@@ -291,31 +291,6 @@ def test_store_refuses_a_second_profile(tmp_path):
     store.claim_profile("full")
     with pytest.raises(ValueError, match="holds profile 'full', not 'tp'"):
         store.claim_profile("tp")
-
-
-def test_split_is_deterministic_stratified_and_by_patient():
-    grades = {f"H{i:02d}": "HGG" for i in range(14)} | {f"L{i:02d}": "LGG" for i in range(6)}
-    a, b = (
-        make_split(grades, (0.7, 0.15, 0.15), seed=1),
-        make_split(dict(reversed(grades.items())), (0.7, 0.15, 0.15), seed=1),
-    )
-    assert a == b
-    assert sorted(sum(a.values(), [])) == sorted(grades)  # every case exactly once
-    for part, n_h, n_l in (("train", 10, 4), ("val", 2, 1), ("test", 2, 1)):
-        assert sum(c.startswith("H") for c in a[part]) == n_h and sum(c.startswith("L") for c in a[part]) == n_l
-    assert make_split(grades, seed=2) != a
-    with pytest.raises(ValueError, match="three non-negative"):
-        make_split(grades, (1, -1, 0))
-
-
-@pytest.mark.parametrize("hgg,lgg", [(4, 2), (2, 1), (1, 2), (5, 0), (3, 3)])
-def test_few_cases_still_give_a_validation_and_a_test_case(hgg, lgg):
-    """Rounding per grade alone gave 4 HGG + 2 LGG a split of 5/1/0: nothing to evaluate on."""
-    grades = {f"H{i}": "HGG" for i in range(hgg)} | {f"L{i}": "LGG" for i in range(lgg)}
-    split = make_split(grades)
-    assert len(split["val"]) >= 1 and len(split["test"]) >= 1 and len(split["train"]) >= 1
-    assert sorted(sum(split.values(), [])) == sorted(grades)
-    assert make_split(grades, (0.8, 0.2, 0.0))["test"] == []  # a share of 0 stays 0
 
 
 def test_unchanged_case_is_skipped_and_changed_case_rewritten(tmp_path):

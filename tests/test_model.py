@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet.model import CrossEntropy, UNet, UNetConfig, center_crop, class_weights_from_counts, cross_entropy, mirror_pad
+from unet.loss import CrossEntropy, class_weights_from_counts, cross_entropy
+from unet.model import UNet, UNetConfig, center_crop, mirror_pad
 
 
 def tiny(padding: str = "valid", base: int = 4, depth: int = 4, **kw) -> UNet:

@@ -19,7 +19,8 @@ from storage.store import SliceStore
 from unet.checkpoint import RegistryCheckpoint, rng_state, set_rng_state
 from unet.data import SliceDataset, make_loader
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
-from unet.model import CrossEntropy, UNet, UNetConfig
+from unet.loss import CrossEntropy
+from unet.model import UNet, UNetConfig
 from unet.train import Callbacks, TrainConfig, fit, train_step, validate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from storage.store import SliceStore
 from tasks.train import open_version, promote_if_best, train_model
 from unet.checkpoint import RegistryCheckpoint, load_model
 from unet.model import UNetConfig
-from unet.predict import DICE_TIE
+from unet.postprocess import DICE_TIE
 from unet.train import Callbacks, TrainConfig, fit
 
 NETWORK = UNetConfig(base_channels=4, depth=2, padding="same")

@@ -1,7 +1,8 @@
 """Model weights in and out of the registry. Loading never unpickles code: ``weights_only=True``.
 
 A version's ``info.json`` (see ``storage/registry.py``) carries ``model`` (the ``UNetConfig``
-fields) and ``profile`` (the store's preprocessing profile), which is all inference needs.
+fields) and ``profile`` (the store's preprocessing profile), which is all inference needs; an
+ensemble version names its ``members`` (versions of their own) instead of holding weights.
 A training run also keeps its full state (``checkpoint.pt``) there, to resume after a kill.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from storage.registry import Registry
+from unet.ensemble import Ensemble
 from unet.model import UNet, UNetConfig
 
 WEIGHTS = "weights.pt"
@@ -37,10 +39,15 @@ def save_model(registry: Registry, version: str, model: UNet) -> str:
     return url
 
 
-def load_model(registry: Registry, version: str | None = None, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
-    """The model of a version (default: the best) in eval mode, with the version's info."""
+def load_model(
+    registry: Registry, version: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[UNet | Ensemble, dict]:
+    """The model of a version (default: the best) in eval mode, with the version's info. An ensemble
+    version (``members`` in its info: the models of a cross-validation) loads as one ``Ensemble``."""
     version = registry.resolve(version)
     info = registry.info(version)
+    if members := info.get("members"):
+        return Ensemble([load_model(registry, m, device)[0] for m in members]).to(device).eval(), info
     model = UNet(UNetConfig(**info["model"]))
     model.load_state_dict(from_bytes(registry.get(version, WEIGHTS), device))
     return model.to(device).eval(), info

@@ -12,9 +12,13 @@
   augmentation draws from ``default_rng([seed, epoch, position])``. So resuming at batch ``s`` of
   epoch ``e`` (``set_epoch(e, start=s * batch)``) replays exactly the batches a run that never
   stopped would have seen.
-* Augmentation (left-right flip along H, small rotation, per-channel intensity jitter on brain voxels):
-  workers only draw its parameters; ``apply_augment`` runs on the device, a batch at a time, so the
-  CPU side is reading and decompressing chunks, nothing else.
+* 2.5D (``context`` k > 0): a sample is its slice and the k slices either side, every modality of
+  each, as 4 (2k + 1) channels (``with_context``: neighbours past the volume's ends repeat its
+  first or last slice); the same assembly serves prediction (``unet.predict``).
+* Augmentation (``unet.augment``): workers only draw its parameters; ``apply_augment`` runs on
+  the device, a batch at a time, so the CPU side is reading and decompressing chunks, nothing else.
+* Labels may lie on a finer grid than the images (the ``tp`` profile keeps them at 1 mm):
+  ``class_counts`` counts them where they are.
 * ``make_loader``: worker processes (forkserver: safe beside Prefect's threads; they exit when the
   trainer dies, even by kill -9), pinned memory for CUDA, a deep prefetch queue; images travel in
   the store's dtype (float16: half the bytes) and labels as uint8; the image becomes float32 on
@@ -33,19 +37,11 @@ from dataclasses import dataclass
 import numcodecs.blosc
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from storage.shards import slice_reader
 from storage.store import SliceStore
-
-
-@dataclass
-class AugmentConfig:
-    flip_lr: float = 0.5  # probability of a left-right flip (the brain is roughly symmetric; H is the L-R axis)
-    rotate_degrees: float = 10.0  # rotation angle uniform in [-this, +this], bilinear / nearest
-    intensity_scale: float = 0.1  # per-channel gain uniform in 1 +- this (brain voxels only)
-    intensity_shift: float = 0.1  # per-channel offset uniform in +- this, in z-score units
+from unet.augment import AugmentConfig, augment_params
 
 
 @dataclass(frozen=True)
@@ -74,62 +70,35 @@ def index_slices(store: SliceStore, cases: list[str], skip_empty: bool = True) -
 
 
 def class_counts(store: SliceStore, refs: list[SliceRef]) -> np.ndarray:
-    """Pixels per class 0..3 over the indexed slices, all on the store's grid (what the loss sees;
-    for ``unet.model.class_weights_from_counts``). Slices left out hold no tumour (no brain), so the
+    """Pixels per class 0..3 over the indexed slices, on the labels' own grid (what the loss sees;
+    for ``unet.loss.class_weights_from_counts``). Slices left out hold no tumour (no brain), so the
     tumour classes are the cases' whole counts and background is what remains of the slices."""
     counts = np.zeros(4, dtype=np.float64)
     if not refs:
         return counts
-    h, w = store.image(refs[0].case).shape[-2:]
+    h, w = store.label(refs[0].case).shape[-2:]
     for case in sorted({r.case for r in refs}):
         counts[1:] += store.attrs(case)["class_voxels"][1:]
     counts[0] = len(refs) * h * w - counts[1:].sum()
     return counts
 
 
-# ----------------------------------------------------------------------------- augmentation
-#
-# Split in two so the CPU workers only read: a worker draws a sample's parameters (a few floats,
-# from its own seeded generator); ``apply_augment`` applies a whole batch of them on the device,
-# where one grid_sample over the batch is nearly free.
-
-
-def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None, channels: int = 4) -> np.ndarray:
-    """(2 + 2C,) float32: flip (0/1), angle (radians), gain per channel, shift per channel.
-
-    ``cfg`` None gives the identity (no flip, angle 0, gain 1, shift 0).
-    """
-    if cfg is None or rng is None:
-        return np.concatenate([[0.0, 0.0], np.ones(channels), np.zeros(channels)]).astype(np.float32)
-    flip = float(rng.random() < cfg.flip_lr)
-    angle = np.deg2rad(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees))
-    gain = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, channels)
-    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, channels)
-    return np.concatenate([[flip, angle], gain, shift]).astype(np.float32)
-
-
-def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch (N, C, H, W) float image, (N, H, W) classes, (N, 2 + 2C) params -> augmented, same device.
-
-    Left-right flip then rotation about the centre as one sampling grid (bilinear for the image,
-    nearest for the classes), then gain and shift on brain voxels; background stays exactly 0.
-    Left-right is H, the slice's first axis (NIfTI axis 0): ``affine_grid``'s second coordinate.
-    """
-    n, c = x.shape[:2]
-    params = params.to(x.device, torch.float32)
-    flip, angle, gain, shift = params[:, 0], params[:, 1], params[:, 2 : 2 + c], params[:, 2 + c : 2 + 2 * c]
-    cos, sin, mirror, zero = torch.cos(angle), torch.sin(angle), 1.0 - 2.0 * flip, torch.zeros_like(angle)
-    # (x, y) = (W, H) sampling coordinates: rotation R times the mirror diag(1, m) of y
-    theta = torch.stack([torch.stack([cos, -sin * mirror, zero], 1), torch.stack([sin, cos * mirror, zero], 1)], 1)
-    grid = F.affine_grid(theta, [n, c + 1, *x.shape[-2:]], align_corners=False)
-    classes_and_brain = torch.stack([y.float(), (x != 0).any(1).float()], 1)
-    classes_and_brain = F.grid_sample(
-        classes_and_brain, grid, mode="nearest", padding_mode="zeros", align_corners=False
-    )
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    brain = classes_and_brain[:, 1:] > 0
-    x = torch.where(brain, x * gain[:, :, None, None] + shift[:, :, None, None], torch.zeros((), device=x.device))
-    return x, classes_and_brain[:, 0].to(y.dtype)
+def with_context(slices, z: int | np.ndarray, k: int) -> np.ndarray:
+    """Slice(s) ``z`` of ``slices`` ((Z, C, H, W): numpy, zarr, ``ShardSlices``) with their ``k``
+    neighbours either side, every modality of each, as channels: (C (2k + 1), H, W) in the order
+    z - k, ..., z + k, a neighbour past the volume's ends repeating its first or last slice. ``z`` an
+    array: (N, C (2k + 1), H, W), read as one contiguous block."""
+    depth = slices.shape[0]
+    if np.ndim(z) == 0:
+        if k == 0:
+            return np.asarray(slices[int(z)])
+        return np.concatenate(
+            [np.asarray(slices[int(i)]) for i in np.clip(int(z) + np.arange(-k, k + 1), 0, depth - 1)]
+        )
+    zs = np.clip(np.asarray(z)[:, None] + np.arange(-k, k + 1), 0, depth - 1)  # (N, 2k + 1)
+    lo, hi = int(zs.min()), int(zs.max()) + 1
+    gathered = np.asarray(slices[lo:hi])[zs - lo]  # (N, 2k + 1, C, H, W)
+    return gathered.reshape(gathered.shape[0], -1, *gathered.shape[-2:])
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -151,9 +120,10 @@ class SliceDataset(Dataset):
         seed: int = 0,
         skip_empty: bool = True,
         direct: bool = True,
+        context: int = 0,
     ):
         self.store_url = store_url
-        self.augment, self.seed = augment, seed
+        self.augment, self.seed, self.context = augment, seed, context
         self.direct = direct  # False: every chunk through zarr (``ShardSlices`` reads the same bytes faster)
         self._store: SliceStore | None = None
         self._arrays: dict[str, tuple] = {}
@@ -180,18 +150,19 @@ class SliceDataset(Dataset):
         return self._arrays[case]
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """One slice straight from the store: one image chunk, one label chunk."""
+        """One sample straight from the store: its image chunk (and its neighbours' with ``context``)
+        and its label chunk."""
         ref = self.refs[index]
         image, label = self._case(ref.case)
         lab = label[ref.z] if label is not None else np.zeros(image.shape[-2:], np.uint8)
-        return image[ref.z], lab
+        return with_context(image, ref.z, self.context), lab
 
     def __getitem__(self, key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image, label, augmentation parameters for ``apply_augment``: identity for an int key)."""
         index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
         image, label = self.read(index)
         rng = np.random.default_rng([self.seed, epoch, position]) if isinstance(key, tuple) else None
-        params = augment_params(self.augment, rng, image.shape[0])
+        params = augment_params(self.augment, rng)
         return (
             torch.from_numpy(np.ascontiguousarray(image)),
             torch.from_numpy(np.ascontiguousarray(label)),

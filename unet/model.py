@@ -32,35 +32,25 @@ Shape arithmetic (per spatial dimension, ``d = depth``):
 its logits always have the input's H, W (same mode: reflect pad to a multiple of
 ``2**d`` and crop back).
 
-Loss: the paper trains with a pixel-wise soft-max over the final feature map combined with the
-cross-entropy loss, weighted per pixel to balance class frequencies. Here the weighting is per
-class (``class_weights_from_counts``: inverse frequency ** power, normalised to mean 1), which
-matters for BraTS where the tumour classes cover a few percent of the pixels. A valid-mode
-network's logits are smaller than its input, so the target is centre-cropped to them with
-``center_crop``, the same crop the network applies to its skip connections.
+The loss (the paper's cross-entropy, and what is added to it) is ``unet/loss.py``.
+
+Variants beyond the paper, each off by default: normalisation layers (``norm``), 2.5D input
+(``context``: the neighbouring axial slices of every modality as extra channels) and deep
+supervision (``deep_supervision``: 1x1 heads on the two decoder levels above the full resolution,
+whose outputs the loss also scores).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = [
-    "UNetConfig",
-    "UNet",
-    "center_crop",
-    "mirror_pad",
-    "cross_entropy",
-    "CrossEntropy",
-    "class_weights_from_counts",
-]
+__all__ = ["UNetConfig", "UNet", "center_crop", "centre_slice", "mirror_pad"]
 
 
 class UNetConfig(BaseModel):
@@ -80,6 +70,23 @@ class UNetConfig(BaseModel):
     norm: Literal["batch", "instance"] | None = Field(
         None, description="normalisation after each 3x3 conv (paper: none)"
     )
+    context: int = Field(
+        0, ge=0, le=4, description="2.5D: neighbouring axial slices on each side as extra channels (paper: 0)"
+    )
+    deep_supervision: bool = Field(
+        False, description="auxiliary outputs at 1/2 and 1/4 resolution in the loss (same padding; paper: off)"
+    )
+
+    @model_validator(mode="after")
+    def _supervised_outputs_need_same_padding(self) -> UNetConfig:
+        if self.deep_supervision and (self.padding != "same" or self.depth < 3):
+            raise ValueError("deep_supervision needs padding 'same' and depth >= 3")
+        return self
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the first convolution takes: every modality of the slice and its ``context`` neighbours."""
+        return self.in_channels * (2 * self.context + 1)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -117,6 +124,12 @@ def mirror_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
         x = F.pad(x, step, mode="reflect")
         left, right, top, bottom = (p - s for p, s in zip((left, right, top, bottom), step))
     return x
+
+
+def centre_slice(x: torch.Tensor, cfg: UNetConfig) -> torch.Tensor:
+    """(N, input_channels, H, W) network input -> (N, in_channels, H, W): the slice itself, without the
+    neighbours a 2.5D input carries (``context``)."""
+    return x[:, cfg.context * cfg.in_channels : (cfg.context + 1) * cfg.in_channels]
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -161,12 +174,14 @@ class UNet(nn.Module):
         self.cfg = cfg
         c = [cfg.base_channels * 2**i for i in range(cfg.depth + 1)]  # 64 ... 1024
         self.down = nn.ModuleList(
-            [DoubleConv(cfg.in_channels, c[0], cfg.padding, cfg.norm)]
+            [DoubleConv(cfg.input_channels, c[0], cfg.padding, cfg.norm)]
             + [DoubleConv(c[i], c[i + 1], cfg.padding, cfg.norm) for i in range(cfg.depth)]
         )  # down[-1] is the bottleneck
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
         self.up = nn.ModuleList([Up(c[i + 1], c[i], cfg.padding, cfg.norm) for i in reversed(range(cfg.depth))])
         self.head = nn.Conv2d(c[0], cfg.num_classes, kernel_size=1, bias=True)
+        if cfg.deep_supervision:  # heads on the decoder's outputs at 1/2 and 1/4 resolution
+            self.aux = nn.ModuleList([nn.Conv2d(c[i], cfg.num_classes, kernel_size=1) for i in (1, 2)])
         self.apply(self._init_weights)
 
     @staticmethod
@@ -185,10 +200,11 @@ class UNet(nn.Module):
 
     # ---- forward -------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw network: (N, in_channels, H, W) -> (N, num_classes, H', W') logits.
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor | list[torch.Tensor]:
+        """Raw network: (N, input_channels, H, W) -> (N, num_classes, H', W') logits.
 
-        H' = output_size(H) (valid mode: H - 184 for depth 4; same mode: H).
+        H' = output_size(H) (valid mode: H - 184 for depth 4; same mode: H). ``aux`` (deep
+        supervision): [logits, logits at H/2, logits at H/4], what ``unet.loss.SegLoss`` scores.
         """
         self.output_size(x.shape[-2])  # validate early with a readable error
         self.output_size(x.shape[-1])
@@ -198,9 +214,15 @@ class UNet(nn.Module):
             skips.append(x)
             x = self.pool(x)
         x = self.down[-1](x)
+        decoded = []
         for up, skip in zip(self.up, reversed(skips)):
             x = up(x, skip)
-        return self.head(x)
+            decoded.append(x)
+        if not aux:
+            return self.head(x)
+        if not self.cfg.deep_supervision:
+            raise ValueError("this network has no auxiliary outputs (deep_supervision is off)")
+        return [self.head(x), self.aux[0](decoded[-2]), self.aux[1](decoded[-3])]
 
     # ---- shape arithmetic ----------------------------------------------------------
 
@@ -321,85 +343,3 @@ class UNet(nn.Module):
             h, w = double(up.conv, h, w)
         total += 2 * self.head.in_channels * self.head.out_channels * h * w
         return total
-
-
-# ----------------------------------------------------------------------------- loss
-
-
-def cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    class_weights: torch.Tensor | Sequence[float] | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Pixel-wise categorical cross-entropy.
-
-    ``logits``: (N, C, h, w); ``target``: (N, H, W) class indices (any integer dtype),
-    center-cropped to (h, w) if larger. ``class_weights``: (C,) or None. With weights and
-    ``reduction="mean"`` the result is ``sum_i w[y_i] * nll_i / sum_i w[y_i]`` over the
-    non-ignored pixels (``F.cross_entropy`` semantics).
-    """
-    if logits.ndim != 4 or target.ndim != 3:
-        raise ValueError(
-            f"expected logits (N, C, h, w) and target (N, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}"
-        )
-    if target.shape[0] != logits.shape[0]:
-        raise ValueError(f"batch mismatch: logits {logits.shape[0]}, target {target.shape[0]}")
-    target = center_crop(target, (logits.shape[-2], logits.shape[-1])).long()
-    weight = None
-    if class_weights is not None:
-        weight = torch.as_tensor(class_weights, device=logits.device)
-        if weight.shape != (logits.shape[1],):
-            raise ValueError(f"class_weights must have shape ({logits.shape[1]},), got {tuple(weight.shape)}")
-        weight = weight.float()
-    # float32 logits: F.cross_entropy autocasts to fp32 anyway; this also covers bf16
-    # logits produced outside autocast.
-    return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=ignore_index, reduction=reduction)
-
-
-class CrossEntropy(nn.Module):
-    """Module wrapper of :func:`cross_entropy`; class weights live in a buffer so they
-    follow ``.to(device)`` and are saved in the state dict."""
-
-    class_weights: torch.Tensor | None
-
-    def __init__(
-        self,
-        class_weights: torch.Tensor | Sequence[float] | None = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-    ) -> None:
-        super().__init__()
-        w = None if class_weights is None else torch.as_tensor(class_weights).float()
-        self.register_buffer("class_weights", w)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, target, self.class_weights, self.ignore_index, self.reduction)
-
-
-def class_weights_from_counts(counts: torch.Tensor | np.ndarray | Sequence[float], power: float = 0.5) -> torch.Tensor:
-    """Per-class weights ``(total / count) ** power`` normalised to mean 1 (float32).
-
-    ``power=1`` is plain inverse frequency, ``0.5`` (default) its square root — softer,
-    so a class with 1% of the pixels gets ~10x (not 100x) the weight of a 100% class.
-    A class with zero count (absent from the data) gets the weight of the rarest present
-    class rather than infinity.
-    """
-    if isinstance(counts, torch.Tensor):
-        c = counts.detach().to("cpu", torch.float64)
-    else:
-        c = torch.as_tensor(np.asarray(counts, dtype=np.float64))
-    if c.ndim != 1 or c.numel() == 0:
-        raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
-    if not torch.isfinite(c).all() or (c < 0).any():
-        raise ValueError(f"counts must be finite and non-negative, got {c.tolist()}")
-    present = c > 0
-    if not present.any():
-        raise ValueError("all class counts are zero")
-    w = torch.zeros_like(c)
-    w[present] = (c.sum() / c[present]) ** power
-    w[~present] = w[present].max()
-    return (w / w.mean()).float()

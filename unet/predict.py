@@ -35,40 +35,31 @@ would give there (``segment(..., only=[z])`` predicts one slice for a figure): u
 rounding in valid mode, and in same mode up to the crop's edge effects, since the crop is the
 batch's.
 
-Post-processing (``PostProcess``), chosen on the validation cases and kept with the model version:
+Post-processing (``unet.postprocess``), chosen on the validation or out-of-fold cases and kept
+with the model version, is applied by the caller (``segment_case``'s ``post``).
 
-* **connected components**: a 2D network sees one slice at a time, so bright spots far from the
-  tumour (vessels, the choroid plexus, artefacts) can come out as islands of "tumour" — a few
-  voxels for Dice, tens of millimetres for HD95. Islands of whole tumour smaller than
-  ``min_component`` times the largest are dropped (1.0 keeps the largest only, 0 keeps all).
-* **small enhancing tumour**: BraTS scores a case without enhancing tumour as ET Dice 1 only when
-  none is predicted, so a few false ET voxels cost the whole case; predicted ET smaller than
-  ``et_min_ml`` becomes NCR/NET (label 1), so it stays in the tumour core.
-
-``best_postprocess`` tries the candidate values on the validation cases' predictions on their
-original grids, as the test is scored, and keeps the values with the best mean Dice over WT, TC
-and ET (first the components, then the ET threshold given them); near-ties go to the lower mean
-HD95, then to the stronger value (nnU-Net's rule: what does not hurt on validation is applied).
-Evaluation and inference apply the choice recorded in the version's ``info.json``.
+2.5D models (``context`` k > 0) get each slice with its k neighbours either side
+(``unet.data.with_context``), read from the slices as training read them. An ensemble
+(``unet.ensemble``) predicts through the same path: its logits are the log of its members' mean
+probabilities.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from storage.brats import LABELS, REGIONS
 from storage.registry import Registry
 from unet.checkpoint import load_model
+from unet.data import with_context
 from unet.device import autocast_dtype
-from unet.metrics import dice, hd95
-from unet.model import UNet, mirror_pad
+from unet.model import UNet, centre_slice, mirror_pad
+from unet.postprocess import PostProcess
 from unet.preprocess import PROFILES, Geometry, Profile, preprocess_case, to_labels
 
 # Mirror TTA over the flips training augments with: none and left-right (H is the L-R axis). An
@@ -234,7 +225,7 @@ def slice_probs(
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
-    outside = (xt == 0).all(1)  # (N, h, w)
+    outside = (centre_slice(xt, model.cfg) == 0).all(1)  # (N, h, w); a 2.5D input's own slice
     box = brain_box((~outside).any(0)) if crop else None
     if crop and box is None:  # no brain at all: nothing to predict
         probs = torch.zeros((xt.shape[0], model.cfg.num_classes, *xt.shape[2:]), dtype=torch.float32)
@@ -285,7 +276,7 @@ def segment(
     todo = np.flatnonzero(keep)
     for start in range(0, todo.size, batch_size):
         idx = todo[start : start + batch_size]
-        batch = np.asarray(slices[idx[0] : idx[-1] + 1])[idx - idx[0]]  # contiguous read, numpy or Zarr
+        batch = with_context(slices, idx, model.cfg.context)  # one contiguous read, numpy or Zarr
         classes[:, :, idx] = geometry.restore(
             slice_probs(model, batch, tta, device, precision=precision, crop=crop, channels_last=channels_last)
         )
@@ -315,75 +306,3 @@ def volumes_ml(labels: np.ndarray, zooms: Sequence[float]) -> dict[str, float]:
     out = {region: int(counts[list(members)].sum()) for region, members in REGIONS.items()}
     out |= {f"L{label}": int(counts[label]) for label in LABELS}
     return {k: round(v * voxel_ml, 3) for k, v in out.items()}
-
-
-# ----------------------------------------------------------------------------- post-processing
-
-MIN_COMPONENT = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)  # candidates, gentlest first
-ET_MIN_ML = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)  # ml; at 1 mm, 0.1 ml is 100 voxels
-DICE_TIE = 0.002  # mean Dice this close to the best counts as the best
-_FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: islands touching by a corner are one
-
-
-@dataclass(frozen=True)
-class PostProcess:
-    min_component: float = 0.0  # drop whole-tumour islands smaller than this fraction of the largest
-    et_min_ml: float = 0.0  # enhancing tumour smaller than this (ml) becomes NCR/NET
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> PostProcess:
-        return cls(**(d or {}))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def apply(self, labels: np.ndarray, zooms: Sequence[float]) -> np.ndarray:
-        """(X, Y, Z) BraTS labels -> the same, post-processed (a new array)."""
-        out = np.array(labels, dtype=np.uint8, copy=True)
-        if self.min_component > 0:
-            box = ndimage.find_objects((out > 0).astype(np.uint8))
-            if box:
-                sub = out[box[0]]  # a view: components are found inside the tumour's bounding box only
-                islands, n = ndimage.label(sub > 0, structure=_FULL)
-                if n > 1:
-                    sizes = np.bincount(islands.ravel())[1:]
-                    keep = np.concatenate([[True], sizes >= self.min_component * sizes.max()])
-                    sub[~keep[islands]] = 0
-        if self.et_min_ml > 0:
-            et = out == 4
-            if 0 < et.sum() * float(np.prod(zooms)) / 1000.0 < self.et_min_ml:
-                out[et] = 1
-        return out
-
-
-def scores(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]], post: PostProcess) -> tuple[float, float]:
-    """(mean Dice, mean HD95 in mm) over WT, TC, ET and the cases ``(prediction, truth, zooms)`` after ``post``."""
-    dices, hds = [], []
-    for pred, truth, zooms in cases:
-        p = post.apply(pred, zooms)
-        for members in REGIONS.values():
-            a, b = np.isin(p, members), np.isin(truth, members)
-            dices.append(dice(a, b))
-            hds.append(hd95(a, b, zooms))
-    return (float(np.mean(dices)), float(np.mean(hds))) if dices else (float("nan"), float("nan"))
-
-
-def best_postprocess(cases: Sequence[tuple[np.ndarray, np.ndarray, Sequence[float]]]) -> tuple[PostProcess, list[dict]]:
-    """The post-processing that scores best on ``cases``, and every candidate tried with its scores.
-
-    Best is the highest mean Dice; candidates within ``DICE_TIE`` of it are a tie, settled by the
-    lower mean HD95 (removing a far island moves Dice by a few voxels and HD95 by centimetres), then,
-    as nnU-Net settles it, by the stronger value: what does not hurt on validation is applied."""
-    tried: list[dict] = []
-    best = PostProcess()
-    for field, candidates in (("min_component", MIN_COMPONENT), ("et_min_ml", ET_MIN_ML)):
-        rows = []
-        for value in candidates:
-            post = replace(best, **{field: value})
-            mean_dice, mean_hd95 = scores(cases, post)
-            rows.append((value, mean_dice, mean_hd95))
-            tried.append({**post.to_dict(), "mean_dice": round(mean_dice, 5), "mean_hd95": round(mean_hd95, 3)})
-        top = max(r[1] for r in rows)
-        tied = [r for r in rows if r[1] >= top - DICE_TIE]
-        best = replace(best, **{field: min(reversed(tied), key=lambda r: r[2])[0]})  # of equals, the strongest
-    return best, tried

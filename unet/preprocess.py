@@ -7,8 +7,8 @@ Normalization: per case, per modality z-score over brain voxels (nonzero in any 
 background stays exactly 0.
 
 Profiles: ``full`` keeps whole slices (240x240 on the BraTS grid); ``tp`` takes a 192x192 window
-over the brain and halves the resolution (2x2 mean for images, the top-left voxel of each 2x2 block
-for labels) -> 96x96, whatever the scan's grid.
+over the brain and halves the images' resolution (2x2 mean) -> 96x96, whatever the scan's grid;
+its labels stay at the window's 1 mm (192x192).
 
 Geometry: the network sees axial slices of one canonical grid: the BraTS orientation (voxel axes
 towards Left, Posterior, Superior: ``AXCODES``), ``SPACING`` mm in-plane, and the profile's window
@@ -203,14 +203,16 @@ def _brain_in_window(geometry: Geometry, omask: np.ndarray) -> tuple[list[int], 
 
 
 def _window_classes(geometry: Geometry, seg: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) BraTS labels on the oriented grid -> (Z, h, w) classes 0..3 on the profile's grid.
+    """(X, Y, Z) BraTS labels on the oriented grid -> (Z, H, W) classes 0..3 in the profile's window,
+    at the window's own resolution (1 mm): not downsampled with the images, since a label has no mean
+    (every 2nd pixel would cap a perfect network's NCR Dice near 0.8); the loss scores the network's
+    upsampled output there (``unet.loss.SegLoss``), as evaluation does.
 
     Classes are looked up inside the tumour's bounding box only; the rest is background."""
     classes = np.zeros(seg.shape[::-1], dtype=np.uint8).transpose(2, 1, 0)  # (X, Y, Z) view of a (Z, Y, X) array
     box = _bbox(seg)
     classes[box] = BRATS_TO_CLASS[seg[box]]
-    f = geometry.factor
-    return np.ascontiguousarray(geometry.window(classes.transpose(2, 0, 1), order=0)[:, ::f, ::f])
+    return np.ascontiguousarray(geometry.window(classes.transpose(2, 0, 1), order=0))
 
 
 def to_labels(geometry: Geometry, classes: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@
   (AVX512-BF16, AMX: twice the fp32 step rate), with channels_last tensors.
 * The loss is computed on whole slices in both padding modes: ``UNet.predict`` mirror-pads the
   input so that a valid-padding network's output covers the slice (the paper's overlap-tile).
-* Augmentation runs on the device (``unet.data.apply_augment``) with parameters the workers drew.
+* Augmentation runs on the device (``unet.augment.apply_augment``) with parameters the workers drew.
 * Resuming: the checkpoint holds model, optimizer, scheduler, scaler, RNG, epoch and step; the data
   order and augmentation depend on (seed, epoch, position) only (``unet.data.EpochSampler``), so a
   run resumed at step s of epoch e sees the very batches an uninterrupted run would have seen and
@@ -27,14 +27,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from storage.store import SliceStore
+from unet.augment import AUGMENTATIONS, apply_augment
 from unet.checkpoint import rng_state, set_rng_state
-from unet.data import AugmentConfig, EpochSampler, SliceDataset, apply_augment, class_counts, index_slices, make_loader
+from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader, with_context
 from unet.device import autocast_dtype, pick_device
+from unet.loss import SegLoss, class_weights_from_counts, upsample_linear
 from unet.metrics import CLASS_REGIONS, dice
-from unet.model import CrossEntropy, UNet, UNetConfig, class_weights_from_counts
+from unet.model import UNet, UNetConfig, centre_slice
 
 
 class TrainConfig(BaseModel):
@@ -56,10 +58,32 @@ class TrainConfig(BaseModel):
     )
     oversample_tumour: float = Field(1.0, ge=1, description="draw slices with tumour this many times as often (1 = no)")
     skip_empty: bool = Field(True, description="leave out slices without brain")
-    augment: bool = Field(True, description="left-right flips, small rotations, intensity jitter")
+    augment: Literal["off", "light", "strong"] = Field(
+        "light",
+        description="light: left-right flips, small rotations, intensity jitter; strong: nnU-Net's 2D set "
+        "(rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma)",
+    )
+    loss: Literal["ce", "ce+dice"] = Field(
+        "ce", description="ce: the paper's cross-entropy; ce+dice: plus the soft Dice of the regions WT, TC, ET"
+    )
     class_weight_power: float | None = Field(
         None, ge=0, description="weight classes by (1/frequency)**power; empty: plain cross-entropy"
     )
+    fine_labels: bool = Field(
+        True,
+        description="score the loss on the labels' own grid where the store keeps them finer than the slices "
+        "(profile tp: 1 mm labels, 2 mm slices); off: every 2nd label pixel, on the slices' grid",
+    )
+    folds: int = Field(
+        0,
+        ge=0,
+        description="K-fold cross-validation: K models by patient folds, registered as their ensemble; "
+        "0: one model on the store's split",
+    )
+    keep: Literal["best", "last"] = Field(
+        "best", description="the weights kept: the epoch with the best validation Dice, or the last epoch"
+    )
+    validate_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
     checkpoint_every: int = Field(200, ge=0, description="also checkpoint every N steps (0 = at epoch ends only)")
     workers: int = Field(4, ge=0, description="DataLoader worker processes")
     device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -68,6 +92,18 @@ class TrainConfig(BaseModel):
         description="auto: bf16 autocast on CUDA (fp16 + scaler without bf16) and on CPUs with native bf16, else fp32",
     )
     channels_last: bool = Field(True, description="NHWC tensors: faster convolutions on CUDA and on CPUs (oneDNN)")
+
+    @field_validator("folds")
+    @classmethod
+    def _two_folds_at_least(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("cross-validation needs 2 folds or more (0: no cross-validation)")
+        return value
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_as_a_flag(cls, value):  # versions and deployments from before the named sets
+        return {True: "light", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 # fields that change how fast a run goes, not what it computes: a run may resume under other values
@@ -105,13 +141,15 @@ class FitResult:
 
 
 def to_device(
-    batch, device: torch.device, channels_last: bool = False, augment: bool = False
+    batch, device: torch.device, channels_last: bool = False, augment: str = "off", fine_labels: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image in the store dtype, uint8 label, augmentation params) from the loader ->
-    (float32 image, label) on the device, augmented there when ``augment``."""
+    (float32 image, label) on the device, augmented there (``unet.augment``)."""
     x, y, params = batch
     x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
-    if augment:
+    if not fine_labels and (f := y.shape[-1] // x.shape[-1]) > 1:
+        y = y[..., ::f, ::f].contiguous()  # the slices' grid: the label at each slice pixel's corner
+    if AUGMENTATIONS[augment] is not None:
         x, y = apply_augment(x, y, params.to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -123,7 +161,9 @@ def train_step(
 ) -> torch.Tensor:
     """One optimizer step on a batch; returns the loss as a device tensor (no host sync)."""
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        loss = loss_fn(model.predict(x), y)  # logits over the whole slice, both padding modes
+        # logits over the whole slice, both padding modes; with deep supervision the auxiliary ones too
+        out = model(x, aux=True) if model.cfg.deep_supervision else model.predict(x)
+        loss = loss_fn(out, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip:
@@ -147,10 +187,12 @@ def validate(
     for case in cases:
         image, label = store.image(case), np.asarray(store.label(case)[:])
         brain = np.flatnonzero(np.asarray(store.attrs(case)["slice_brain"]) > 0)
+        f = label.shape[-1] // image.shape[-1]  # labels on a finer grid (profile tp): scored there
         pred = np.zeros_like(label)
         for start in range(0, brain.size, batch_size):
             idx = brain[start : start + batch_size]
-            x = torch.from_numpy(np.asarray(image[idx[0] : idx[-1] + 1])[idx - idx[0]].astype(np.float32)).to(device)
+            x = with_context(image, idx, model.cfg.context)
+            x = torch.from_numpy(x.astype(np.float32)).to(device)
             y = torch.from_numpy(label[idx]).to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -158,9 +200,10 @@ def validate(
                 logits = model.predict(x)
             loss_sum += float(loss_fn(logits, y)) * len(x)
             n += len(x)
-            pred[idx] = (
-                logits.argmax(1).masked_fill((x == 0).all(1), 0).to("cpu", torch.uint8).numpy()
-            )  # no brain: background
+            probs = upsample_linear(torch.softmax(logits.float(), 1), f)
+            outside = (centre_slice(x, model.cfg) == 0).all(1)  # no brain: background
+            outside = outside.repeat_interleave(f, -2).repeat_interleave(f, -1)
+            pred[idx] = probs.argmax(1).masked_fill(outside, 0).to("cpu", torch.uint8).numpy()
         for r, members in CLASS_REGIONS.items():
             per_case[r].append(dice(np.isin(pred, members), np.isin(label, members)))
     model.train(was_training)
@@ -173,10 +216,16 @@ def validate(
 
 
 def fit(
-    store_url: str, model_cfg: UNetConfig, cfg: TrainConfig, checkpoint=None, callbacks: Callbacks | None = None
+    store_url: str,
+    model_cfg: UNetConfig,
+    cfg: TrainConfig,
+    checkpoint=None,
+    callbacks: Callbacks | None = None,
+    split: dict[str, list[str]] | None = None,
 ) -> FitResult:
-    """Train on the store's train split, validate on its val split, resume from ``checkpoint``.
+    """Train on the ``train`` cases, validate on the ``val`` cases, resume from ``checkpoint``.
 
+    ``split``: {"train": [...], "val": [...]} (a cross-validation fold); default: the store's split.
     ``checkpoint``: anything with ``save(state)`` and ``load() -> state | None``
     (``unet.checkpoint.RegistryCheckpoint``), or None to keep nothing.
     """
@@ -189,11 +238,17 @@ def fit(
 
     # data
     store = SliceStore(store_url)
-    split = store.split
+    split = split or store.split
     if not split.get("train") or not split.get("val"):
         raise ValueError(f"{store_url}: the store has no train/val split (run `brats ingest`)")
-    augment = AugmentConfig() if cfg.augment else None
-    train_set = SliceDataset(store_url, split["train"], augment=augment, seed=cfg.seed, skip_empty=cfg.skip_empty)
+    train_set = SliceDataset(
+        store_url,
+        split["train"],
+        augment=AUGMENTATIONS[cfg.augment],
+        seed=cfg.seed,
+        skip_empty=cfg.skip_empty,
+        context=model_cfg.context,
+    )
     index_slices(store, split["val"])  # every validation case must be labelled too
     if not len(train_set):
         raise ValueError(f"{store_url}: no slices to train on")
@@ -215,7 +270,7 @@ def fit(
         if cfg.class_weight_power is None
         else class_weights_from_counts(class_counts(store, train_set.refs), cfg.class_weight_power)
     )
-    loss_fn = CrossEntropy(weights).to(device)
+    loss_fn = SegLoss(weights, dice=cfg.loss == "ce+dice").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup, cycle_momentum=False
@@ -276,7 +331,7 @@ def fit(
             loss_sum = torch.tensor(epoch_loss[0], device=device)
             started, n_slices = time.perf_counter(), 0
             for step, batch in enumerate(train_loader, start=first):
-                x, y = to_device(batch, device, channels_last, augment=cfg.augment)
+                x, y = to_device(batch, device, channels_last, cfg.augment, cfg.fine_labels)
                 loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
                 epoch_loss[1] += 1
                 global_step += 1
@@ -287,10 +342,12 @@ def fit(
                     save(epoch, step + 1)
             seconds = time.perf_counter() - started
             row = {"epoch": epoch + 1, "steps": global_step, "train_loss": loss_sum.item() / max(epoch_loss[1], 1)}
-            row |= validate(model, store, split["val"], loss_fn, device, amp, channels_last, cfg.batch_size)
+            last = epoch + 1 == cfg.epochs
+            if last or (epoch + 1) % cfg.validate_every == 0:
+                row |= validate(model, store, split["val"], loss_fn, device, amp, channels_last, cfg.batch_size)
             row |= {"lr": scheduler.get_last_lr()[0], "slices_per_s": n_slices / seconds if seconds > 0 else 0.0}
             history.append(row)
-            if not best or row["dice_mean"] > best["dice_mean"]:
+            if "dice_mean" in row and (not best or row["dice_mean"] > best["dice_mean"] or cfg.keep == "last"):
                 best = row
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             epoch_loss = [0.0, 0]
@@ -322,14 +379,8 @@ def preview(model: UNet, dataset: SliceDataset, n: int = 3, device: str | torch.
         x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None].to(device)
         pred = model.predict(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
         ref = dataset.refs[i]
-        out.append(
-            {
-                "case": ref.case,
-                "z": ref.z,
-                "image": np.asarray(image, np.float32),
-                "truth": np.asarray(label),
-                "pred": pred,
-            }
-        )
+        f = label.shape[-1] // pred.shape[-1]  # labels on a finer grid: shown on the slices' grid
+        image = centre_slice(x, model.cfg)[0].cpu().numpy()
+        out.append({"case": ref.case, "z": ref.z, "image": image, "truth": np.asarray(label)[::f, ::f], "pred": pred})
     model.train(was_training)
     return out

@@ -1,0 +1,39 @@
+"""An ensemble of U-Nets (the K models of a cross-validation) that predicts as one model.
+
+Its logits are the log of the members' mean class probabilities, so the softmax every prediction
+path takes of them (``unet.predict``) is exactly that mean, and its argmax the ensemble's vote by
+probability. The members must agree on what shapes mean (depth, padding, input channels and
+context, classes); their widths and normalisation may differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from unet.model import UNet
+
+SHAPE_FIELDS = ("in_channels", "num_classes", "depth", "padding", "context")
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: list[UNet]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        shapes = {tuple(getattr(m.cfg, f) for f in SHAPE_FIELDS) for m in members}
+        if len(shapes) > 1:
+            raise ValueError(f"ensemble members disagree on {SHAPE_FIELDS}: {sorted(shapes)}")
+        self.members = nn.ModuleList(members)
+        self.cfg = members[0].cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = sum(torch.softmax(m(x).float(), dim=1) for m in self.members) / len(self.members)
+        return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+    # shapes are the members' (they agree): the same tiling, padding and overlap-tile prediction
+    output_size = UNet.output_size
+    input_size_for = UNet.input_size_for
+    _valid_output = UNet._valid_output
+    _smallest_valid_input = UNet._smallest_valid_input
+    predict = UNet.predict
