@@ -90,7 +90,9 @@ def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> di
     unknown = set(changes) - set(type(recipe.network).model_fields) - set(type(recipe.training).model_fields)
     if unknown:
         raise SystemExit(f"no such network or training field: {', '.join(sorted(unknown))}")
-    network = recipe.network.model_copy(update={k: v for k, v in changes.items() if k in type(recipe.network).model_fields})
+    network = recipe.network.model_copy(
+        update={k: v for k, v in changes.items() if k in type(recipe.network).model_fields}
+    )
     training = recipe.training.model_copy(
         update={"seed": seed, **{k: v for k, v in changes.items() if k in type(recipe.training).model_fields}}
     )

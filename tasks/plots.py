@@ -37,15 +37,16 @@ def curves_png(history: list[dict]) -> bytes:
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, style in (("train_loss", "-o"), ("val_loss", "--s")):
-        ys = [r.get(name) for r in history]
-        if any(y is not None for y in ys):
+        ys = [r.get(name, np.nan) for r in history]  # validation may run every few epochs only
+        if not np.isnan(ys).all():
             ax_loss.plot(epochs, ys, style, label=name.replace("_", " "), markersize=3)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    if len(epochs) > 5:  # a few epochs read best on a linear axis
+        ax_loss.set_yscale("log")
     ax_loss.legend()
     for region, colour in REGION_COLOURS.items():
-        ys = [r.get(f"dice_{region}") for r in history]
-        if any(y is not None for y in ys):
+        ys = [r.get(f"dice_{region}", np.nan) for r in history]
+        if not np.isnan(ys).all():
             ax_dice.plot(epochs, ys, "-o", color=colour, label=region, markersize=3)
     ax_dice.set(xlabel="epoch", ylabel="Dice", title="validation Dice (slices)", ylim=(0, 1))
     ax_dice.legend()

@@ -197,15 +197,18 @@ class _Report(Callbacks):
             self.pending = 0
 
     def on_epoch(self, row):
+        validated = (
+            f", val loss {row['val_loss']:.4f}, Dice WT {row['dice_WT']:.3f} TC {row['dice_TC']:.3f} "
+            f"ET {row['dice_ET']:.3f}"
+            if "val_loss" in row
+            else ""
+        )
         self.log.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, Dice WT %.3f TC %.3f ET %.3f, %.1f slices/s",
+            "epoch %d/%d: train loss %.4f%s, %.1f slices/s",
             row["epoch"],
             self.epochs,
             row["train_loss"],
-            row["val_loss"],
-            row["dice_WT"],
-            row["dice_TC"],
-            row["dice_ET"],
+            validated,
             row["slices_per_s"],
         )
         self.registry.update_info(self.version, epochs_done=row["epoch"], last_epoch=row)

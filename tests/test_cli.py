@@ -52,14 +52,14 @@ def test_every_field_of_every_section_is_an_option_of_its_command(capsys):
     # a field's description and default come from its one definition
     train = help_text(capsys, "train")
     assert "number of 2x2 max-pools (paper: 4) (default: 4)" in " ".join(train.split())
-    assert "{valid,same}" in train and "--no-augment" in train
+    assert "{valid,same}" in train and "{off,light,strong}" in train and "--no-fine-labels" in train
 
 
 @pytest.mark.parametrize(
     "argv,dest,value",
     [
         (["ingest", "RAW", "--store", "S", "--split", "0.5", "0.25", "0.25"], "data.split_ratios", [0.5, 0.25, 0.25]),
-        (["train", "--store", "S", "--no-augment"], "training.augment", False),
+        (["train", "--store", "S", "--augment", "off"], "training.augment", "off"),
         (["train", "--store", "S", "--class-weight-power", "none"], "training.class_weight_power", None),
         (["infer", "IN", "--out", "O", "--no-tta"], "prediction.tta", False),
         (["infer", "IN", "--out", "O", "--et-label", "3"], "et_label", 3),

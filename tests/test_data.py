@@ -15,7 +15,7 @@ import torch
 
 from storage.store import SliceStore
 from unet.augment import N_PARAMS, AugmentConfig, apply_augment, augment_params
-from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader
+from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader, with_context
 
 
 @pytest.fixture(scope="module")
@@ -70,25 +70,6 @@ def test_augmentation_is_a_function_of_the_key(small_store, train_cases):
     assert abs(int((y > 0).sum()) - tumour) < 0.2 * tumour  # a small rotation keeps the tumour size
     x, y = apply_augment(image[None].float(), label[None], identity[None])
     assert torch.allclose(x[0], image.float(), rtol=1e-4, atol=1e-4) and torch.equal(y[0], label)
-
-
-def test_apply_augment_flips_exactly_and_keeps_background_zero():
-    rng = np.random.default_rng(0)
-    image = torch.zeros(2, 4, 16, 16)
-    image[:, :, 4:10, 2:8] = torch.from_numpy(rng.normal(size=(2, 4, 6, 6))).float()
-    label = torch.zeros(2, 16, 16, dtype=torch.uint8)
-    label[:, 5:7, 3:5] = 2
-    flip = torch.from_numpy(np.stack([augment_params(None, None)] * 2))
-    flip[0, 0] = 1.0  # flip the first sample only
-    x, y = apply_augment(image, label, flip)
-    # left-right is the slice's H axis (NIfTI axis 0, dim -2); W (dim -1) is anterior-posterior
-    assert torch.allclose(x[0], image[0].flip(-2), atol=1e-4) and torch.equal(y[0], label[0].flip(-2))
-    assert torch.allclose(x[1], image[1], atol=1e-4) and torch.equal(y[1], label[1])
-    jitter = AugmentConfig(flip_lr=0.0, rotate_degrees=0.0, intensity_scale=0.2, intensity_shift=0.5)
-    params = torch.from_numpy(np.stack([augment_params(jitter, rng) for _ in range(2)]))
-    x, _ = apply_augment(image, label, params)
-    background = (image == 0).all(1, keepdim=True).expand_as(image)
-    assert (x[background] == 0).all() and not torch.allclose(x, image)
 
 
 def test_sampler_order_depends_on_seed_and_epoch_only_and_resumes():
@@ -180,3 +161,26 @@ def test_workers_leave_when_the_trainer_is_killed(tmp_path):
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in workers)
+
+
+def test_with_context_stacks_the_neighbours_in_order_and_repeats_the_ends():
+    slices = np.arange(5)[:, None, None, None] * np.ones((5, 4, 2, 3))  # slice z holds the value z
+    one = with_context(slices, 0, 1)
+    assert one.shape == (12, 2, 3) and [one[c * 4, 0, 0] for c in range(3)] == [0, 0, 1]  # z - 1 repeats z = 0
+    many = with_context(slices, np.array([1, 4]), 2)
+    assert many.shape == (2, 20, 2, 3)
+    assert [many[0, c * 4, 0, 0] for c in range(5)] == [0, 0, 1, 2, 3]
+    assert [many[1, c * 4, 0, 0] for c in range(5)] == [2, 3, 4, 4, 4]
+    np.testing.assert_array_equal(with_context(slices, np.array([2]), 0), slices[[2]])
+
+
+def test_a_25d_sample_is_its_slice_and_its_neighbours(small_store, train_cases):
+    flat = SliceDataset(small_store, train_cases)
+    deep = SliceDataset(small_store, train_cases, context=1)
+    i = max(range(len(flat)), key=lambda k: flat.refs[k].tumour)
+    ref = flat.refs[i]
+    image, label, _ = deep[i]
+    assert image.shape[0] == 12 and torch.equal(label, flat[i][1])
+    stored = SliceStore(small_store).image(ref.case)
+    for c, dz in enumerate((-1, 0, 1)):
+        np.testing.assert_array_equal(image[4 * c : 4 * c + 4].numpy(), stored[ref.z + dz])

@@ -102,7 +102,7 @@ def test_normalized_slices_are_numpys_float16_bit_for_bit(real_case):
 def test_tp_profile_crops_and_halves(real_case):
     case = read_case(discover(real_case).cases[0])
     image, label, attrs = preprocess_case(case, PROFILES["tp"])
-    assert image.shape == (155, 4, 96, 96) and label.shape == (155, 96, 96)
+    assert image.shape == (155, 4, 96, 96) and label.shape == (155, 192, 192)  # labels keep the window's 1 mm
     # the 192 window, grid-centred, moved 4 voxels along W to hold the whole brain (rows 41..219)
     assert attrs["geometry"]["box"] == (24, 216, 28, 220) and attrs["brain_outside_window"] == 0
     assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 3).any()

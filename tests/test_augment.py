@@ -1,0 +1,84 @@
+"""Augmentation: parameters drawn per sample, applied per batch; background stays 0, labels stay labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unet.augment import AUGMENTATIONS, AugmentConfig, apply_augment, augment_params, identity_params
+
+
+def test_apply_augment_flips_exactly_and_keeps_background_zero():
+    rng = np.random.default_rng(0)
+    image = torch.zeros(2, 4, 16, 16)
+    image[:, :, 4:10, 2:8] = torch.from_numpy(rng.normal(size=(2, 4, 6, 6))).float()
+    label = torch.zeros(2, 16, 16, dtype=torch.uint8)
+    label[:, 5:7, 3:5] = 2
+    flip = torch.from_numpy(np.stack([augment_params(None, None)] * 2))
+    flip[0, 0] = 1.0  # flip the first sample only
+    x, y = apply_augment(image, label, flip)
+    # left-right is the slice's H axis (NIfTI axis 0, dim -2); W (dim -1) is anterior-posterior
+    assert torch.allclose(x[0], image[0].flip(-2), atol=1e-4) and torch.equal(y[0], label[0].flip(-2))
+    assert torch.allclose(x[1], image[1], atol=1e-4) and torch.equal(y[1], label[1])
+    jitter = AugmentConfig(flip_lr=0.0, rotate_degrees=0.0, intensity_scale=0.2, intensity_shift=0.5)
+    params = torch.from_numpy(np.stack([augment_params(jitter, rng) for _ in range(2)]))
+    x, _ = apply_augment(image, label, params)
+    background = (image == 0).all(1, keepdim=True).expand_as(image)
+    assert (x[background] == 0).all() and not torch.allclose(x, image)
+
+
+def brain_batch(n: int = 4, size: int = 32, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    image = torch.zeros(n, 4, size, size)
+    image[:, :, 6:26, 8:24] = torch.from_numpy(rng.normal(size=(n, 4, 20, 16))).float()
+    label = torch.zeros(n, size, size, dtype=torch.uint8)
+    label[:, 10:18, 12:20] = 2
+    label[:, 12:15, 14:17] = 3
+    return image, label
+
+
+@pytest.mark.parametrize("fine", [1, 2])
+def test_strong_augmentation_keeps_background_zero_and_labels_valid(fine):
+    image, label = brain_batch()
+    label = label.repeat_interleave(fine, -2).repeat_interleave(fine, -1)  # labels on a finer grid (profile tp)
+    rng = np.random.default_rng(1)
+    params = torch.from_numpy(np.stack([augment_params(AUGMENTATIONS["strong"], rng) for _ in range(len(image))]))
+    x, y = apply_augment(image, label, params)
+    assert x.shape == image.shape and y.shape == label.shape and y.dtype == torch.uint8
+    assert set(y.unique().tolist()) <= {0, 2, 3} and torch.isfinite(x).all()
+    again, _ = apply_augment(image, label, params)  # a function of the parameters (noise from their seed)
+    torch.testing.assert_close(x, again)
+    moved = (x != 0).any(1)
+    coarse = y[:, ::fine, ::fine] > 0
+    assert (moved | ~coarse).float().mean() > 0.99  # tumour lies on brain after the same spatial change
+
+
+def test_every_strong_operation_changes_only_the_brain():
+    image, label = brain_batch(n=1)
+    outside = (image == 0).all(1, keepdim=True).expand_as(image)
+    for name, cfg in {
+        "noise": AugmentConfig(
+            flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_noise=1, noise_std=0.1
+        ),
+        "blur": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_blur=1),
+        "contrast": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_contrast=1),
+        "lowres": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_lowres=1),
+        "gamma": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gamma=1),
+        "scale": AugmentConfig(
+            flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_scale=1, scale=(0.7, 0.8)
+        ),
+    }.items():
+        params = torch.from_numpy(augment_params(cfg, np.random.default_rng(3)))[None]
+        x, y = apply_augment(image, label, params)
+        assert not torch.allclose(x, image), name
+        if name != "scale":
+            assert (x[outside] == 0).all() and torch.equal(y, label), name
+
+
+def test_identity_parameters_change_nothing():
+    image, label = brain_batch()
+    x, y = apply_augment(image, label, torch.from_numpy(np.stack([identity_params()] * len(image))))
+    torch.testing.assert_close(x, image)
+    assert torch.equal(y, label)
+    assert np.array_equal(augment_params(None, None), identity_params())

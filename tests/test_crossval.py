@@ -1,0 +1,100 @@
+"""K-fold cross-validation as a flow: fold models by patient, out-of-fold scores, the ensemble version."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from prefect.artifacts import Artifact
+
+from flows.cli import main as brats
+from flows.evaluate import evaluate
+from storage.registry import Registry
+from storage.split import patient_of
+from storage.store import SliceStore
+from tasks.train import fold_split
+from unet.checkpoint import load_model
+from unet.ensemble import Ensemble
+from unet.model import UNetConfig
+from unet.train import TrainConfig
+
+NETWORK = UNetConfig(base_channels=4, depth=2, padding="same", context=1)
+TRAINING = TrainConfig(
+    epochs=2, batch_size=8, max_steps_per_epoch=2, workers=0, lr=3e-3, folds=3, keep="last", validate_every=2
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_folds_are_disjoint_deterministic_and_cover_the_cases_outside_the_test_split(small_store):
+    store = SliceStore(small_store)
+    cases = sorted(store.split["train"] + store.split["val"])
+    folds = [fold_split(store, 3, 0, i) for i in range(3)]
+    assert folds == [fold_split(store, 3, 0, i) for i in range(3)]
+    assert sorted(c for f in folds for c in f["val"]) == cases  # every case validated exactly once
+    for f in folds:
+        assert sorted(f["train"] + f["val"]) == cases and not set(f["train"]) & set(f["val"])
+        assert not {patient_of(c) for c in f["train"]} & {patient_of(c) for c in f["val"]}
+        assert not set(f["train"] + f["val"]) & set(store.split["test"])  # the test split stays held out
+    with pytest.raises(ValueError, match="fold 3 of 3"):
+        fold_split(store, 3, 0, 3)
+
+
+def test_brats_train_folds_registers_an_ensemble_scored_out_of_fold(prefect_api, small_store, tmp_path, capsys):
+    models = str(tmp_path / "models")
+    args = ["train", "--store", small_store, "--models", models, "--folds", "3", "--epochs", "2"]
+    args += ["--base-channels", "4", "--depth", "2", "--padding", "same", "--context", "1", "--batch-size", "8"]
+    args += ["--max-steps-per-epoch", "2", "--workers", "0", "--keep", "last", "--validate-every", "2"]
+    assert brats(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    registry = Registry(models)
+    version, members = out["version"], out["members"]
+    info = registry.info(version)
+    store = SliceStore(small_store)
+    cases = sorted(store.split["train"] + store.split["val"])
+
+    # K fold versions, each validated on its own fold, and the ensemble of them, which is now BEST
+    assert info["kind"] == "ensemble" and info["members"] == members and len(members) == 3
+    assert registry.best() == version and out["best"] is True
+    vals = [registry.info(m)["split"]["val"] for m in members]
+    assert sorted(sum(vals, [])) == cases and info["split"]["folds"] == vals
+    for i, m in enumerate(members):
+        member = registry.info(m)
+        assert member["fold"] == i and member["status"] == "complete" and member["model"]["context"] == 1
+        assert [r["case"] for r in member["out_of_fold"]] == member["split"]["val"]
+        for case in member["split"]["val"]:  # its out-of-fold segmentation, kept for the ensemble's choice
+            with np.load(io.BytesIO(registry.get(m, f"oof-{case}.npz"))) as f:
+                assert f["labels"].shape == tuple(store.attrs(case)["shape"])
+
+    # every case scored once, by the fold model that never saw it; post-processing chosen on all of them
+    cv = info["cv"]
+    assert sorted(r["case"] for r in cv["per_case"]) == cases
+    assert {r["case"]: r["fold"] for r in cv["per_case"]} == {c: i for i, v in enumerate(vals) for c in v}
+    assert info["postprocess_choice"]["on"] == "out-of-fold" and info["postprocess_choice"]["cases"] == len(cases)
+    assert info["metrics"]["dice_WT"] == pytest.approx(np.mean([r["dice_WT"] for r in cv["per_case"]]), abs=1e-4)
+    assert [f["cases"] for f in cv["per_fold"]] == [len(v) for v in vals]
+    summary = Artifact.get("cv-summary").data
+    worst = min(cv["per_case"], key=lambda r: min(r["dice_WT"], r["dice_TC"], r["dice_ET"]))
+    assert version in summary and f"Worst cases: `{worst['case']}`" in summary
+
+    # the ensemble is one model to evaluation and inference: the mean of its members
+    model, _ = load_model(registry, version)
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    result = evaluate(small_store, version, models, "test")
+    assert result["cases"] == len(store.split["test"]) and 0 <= result["dice_WT"] <= 1
+
+
+def test_a_fold_needs_folds():
+    from flows.train import train
+
+    state = train("unused", "unused", NETWORK, TRAINING.model_copy(update={"folds": 0}), fold=1, return_state=True)
+    assert state.is_failed() and "training.folds is 0" in state.message
