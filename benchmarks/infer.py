@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from storage.brats import REGIONS
-from storage.nifti import discover, read_case, write_segmentation
+from storage.cases import discover
+from storage.nifti import read_case, write_segmentation
 from storage.synth import write_dataset
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.metrics import dice

@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from prefect_server import prefect_server, program  # noqa: E402
 
-from flows.cli import keep_freed_memory  # noqa: E402
-from storage.nifti import discover  # noqa: E402
+from flows.cli.memory import keep_freed_memory  # noqa: E402
+from storage.cases import discover  # noqa: E402
 from storage.synth import write_dataset  # noqa: E402
 
 

@@ -83,7 +83,7 @@ def parse_changes(text: str) -> dict:
 def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> dict:
     """Train the recipe with ``changes`` (fields of its network or training); the CV record or test scores."""
     from flows.evaluate import evaluate
-    from flows.infer import Prediction
+    from flows.sections import Prediction
     from flows.train import train
     from storage.registry import Registry
 
@@ -124,7 +124,7 @@ def main() -> int:
     )
     args = p.parse_args()
 
-    from flows.embedded import prefect_api
+    from flows.cli.embedded import prefect_api
     from flows.ingest import ingest
     from flows.recipes import recipe as named
 

@@ -68,7 +68,7 @@ def synthetic_store(data: Path, cases: int, size: int) -> str:
     url = str(data / f"slices-{size}.zarr")
     if Path(url).exists() and len(SliceStore(url).split.get("train", [])) >= cases:
         return url
-    from storage.nifti import discover
+    from storage.cases import discover
     from storage.synth import write_dataset
 
     write_dataset(data / "raw", cases=cases, seed=3, shape=(size, size, 64))
@@ -77,7 +77,7 @@ def synthetic_store(data: Path, cases: int, size: int) -> str:
 
 def real_store(data: Path, raw: Path, cases: int) -> str:
     """The first ``cases`` labelled cases under ``raw`` at the full profile (kept under ``data``)."""
-    from storage.nifti import discover
+    from storage.cases import discover
 
     found = [c for c in discover(raw).cases if "seg" in c.files][:cases]
     if not found:

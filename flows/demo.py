@@ -14,8 +14,8 @@ from typing import Literal
 from prefect import flow
 
 from flows.infer import infer
-from flows.ingest import Preprocessing
 from flows.pipeline import pipeline
+from flows.sections import Preprocessing
 from storage.synth import BRATS_SHAPE, write_dataset
 from unet.model import UNetConfig
 from unet.train import TrainConfig
@@ -48,11 +48,11 @@ def demo(
             (work / f"{name}.part").rename(work / name)
     print(f"synthetic data ready in {work} ({time.perf_counter() - start:.0f} s)")
 
-    models = str(work / "models")
+    registry_url = str(work / "models")
     result = pipeline(
         raw=[str(work / "raw")],
-        store=str(work / "slices.zarr"),
-        models=models,
+        store_url=str(work / "slices.zarr"),
+        registry_url=registry_url,
         data=Preprocessing(profile="tp"),
         network=UNetConfig(base_channels=base_channels, depth=4, padding="same", norm="batch"),
         training=TrainConfig(
@@ -67,11 +67,11 @@ def demo(
         ),
     )
     version = result["train"]["version"]
-    inferred = infer([str(work / "inbox")], str(work / "segmentations"), version, models)
+    inferred = infer([str(work / "inbox")], str(work / "segmentations"), version, registry_url)
 
     ev = result["evaluate"]
     print(f"BraTS demo finished in {time.perf_counter() - start:.0f} s")
-    print(f"  model {version} ({models}), evaluated on {ev['cases']} held-out case(s):")
+    print(f"  model {version} ({registry_url}), evaluated on {ev['cases']} held-out case(s):")
     for region in ("WT", "TC", "ET"):
         print(f"    {region}: Dice {ev[f'dice_{region}']:.3f}   HD95 {ev[f'hd95_{region}']:.1f} mm")
     print(f"  slice store      {work / 'slices.zarr'}")
@@ -80,7 +80,7 @@ def demo(
         f"({inferred['written']} written: <case>_seg.nii.gz + <case>.json volumes)"
     )
     print("  runs, artifacts  in the Prefect UI: `prefect server start`, then rerun with PREFECT_API_URL set (README)")
-    return {"model": version, "evaluate": ev, "infer": inferred}
+    return {"version": version, "evaluate": ev, "infer": inferred}
 
 
 def synth(

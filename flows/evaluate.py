@@ -16,17 +16,15 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.utilities.annotations import unmapped
 
-from flows.infer import Prediction
-from flows.overrides import sections
+from flows.sections import Prediction, documented, sections
 from storage.registry import DEFAULT_ROOT, Registry
 from storage.store import SliceStore
-from tasks.artifacts import RunProgress, markdown, png_markdown, table
+from tasks import report
+from tasks.artifacts import RunProgress
 from tasks.evaluate import NIFTI_TRUTH, evaluate_stored_case, overlay_case
-from tasks.infer import case_threads, device_name, predict_runner
-from tasks.preset import gather
+from tasks.runners import case_threads, device_name, predict_runner
+from tasks.stage import gather
 from unet.metrics import REGIONS, summarize
-
-METRICS = {"dice": "Dice", "hd95": "HD95 (mm)", "sens": "Sensitivity", "spec": "Specificity"}
 
 
 def split_cases(store: SliceStore, split: str) -> list[str]:
@@ -43,33 +41,31 @@ def split_cases(store: SliceStore, split: str) -> list[str]:
 
 
 @flow(name="evaluate", task_runner=predict_runner(), log_prints=True)
+@documented
 def evaluate(
-    store: str,
-    model: str | None = None,
-    models: str = DEFAULT_ROOT,
+    store_url: str,
+    version: str | None = None,
+    registry_url: str = DEFAULT_ROOT,
     split: str = "test",
     prediction: Prediction = Prediction(),
 ) -> dict:
     """A registered model against a split of the slice store: BraTS metrics per case on the original grids.
 
     Args:
-        store: slice store: a local path or an fsspec URL
-        model: model version, 'latest', or empty for the best
-        models: model registry: a local path or an fsspec URL
         split: train, val, test or all
-        prediction: how the cases are segmented
     """
     log = get_run_logger()
     (prediction,) = sections(prediction=prediction)
-    registry = Registry(models)
-    version = registry.resolve(model)
+    shown = report.used(prediction=prediction)
+    registry = Registry(registry_url)
+    version = registry.resolve(version)
     info = registry.info(version)
-    slices = SliceStore(store)
-    if info["profile"] != slices.profile:
+    store = SliceStore(store_url)
+    if info["profile"] != store.profile:
         raise ValueError(
-            f"model {version} was trained on profile {info['profile']!r}, {store} holds {slices.profile!r}"
+            f"model {version} was trained on profile {info['profile']!r}, {store_url} holds {store.profile!r}"
         )
-    cases = split_cases(slices, split)
+    cases = split_cases(store, split)
     overlap = sorted(set(info.get("split", {}).get("train", [])) & set(cases))
     if overlap:
         log.warning(
@@ -80,9 +76,9 @@ def evaluate(
             ", ".join(overlap),
         )
     device = device_name(prediction.device)
-    log.info("model %s on %s: %d %s case(s) of %s", version, device, len(cases), split, store)
+    log.info("model %s on %s: %d %s case(s) of %s", version, device, len(cases), split, store_url)
 
-    run = dict(store_url=store, models=models, version=version, device=device, tta=prediction.tta)
+    run = dict(store_url=store_url, registry_url=registry_url, version=version, device=device, tta=prediction.tta)
     post = info.get("postprocess") if prediction.postprocess else None
     with case_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
         futures = evaluate_stored_case.map(cases, batch_size=prediction.batch_size, postprocess=unmapped(post), **run)
@@ -94,8 +90,8 @@ def evaluate(
     summary = summarize(rows)
     record = {
         "split": split,
-        "store": store,
-        "fingerprint": slices.fingerprint,
+        "store": store_url,
+        "fingerprint": store.fingerprint,
         "tta": prediction.tta,
         "postprocess": post,
         "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -106,7 +102,7 @@ def evaluate(
     }
     _save(registry, version, record, figures)
     result = {
-        "model": version,
+        "version": version,
         "split": split,
         "cases": len(rows),
         **{f"{m}_{r}": round(summary[f"{m}_{r}"]["mean"], 4) for m in ("dice", "hd95") for r in REGIONS if rows},
@@ -114,7 +110,7 @@ def evaluate(
         "train_overlap": len(overlap),
         "failed": len(failures),
     }
-    _artifacts(rows, summary, figures, record, result)
+    report.evaluate(rows, summary, figures, record, result, shown)
     if failures:
         return Failed(message=f"{len(failures)} case(s) failed: " + "; ".join(failures), data=result)
     return result
@@ -131,50 +127,10 @@ def _save(registry: Registry, version: str, record: dict, figures: dict) -> None
 
 
 def _overlays(rows: list[dict], run: dict) -> dict[str, tuple[str, bytes]]:
-    """{"best"|"worst": (case, PNG)} by the mean Dice over WT, TC and ET."""
+    """{"best"|"worst": (case, PNG)} by the mean Dice over WT, TC and ET; {"only": …} for one case."""
     if not rows:
         return {}
     ranked = sorted(rows, key=lambda r: np.mean([r[f"dice_{k}"] for k in REGIONS]))
-    picks = {"best": ranked[-1]["case"], "worst": ranked[0]["case"]}
+    picks = {"best": ranked[-1]["case"], "worst": ranked[0]["case"]} if len(rows) > 1 else {"only": rows[0]["case"]}
     futures = {name: overlay_case.submit(case, title=f"{name} case", **run) for name, case in picks.items()}
     return {name: (picks[name], f.result()) for name, f in futures.items()}
-
-
-def _artifacts(rows: list[dict], summary: dict, figures: dict, record: dict, result: dict) -> None:
-    columns = ["case", "grade", *(f"{m}_{r}" for m in METRICS for r in REGIONS), "truth", "seconds"]
-    table(
-        [{c: r[c] for c in columns} for r in rows] or [{"case": "", "truth": "no case evaluated"}],
-        "evaluate-cases",
-        "BraTS metrics per case (3D, original grid)",
-    )
-    lines = [
-        f"# Evaluation of `{result['model']}` on the {result['split']} split",
-        "",
-        f"{len(rows)} case(s) of `{record['store']}`, TTA {'on' if record['tta'] else 'off'}, "
-        f"post-processing {record['postprocess'] or 'off'}.",
-        "",
-    ]
-    if record["train_overlap"]:
-        lines += [
-            f"**Warning:** {len(record['train_overlap'])} evaluated case(s) were training cases of this model: "
-            f"{', '.join(record['train_overlap'])}.",
-            "",
-        ]
-    if result["truth_from_store_label"]:
-        lines += [
-            f"**Note:** {result['truth_from_store_label']} case(s) scored against the store label restored to the grid "
-            "(original seg unavailable).",
-            "",
-        ]
-    if rows:
-        lines += ["| metric | | " + " | ".join(REGIONS) + " |", "|---|---|" + "---:|" * len(REGIONS)]
-        for m, name in METRICS.items():
-            for stat in ("mean", "median", "std"):
-                lines.append(
-                    f"| {name} | {stat} | " + " | ".join(f"{summary[f'{m}_{r}'][stat]:.3f}" for r in REGIONS) + " |"
-                )
-    for name, (case, png) in figures.items():
-        lines += ["", f"## {name.capitalize()} case: {case}", "", png_markdown(png, f"{name} case {case}")]
-    if record["failed"]:
-        lines += ["", "## Failed", ""] + [f"- {f}" for f in record["failed"]]
-    markdown("\n".join(lines), "evaluate-summary", "BraTS metrics summary with best and worst case")

@@ -11,37 +11,24 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
-from pydantic import BaseModel, Field
 
-from flows.overrides import sections
-from storage.nifti import Naming, discover
+from flows.sections import Prediction, documented, sections
+from storage.cases import Naming, discover
 from storage.registry import DEFAULT_ROOT, Registry
-from tasks.artifacts import RunProgress, summary_markdown, table
-from tasks.infer import case_threads, device_name, infer_case, predict_runner
-from tasks.preset import gather
-
-
-class Prediction(BaseModel):
-    """How scans are segmented (the same for evaluation, inference and the inbox sweep)."""
-
-    tta: bool = Field(
-        True,
-        description="mirror test-time augmentation: the mean with the left-right mirror (2x the compute)",
-    )
-    postprocess: bool = Field(
-        True,
-        description="apply the model's post-processing (chosen on its validation cases); off: the network's raw output",
-    )
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    batch_size: int = Field(16, ge=1, description="slices per forward pass")
+from tasks import report
+from tasks.artifacts import RunProgress
+from tasks.infer import infer_case
+from tasks.runners import case_threads, device_name, predict_runner
+from tasks.stage import gather
 
 
 @flow(name="infer", task_runner=predict_runner(), log_prints=True)
+@documented
 def infer(
     inputs: list[str],
     out: str,
-    model: str | None = None,
-    models: str = DEFAULT_ROOT,
+    version: str | None = None,
+    registry_url: str = DEFAULT_ROOT,
     naming: Naming = "auto",
     et_label: Literal[3, 4] | None = None,
     prediction: Prediction = Prediction(),
@@ -50,17 +37,12 @@ def infer(
 
     Args:
         inputs: scans in a BraTS layout: roots ({HGG,LGG}/<case>/ or <case>/) or case folders; no seg needed
-        out: output folder
-        model: model version, 'latest', or empty for the best
-        models: model registry: a local path or an fsspec URL
-        naming: file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)
-        et_label: label written for enhancing tumour: 4 (BraTS up to 2021) or 3 (2023+); empty: each input's own edition
-        prediction: how scans are segmented
     """
     log = get_run_logger()
     (prediction,) = sections(prediction=prediction)
-    registry = Registry(models)
-    version = registry.resolve(model)
+    shown = report.used(prediction=prediction)
+    registry = Registry(registry_url)
+    version = registry.resolve(version)
     profile = registry.info(version)["profile"]
     found = discover(*inputs, naming=naming)
     device = device_name(prediction.device)
@@ -73,7 +55,7 @@ def infer(
         futures = infer_case.map(
             found.cases,
             out=out,
-            models=models,
+            registry_url=registry_url,
             version=version,
             device=device,
             tta=prediction.tta,
@@ -87,7 +69,7 @@ def infer(
     rows.sort(key=lambda r: r["case"])
     summary = {
         "out": out,
-        "model": version,
+        "version": version,
         "profile": profile,
         "tta": prediction.tta,
         "postprocess": prediction.postprocess,
@@ -95,19 +77,7 @@ def infer(
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "failed": len(failures),
     }
-    table(rows or [{"case": "", "status": "no cases"}], "infer-cases", "Segmented scans with tumour volumes (ml)")
-    volumes = ["", "| case | WT ml | TC ml | ET ml | status |", "|---|---:|---:|---:|---|"]
-    volumes += [
-        f"| {r['case']} | {r['WT_ml']:.1f} | {r['TC_ml']:.1f} | {r['ET_ml']:.1f} | {r['status']} |" for r in rows
-    ]
-    summary_markdown(
-        f"Inference → `{out}`",
-        summary,
-        "infer-summary",
-        "Inference summary",
-        failed=failures,
-        more=volumes if rows else [],
-    )
+    report.infer(out, summary, rows, failures, shown)
     if failures:
         return Failed(message=f"{len(failures)} scan(s) failed: " + "; ".join(failures), data=summary)
     return summary

@@ -10,22 +10,22 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.evaluate import evaluate
-from flows.infer import Prediction
-from flows.ingest import Preprocessing, ingest
-from flows.overrides import sections
+from flows.ingest import ingest
+from flows.sections import Prediction, Preprocessing, documented, sections
 from flows.train import train
 from storage.registry import DEFAULT_ROOT
 from storage.store import SliceStore
-from tasks.artifacts import markdown
+from tasks import report
 from unet.model import UNetConfig
 from unet.train import TrainConfig
 
 
 @flow(name="pipeline", log_prints=True)
+@documented
 def pipeline(
     raw: list[str],
-    store: str,
-    models: str = DEFAULT_ROOT,
+    store_url: str,
+    registry_url: str = DEFAULT_ROOT,
     data: Preprocessing = Preprocessing(),
     network: UNetConfig = UNetConfig(),
     training: TrainConfig = TrainConfig(),
@@ -37,72 +37,55 @@ def pipeline(
     """Ingest -> train (one model, or a cross-validated ensemble) -> evaluate on raw BraTS data.
 
     Args:
-        raw: raw roots in any BraTS layout ({HGG,LGG}/<case>/, <case>/) or case folders
-        store: slice store: a local path or an fsspec URL
-        models: model registry: a local path or an fsspec URL
-        data: preprocessing and split
-        network: the U-Net
-        training: the training run
         evaluate_split: split to evaluate the new model on: train, val, test or all
-        prediction: how the evaluated cases are segmented
         allow_quarantine: go on training when some cases were quarantined
-        recipe: start from a named recipe's data, network and training (paper, cpu, gpu); fields given still apply
     """
     log = get_run_logger()
     data, network, training, prediction = sections(
         recipe, data=data, network=network, training=training, prediction=prediction
     )
     runs = {}
-    runs["ingest"] = ingest(raw, store, data, return_state=True)
+    runs["ingest"] = ingest(raw, store_url, data, return_state=True)
     summary = runs["ingest"].result(raise_on_failure=False)
     if not isinstance(summary, dict) or (runs["ingest"].is_failed() and not allow_quarantine):
         return _summary(runs, Failed(message=f"ingest: {runs['ingest'].message}"))
-    if not SliceStore(store).split.get("train"):
-        return _summary(runs, Failed(message=f"ingest left no training cases in {store}"))
+    if not SliceStore(store_url).split.get("train"):
+        return _summary(runs, Failed(message=f"ingest left no training cases in {store_url}"))
     if runs["ingest"].is_failed():
         log.warning("going on without the quarantined cases: %s", runs["ingest"].message)
 
-    runs["train"] = train(store, models, network, training, fresh=True, return_state=True)
+    runs["train"] = train(store_url, registry_url, network, training, fresh=True, return_state=True)
     trained = runs["train"].result()
     result = {"ingest": summary, "train": {k: trained[k] for k in ("version", "metrics", "best")}}
-    if SliceStore(store).split.get(evaluate_split) or evaluate_split == "all":  # a held-out split to score
-        runs["evaluate"] = evaluate(store, trained["version"], models, evaluate_split, prediction, return_state=True)
+    if SliceStore(store_url).split.get(evaluate_split) or evaluate_split == "all":  # a held-out split to score
+        runs["evaluate"] = evaluate(
+            store_url, trained["version"], registry_url, evaluate_split, prediction, return_state=True
+        )
         result["evaluate"] = runs["evaluate"].result()
     else:
-        log.info("no %s split in %s: the model's figures are its cross-validation's", evaluate_split, store)
+        log.info("no %s split in %s: the model's figures are its cross-validation's", evaluate_split, store_url)
     return _summary(runs, result)
 
 
 def _summary(runs: dict, result):
-    """The pipeline run's own artifact: each stage's outcome, with a link to its run (and its artifacts)."""
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = (PREFECT_UI_URL.value() or "").rstrip("/")
-    lines = ["# Pipeline", "", "| stage | run | state | outcome |", "|---|---|---|---|"]
+    """The pipeline run's own artifact (``tasks.report.pipeline``): each stage's outcome and links."""
+    outcomes = {}
     for stage, state in runs.items():
         value = state.result(raise_on_failure=False)
-        outcome = (
-            {
-                "ingest": lambda r: (
-                    f"{r['ingested']} ingested, {r['skipped']} skipped, {r['quarantined']} quarantined; "
-                    f"split {r['split']}"
-                ),
-                "train": lambda r: (
-                    f"`{r['version']}`, {'cross-validated' if r.get('folds') else 'validation'} Dice "
-                    + ", ".join(f"{k} {r['metrics'][f'dice_{k}']:.3f}" for k in ("WT", "TC", "ET"))
-                ),
-                "evaluate": lambda r: (
-                    f"{r['cases']} {r['split']} case(s), Dice "
-                    + ", ".join(f"{k} {r.get(f'dice_{k}', float('nan')):.3f}" for k in ("WT", "TC", "ET"))
-                ),
-            }[stage](value)
-            if isinstance(value, dict)
-            else str(state.message or "")
-        )
-        run_id = state.state_details.flow_run_id
-        lines.append(
-            f"| {stage} | [{stage} run]({ui}/runs/flow-run/{run_id}?tab=Artifacts) | {state.name} | {outcome} |"
-        )
-    lines += ["", "Each stage's own tables and plots are on its run's *Artifacts* tab (the links above)."]
-    markdown("\n".join(lines), "pipeline-summary", "The pipeline's stages, with links to their runs and artifacts")
+        outcomes[stage] = _OUTCOME[stage](value) if isinstance(value, dict) else str(state.message or "")
+    report.pipeline(runs, outcomes)
     return result
+
+
+def _dice(result: dict) -> str:
+    metrics = result.get("metrics", result)  # a training's result holds them under "metrics"
+    return ", ".join(f"{k} {metrics.get(f'dice_{k}', float('nan')):.3f}" for k in ("WT", "TC", "ET"))
+
+
+_OUTCOME = {
+    "ingest": lambda r: (
+        f"{r['ingested']} ingested, {r['skipped']} skipped, {r['quarantined']} quarantined; split {r['split']}"
+    ),
+    "train": lambda r: f"`{r['version']}`, {'cross-validated' if r.get('folds') else 'validation'} Dice {_dice(r)}",
+    "evaluate": lambda r: f"{r['cases']} {r['split']} case(s), Dice {_dice(r)}",
+}

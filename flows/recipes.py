@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from flows.ingest import Preprocessing
+from flows.sections import Preprocessing
 from unet.model import UNetConfig
 from unet.train import TrainConfig
 

@@ -15,22 +15,24 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from flows.infer import Prediction, infer
-from flows.overrides import sections
-from storage.inbox import announced, how_made, is_done, scan_inbox, state_path
-from storage.nifti import Naming
+from flows.infer import infer
+from flows.sections import Prediction, documented, sections
+from storage.cases import Naming
+from storage.inbox import announced, is_done, scan_inbox, state_path
+from storage.outputs import made_with
 from storage.registry import DEFAULT_ROOT, Registry
-from tasks.artifacts import summary_markdown, table
+from tasks import report
 
 STATUSES = ("pending", "done", "arriving", "announced", "incomplete")
 
 
 @flow(name="sweep", log_prints=True)
+@documented
 def sweep(
     inbox: list[str],
     out: str,
-    model: str | None = None,
-    models: str = DEFAULT_ROOT,
+    version: str | None = None,
+    registry_url: str = DEFAULT_ROOT,
     naming: Naming = "auto",
     et_label: Literal[3, 4] | None = None,
     settle_s: float = 60.0,
@@ -41,18 +43,13 @@ def sweep(
 
     Args:
         inbox: inbox folders: <case>/ or {HGG,LGG}/<case>/ with the four modalities
-        out: output folder
-        model: model version, 'latest', or empty for the best
-        models: model registry: a local path or an fsspec URL
-        naming: file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)
-        et_label: label written for enhancing tumour: 4 (BraTS up to 2021) or 3 (2023+); empty: each input's own edition
         settle_s: leave a scan whose files changed less than this many seconds ago (still arriving)
         grace_s: leave a scan the watcher announced less than this many seconds ago (its triggered run is on its way)
-        prediction: how scans are segmented
     """
     log = get_run_logger()
     (prediction,) = sections(prediction=prediction)
-    version = Registry(models).resolve(model)
+    shown = report.used(prediction=prediction)
+    version = Registry(registry_url).resolve(version)
     now = time.time()
     rows, pending = [], []
     for root in inbox:
@@ -61,7 +58,7 @@ def sweep(
         for cid, scan in sorted(complete.items()):
             note = announced(state_path(root), scan)
             if is_done(
-                scan, out, how_made(version, prediction.tta, et_label or scan.case.et_label, prediction.postprocess)
+                scan, out, made_with(version, prediction.tta, et_label or scan.case.et_label, prediction.postprocess)
             ):
                 status = "done"
             elif note and now - note.get("at", 0) < grace_s:
@@ -75,19 +72,14 @@ def sweep(
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     log.info("model %s: %s", version, counts)
 
-    summary = {"model": version, "out": out, **counts, "written": 0, "skipped": 0, "failed": 0}
+    summary = {"version": version, "out": out, **counts, "written": 0, "skipped": 0, "failed": 0}
     state = None
     if pending:
-        state = infer(pending, out, version, models, naming, et_label, prediction, return_state=True)
+        state = infer(pending, out, version, registry_url, naming, et_label, prediction, return_state=True)
         result = state.result(raise_on_failure=False)
         if isinstance(result, dict):
             summary.update({k: result[k] for k in ("written", "skipped", "failed") if k in result})
-    table(
-        rows or [{"case": "", "status": "inbox empty"}],
-        "sweep-cases",
-        "Scans in the inbox and what the sweep did with them",
-    )
-    summary_markdown(f"Inbox sweep → `{out}`", summary, "sweep-summary", "Inbox sweep summary")
+    report.sweep(out, summary, rows, shown)
     if state is not None and not state.is_completed():
         return Failed(message=f"infer: {state.message}", data=summary)
     return summary

@@ -35,10 +35,11 @@ from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.runtime import deployment, flow_run
 
-from flows.overrides import sections
+from flows.sections import documented, sections
 from storage.registry import DEFAULT_ROOT, Registry
+from tasks import report
 from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
-from tasks.train import artifacts, cv_artifacts, open_version, promote_if_best, register_ensemble, train_model
+from tasks.train import open_version, promote_if_best, register_ensemble, train_model
 from unet.device import pick_device
 from unet.model import UNetConfig
 from unet.train import TrainConfig
@@ -48,9 +49,10 @@ MAX_ATTEMPTS = 3
 
 
 @flow(name="train", log_prints=True)
+@documented
 def train(
-    store: str,
-    models: str = DEFAULT_ROOT,
+    store_url: str,
+    registry_url: str = DEFAULT_ROOT,
     network: UNetConfig = UNetConfig(),
     training: TrainConfig = TrainConfig(),
     fresh: bool = False,
@@ -60,72 +62,76 @@ def train(
     """Slices in the store -> a trained U-Net, or with training.folds K a cross-validated ensemble of K.
 
     Args:
-        store: slice store (local path or fsspec URL) with a train/val split
-        models: model registry root (env BRATS_MODELS)
-        network: the U-Net
-        training: the training run
         fresh: start a new version even if an unfinished one of the same run exists
         fold: train only this fold of a cross-validation (0..folds-1): what each fold's run does
-        recipe: start from a named recipe's network and training (paper, cpu, gpu); fields given still apply
     """
     log = get_run_logger()
     network, training = sections(recipe, network=network, training=training)
+    shown = report.used(network=network, training=training)
     device = pick_device(training.device)  # a device that is not there fails here, at once, not after retries
     if training.folds and fold is None:
-        return _cross_validate(store, models, network, training, fresh)
+        return _cross_validate(store_url, registry_url, network, training, fresh, shown)
     if fold is not None and not training.folds:
         raise ValueError(f"fold {fold} given, but training.folds is 0: set the number of folds")
-    version, attempt = open_version(models, store, network, training, fresh, fold)
+    version, attempt = open_version(registry_url, store_url, network, training, fresh, fold)
     if attempt == 0:
         log.info("fold %d: version %s is already trained; reused", fold, version)
         return {"version": version, "fold": fold, "reused": True}
     if attempt > MAX_ATTEMPTS:
-        Registry(models).update_info(version, status="abandoned")
+        Registry(registry_url).update_info(version, status="abandoned")
         raise ValueError(
             f"{version}: attempt {attempt} after {attempt - 1} that did not finish; abandoned, start afresh"
         )
-    log.info("%s version %s in %s", f"continuing (attempt {attempt})" if attempt > 1 else "new", version, models)
-    summary = train_model(store, models, version, network, training)
+    log.info("%s version %s in %s", f"continuing (attempt {attempt})" if attempt > 1 else "new", version, registry_url)
+    summary = train_model(store_url, registry_url, version, network, training)
     if fold is not None:  # a member of an ensemble: scored on its fold; the ensemble is chosen and promoted
-        summary["out_of_fold"] = predict_out_of_fold(store, models, version, str(device))
-        artifacts(models, version, summary, network, training)
+        summary["out_of_fold"] = predict_out_of_fold(store_url, registry_url, version, str(device))
+        report.train(registry_url, version, summary, shown)
         return {**summary, "fold": fold}
-    summary["postprocess"] = choose_postprocess(store, models, version, str(device))
-    artifacts(models, version, summary, network, training)
-    best = promote_if_best(models, version)
+    summary["postprocess"] = choose_postprocess(store_url, registry_url, version, str(device))
+    report.train(registry_url, version, summary, shown)
+    best = promote_if_best(registry_url, version)
     log.info("%s: validation Dice %s%s", version, summary["metrics"], " — now BEST" if best else "")
-    _announce(version, store, models, best, summary["metrics"])
+    _announce(version, store_url, registry_url, best, summary["metrics"])
     return {**summary, "best": best}
 
 
-def _cross_validate(store: str, models: str, network: UNetConfig, training: TrainConfig, fresh: bool) -> dict:
+def _cross_validate(
+    store_url: str, registry_url: str, network: UNetConfig, training: TrainConfig, fresh: bool, shown: list[str]
+) -> dict:
     log = get_run_logger()
     start = time.perf_counter()
-    members = _run_folds(store, models, network, training, fresh)
-    version = register_ensemble(models, members)
-    cv = cross_validation(store, models, version)
+    members = _run_folds(store_url, registry_url, network, training, fresh)
+    version = register_ensemble(registry_url, members)
+    cv = cross_validation(store_url, registry_url, version)
     metrics = cv["metrics"]
     summary = {
         "version": version,
-        "registry": models,
+        "registry": registry_url,
         "members": members,
         "folds": training.folds,
         "metrics": metrics,
         "postprocess": cv["postprocess"],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    Registry(models).update_info(version, seconds=summary["seconds"])
-    cv_artifacts(models, version, cv, network, training)
-    best = promote_if_best(models, version)
+    Registry(registry_url).update_info(version, seconds=summary["seconds"])
+    report.cross_validation(version, cv, training.folds, shown)
+    best = promote_if_best(registry_url, version)
     log.info("%s: cross-validated Dice %s%s", version, metrics, " — now BEST" if best else "")
-    _announce(version, store, models, best, metrics)
+    _announce(version, store_url, registry_url, best, metrics)
     return {**summary, "best": best}
 
 
-def _run_folds(store: str, models: str, network: UNetConfig, training: TrainConfig, fresh: bool) -> list[str]:
+def _run_folds(store_url: str, registry_url: str, network: UNetConfig, training: TrainConfig, fresh: bool) -> list[str]:
     """The K fold versions, in fold order: deployed, K runs of this deployment at once; else subflows."""
     name = deployment.name
-    params = {"store": store, "models": models, "network": network, "training": training, "fresh": fresh}
+    params = {
+        "store_url": store_url,
+        "registry_url": registry_url,
+        "network": network,
+        "training": training,
+        "fresh": fresh,
+    }
     if not name:
         return [train(**params, fold=i)["version"] for i in range(training.folds)]
     runs = [
@@ -142,10 +148,10 @@ def _run_folds(store: str, models: str, network: UNetConfig, training: TrainConf
     failed = [f"fold {i}: {s.name} {s.message or ''}".strip() for i, s in enumerate(states) if not s.is_completed()]
     if failed:
         raise RuntimeError("cross-validation folds did not complete: " + "; ".join(failed))
-    return [open_version.fn(models, store, network, training, False, i)[0] for i in range(training.folds)]
+    return [open_version.fn(registry_url, store_url, network, training, False, i)[0] for i in range(training.folds)]
 
 
-def _announce(version: str, store: str, models: str, best: bool, metrics: dict) -> None:
+def _announce(version: str, store_url: str, registry_url: str, best: bool, metrics: dict) -> None:
     emit_event(
         EVENT,
         resource={
@@ -153,5 +159,11 @@ def _announce(version: str, store: str, models: str, best: bool, metrics: dict) 
             "prefect.resource.name": version,
             "brats.evaluate": str(flow_run.parent_flow_run_id is None).lower(),  # a pipeline evaluates its own
         },
-        payload={"version": version, "store": store, "models": models, "best": best, "metrics": metrics},
+        payload={
+            "version": version,
+            "store_url": store_url,
+            "registry_url": registry_url,
+            "best": best,
+            "metrics": metrics,
+        },
     )

@@ -1,6 +1,6 @@
 """An inbox of new scans on disk: which cases are complete, what was announced, what is done.
 
-No Prefect here: ``brats watch`` and ``brats submit`` (``flows/events.py``) turn what this finds
+No Prefect here: ``brats watch`` and ``brats submit`` (``flows/cli/events.py``) turn what this finds
 into events, and the ``sweep`` flow (``flows/sweep.py``) into inference runs.
 
 * ``scan_inbox``: the complete cases of an inbox, found by the same layout walker as ingestion
@@ -12,9 +12,8 @@ into events, and the ``sweep`` flow (``flows/sweep.py``) into inference runs.
 * The announcements live in ``<inbox>/.brats-watch.json`` (``load_state``/``record``), written
   atomically: a restarted watcher announces nothing twice, and ``brats submit`` records what it
   sent there too, so the watcher does not announce it again.
-* ``is_done``: a case whose record (``<out>/<case>.json``, written last by inference) says it was
-  made as asked (model version, TTA, ET label, post-processing: ``how_made``) and is newer than its
-  files; inference itself skips on the same record (``finished``) after checking the sha256s.
+* ``is_done``: a case whose record (``storage.outputs``) says it was made as asked and is newer
+  than its files; inference itself skips on the same record after checking the sha256s.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.brats import MODALITIES
-from storage.nifti import CaseFiles, InvalidCase, case_files, discover
+from storage.cases import CaseFiles, InvalidCase, case_files, discover
+from storage.outputs import finished
 
 STATE_NAME = ".brats-watch.json"  # the inbox's memory of what was announced
 
@@ -96,7 +96,7 @@ def scans_at(path: str | Path, naming: str = "auto") -> list[Scan]:
 # ------------------------------------------------------------------ what was announced
 
 
-def _sig(value) -> tuple | None:
+def _signature(value) -> tuple | None:
     return tuple(tuple(x) for x in value) if value else None
 
 
@@ -112,7 +112,7 @@ def load_state(path: str | Path) -> dict[str, dict]:
         return {}
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable watcher state ({e}); move it away to start afresh") from None
-    return {cid: {**v, "signature": _sig(v.get("signature"))} for cid, v in data.get("emitted", {}).items()}
+    return {cid: {**v, "signature": _signature(v.get("signature"))} for cid, v in data.get("emitted", {}).items()}
 
 
 def record(path: str | Path, scans: list[Scan], by: str, at: float | None = None) -> None:
@@ -176,27 +176,6 @@ class Watcher:
         emitted = load_state(self.state)
         record(self.state, [s for cid, s in complete.items() if cid not in emitted], "baseline", at=0.0)
         return len(complete)
-
-
-def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
-    """Where inference writes a case: (``<case>_seg.nii.gz``, ``<case>.json``, the record, written last)."""
-    return Path(out) / f"{case_id}_seg.nii.gz", Path(out) / f"{case_id}.json"
-
-
-def how_made(version: str, tta: bool, et_label: int, postprocess: bool) -> dict:
-    """What a record names of how its segmentation was made: two runs that agree on it write the same."""
-    return {"model_version": version, "tta": tta, "et_label": et_label, "postprocessed": postprocess}
-
-
-def finished(out: str | Path, case_id: str, how: dict) -> tuple[dict, float] | None:
-    """(record, its mtime) of a case segmented as ``how`` says, both files there, else None."""
-    seg, rec = outputs(out, case_id)
-    try:
-        done = json.loads(rec.read_text())
-        mtime = rec.stat().st_mtime
-    except (OSError, ValueError):
-        return None
-    return (done, mtime) if seg.is_file() and all(done.get(k) == v for k, v in how.items()) else None
 
 
 def is_done(scan: Scan, out: str | Path, how: dict) -> bool:

@@ -52,7 +52,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from zarr.errors import ContainsGroupError
 
-from storage.nifti import CASE_ID
+from storage.cases import CASE_ID
 from storage.shards import write_slices
 from storage.split import make_split
 

@@ -65,21 +65,3 @@ class RunProgress:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def summary_markdown(
-    title: str,
-    summary: dict,
-    artifact_key: str,
-    description: str,
-    *,
-    failed: list[str] = (),
-    failed_title: str = "Failed",
-    more: list[str] = (),
-) -> None:
-    """A run's summary as a markdown artifact: a heading, its figures as a table, then ``more``
-    lines, then what failed (one line each)."""
-    lines = [f"# {title}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in summary.items()], *more]
-    if failed:
-        lines += ["", f"## {failed_title}", "", *[f"- {f}" for f in failed]]
-    markdown("\n".join(lines), artifact_key, description)

@@ -17,11 +17,12 @@ from dataclasses import replace
 import numpy as np
 from prefect import get_run_logger
 
-from storage.nifti import InvalidCase, read_labels
+from storage.cases import InvalidCase
+from storage.nifti import read_labels
 from storage.registry import Registry
 from storage.store import SliceStore
-from tasks.plots import overlay_png
-from tasks.preset import stage_task
+from tasks.figures import overlay_png
+from tasks.stage import stage_task
 from unet.checkpoint import load_model
 from unet.metrics import REGIONS, evaluate_case, summarize
 from unet.postprocess import PostProcess, best_postprocess, scores
@@ -63,7 +64,7 @@ def predict_stored(store: SliceStore, case_id: str, model, tta: bool = False, ba
 def evaluate_stored_case(
     case_id: str,
     store_url: str,
-    models: str,
+    registry_url: str,
     version: str,
     device: str = "cpu",
     tta: bool = False,
@@ -75,7 +76,7 @@ def evaluate_stored_case(
     start = time.perf_counter()
     store = SliceStore(store_url)
     attrs = store.attrs(case_id)
-    model, _ = cached_model(models, version, device)
+    model, _ = cached_model(registry_url, version, device)
     pred = PostProcess.from_dict(postprocess).apply(
         predict_stored(store, case_id, model, tta, batch_size), attrs["zooms"]
     )
@@ -92,7 +93,7 @@ def evaluate_stored_case(
 
 @stage_task("overlay-case", "overlay-{case_id}")
 def overlay_case(
-    case_id: str, store_url: str, models: str, version: str, title: str, device: str = "cpu", tta: bool = False
+    case_id: str, store_url: str, registry_url: str, version: str, title: str, device: str = "cpu", tta: bool = False
 ) -> bytes:
     """PNG of the case's slice with the most tumour: truth and prediction on the store's grid.
 
@@ -102,7 +103,7 @@ def overlay_case(
     attrs = store.attrs(case_id)
     tumour = attrs.get("slice_tumour") or attrs["slice_brain"]
     z = int(np.argmax(tumour))
-    model, _ = cached_model(models, version, device)
+    model, _ = cached_model(registry_url, version, device)
     image = np.asarray(store.image(case_id)[z : z + 1], dtype=np.float32)
     pred = slice_probs(model, image, tta).argmax(axis=1)[0]
     label = store.label(case_id)
@@ -113,12 +114,12 @@ def overlay_case(
 
 @stage_task("predict-out-of-fold", "predict-out-of-fold-{version}")
 def predict_out_of_fold(
-    store_url: str, models: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
+    store_url: str, registry_url: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
 ) -> list[dict]:
     """A fold model's raw segmentations of its validation cases (the fold it never trained on), on
     their original grids: kept with the version (``oof-<case>.npz``) for the ensemble's choice of
     post-processing, and scored (BraTS metrics per case, recorded as ``out_of_fold``)."""
-    store, registry = SliceStore(store_url), Registry(models)
+    store, registry = SliceStore(store_url), Registry(registry_url)
     model, info = load_model(registry, version, device)
     rows = []
     for case_id in info["split"]["val"]:
@@ -149,12 +150,12 @@ def _brief(metrics: dict) -> dict:
 
 @stage_task("choose-postprocess", "choose-postprocess-{version}")
 def choose_postprocess(
-    store_url: str, models: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
+    store_url: str, registry_url: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
 ) -> dict:
     """Choose the version's post-processing on its validation cases, scored on their original grids as
     the test is, and record it in the version's info.json (``postprocess``); evaluation and inference
     apply it from there."""
-    store, registry = SliceStore(store_url), Registry(models)
+    store, registry = SliceStore(store_url), Registry(registry_url)
     model, info = load_model(registry, version, device)
     cases = []
     for case_id in info["split"]["val"]:
@@ -191,12 +192,12 @@ def _record_choice(registry: Registry, version: str, cases: list, on: str) -> di
 
 
 @stage_task("cross-validation", "cross-validation-{version}")
-def cross_validation(store_url: str, models: str, version: str) -> dict:
+def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
     """An ensemble's cross-validated estimate, from its members' out-of-fold segmentations: the
     post-processing chosen on all of them (every labelled case, each scored by the model that never
     saw it), then every case scored with it (``cv.per_case``), per fold and pooled (mean, median,
     worst); the pooled means become the version's ``metrics``."""
-    store, registry = SliceStore(store_url), Registry(models)
+    store, registry = SliceStore(store_url), Registry(registry_url)
     info = registry.info(version)
     cases, folds = [], []
     for fold, member in enumerate(info["members"]):

@@ -8,60 +8,22 @@ marker, so a killed run leaves nothing half-written at an output path, and a rer
 only when its JSON names the same model version, the same input sha256s and the same TTA setting.
 
 Retried on transient I/O errors (``OSError``), never on invalid data (``InvalidCase``).
-Also home of what both prediction flows share: the task runner, the device check, the thread cap.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.inbox import finished, how_made, outputs
-from storage.nifti import CaseFiles, atomic_write_bytes, digests, read_case, read_files, write_segmentation
-from tasks.preset import stage_task
-from unet.device import cores, pick_device, torch_threads
+from storage.cases import CaseFiles
+from storage.nifti import atomic_write_bytes, digests, read_case, read_files, write_segmentation
+from storage.outputs import finished, made_with, outputs, writing
+from tasks.stage import stage_task
 from unet.postprocess import PostProcess
 from unet.predict import cached_model, segment_case, volumes_ml
-
-# Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
-# predicts (torch, the remaining cores). More buys nothing on CPU; on a GPU it keeps it fed.
-CASES_AT_ONCE = 2
-
-
-def predict_runner() -> ThreadPoolTaskRunner:
-    """Threads, not processes: torch releases the GIL and the model is loaded once per process."""
-    return ThreadPoolTaskRunner(max_workers=CASES_AT_ONCE)
-
-
-def device_name(device: str = "auto") -> str:
-    """The device a prediction flow passes to its tasks (checked here: ValueError when it is not there)."""
-    return str(pick_device(device))
-
-
-def case_threads(cases: int):
-    """Cap torch's intra-op threads so that the cases predicted at once share the cores."""
-    return torch_threads(cores() // max(1, min(CASES_AT_ONCE, cases)))
-
-
-@contextmanager
-def writing(folder: Path):
-    """One writer of outputs at a time in ``folder`` (an flock on the folder itself, no lock file left),
-    so that a segmentation and its record stay a pair when two runs segment the same case at once."""
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def scans_only(case: CaseFiles) -> CaseFiles:
@@ -69,7 +31,7 @@ def scans_only(case: CaseFiles) -> CaseFiles:
     return replace(case, files={k: v for k, v in case.files.items() if k != "seg"})
 
 
-def _done(case: CaseFiles, out: str, how: dict, files: dict[str, bytes]) -> dict | None:
+def _earlier_record(case: CaseFiles, out: str, how: dict, files: dict[str, bytes]) -> dict | None:
     """The record of a finished earlier run made as ``how`` says on these same bytes, else None."""
     done = finished(out, case.case_id, how)
     return done[0] if done is not None and done[0].get("sha256") == digests(files) else None
@@ -79,7 +41,7 @@ def _done(case: CaseFiles, out: str, how: dict, files: dict[str, bytes]) -> dict
 def infer_case(
     case: CaseFiles,
     out: str,
-    models: str,
+    registry_url: str,
     version: str,
     device: str = "cpu",
     tta: bool = False,
@@ -91,13 +53,13 @@ def infer_case(
     ``postprocess``: apply the model version's post-processing (else the network's raw output)."""
     start = time.perf_counter()
     case = scans_only(case)
-    how = how_made(version, tta, et_label or case.et_label, postprocess)
+    how = made_with(version, tta, et_label or case.et_label, postprocess)
     files = read_files(case)  # each file read once: hashed for the skip check, and decoded if not done
-    done = _done(case, out, how, files)
+    done = _earlier_record(case, out, how, files)
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
     scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
-    model, info = cached_model(models, version, device)
+    model, info = cached_model(registry_url, version, device)
     post = PostProcess.from_dict(info.get("postprocess")) if postprocess else None
     labels, attrs = segment_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)

@@ -24,9 +24,10 @@ import time
 from prefect import get_run_logger
 from prefect.runtime import task_run
 
-from storage.nifti import CaseFiles, InvalidCase, digests, read_case, read_files, stamps
+from storage.cases import CaseFiles, InvalidCase
+from storage.nifti import digests, read_case, read_files, stamps
 from storage.store import SliceStore
-from tasks.preset import stage_task
+from tasks.stage import stage_task
 from unet.preprocess import PROFILES, preprocess_case
 
 

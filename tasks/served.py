@@ -1,7 +1,7 @@
 """Prefect task: one submitted scan -> its segmentation, by the warm model of a ``brats serve`` process.
 
 ``brats submit --served`` / ``brats watch --served`` send ``segment_scan.delay(path, case)``; the
-``brats serve`` process (a Prefect task worker, ``flows/served.py``) runs it with the settings it
+``brats serve`` process (a Prefect task worker, ``flows/cli/served.py``) runs it with the settings it
 was started with (``SETTINGS``: output folder, registry, model, prediction) and the model it keeps
 loaded. The work is the infer flow's own task body (``tasks.infer.infer_case``: same outputs, same
 record, same skip rule); the model version is resolved for each scan, so a new best model is used
@@ -12,7 +12,7 @@ Importing this module is light (no torch): ``brats submit`` imports it to send t
 
 from __future__ import annotations
 
-from tasks.preset import stage_task
+from tasks.stage import stage_task
 
 SETTINGS: dict = {}  # set by flows.served.serve in the serving process; the submitter never reads it
 
@@ -20,7 +20,7 @@ SETTINGS: dict = {}  # set by flows.served.serve in the serving process; the sub
 @stage_task("segment-scan", "segment-{case}")
 def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
     """Segment the case folder ``path`` (case id ``case``) with this process's warm model."""
-    from storage.nifti import InvalidCase, discover
+    from storage.cases import InvalidCase, discover
     from storage.registry import Registry
     from tasks.artifacts import table
     from tasks.infer import infer_case
@@ -32,7 +32,7 @@ def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
     if not cases:
         raise found.problems[0] if found.problems else InvalidCase(path, f"no complete case {case} here")
     s = SETTINGS
-    version = Registry(s["models"]).resolve(s["model"])
-    row = infer_case.fn(cases[0], s["out"], s["models"], version, **s["prediction"])
+    version = Registry(s["registry_url"]).resolve(s["version"])
+    row = infer_case.fn(cases[0], s["out"], s["registry_url"], version, **s["prediction"])
     table([row], "served-scan", f"Scan {case} segmented by the served model {version}")
     return row

@@ -24,13 +24,14 @@ from prefect import get_run_logger
 from storage.registry import Registry
 from storage.split import make_folds
 from storage.store import SliceStore
-from tasks.artifacts import RunProgress, key, markdown, png_markdown, table
-from tasks.plots import curves_png, overlay_png
-from tasks.preset import stage_task
-from unet.checkpoint import CHECKPOINT, RegistryCheckpoint, save_model
+from tasks.artifacts import RunProgress
+from tasks.figures import curves_png, overlay_png
+from tasks.stage import stage_task
+from unet.checkpoint import RegistryCheckpoint, save_model
 from unet.data import SliceDataset
 from unet.model import UNet, UNetConfig
-from unet.train import Callbacks, TrainConfig, fit, plan, preview
+from unet.predict import slice_probs
+from unet.train import Callbacks, TrainConfig, fit, run_definition
 
 OVERLAYS = 3
 
@@ -57,7 +58,7 @@ def is_retriable(task, task_run, state) -> bool:
 
 @stage_task("open-version")
 def open_version(
-    models: str,
+    registry_url: str,
     store_url: str,
     network: UNetConfig,
     training: TrainConfig,
@@ -68,10 +69,10 @@ def open_version(
     in ``info.json``), or a new one (attempt 1). ``fold``: the version of fold ``fold`` of a
     cross-validation in ``training.folds`` folds (it trains on the others and validates on it); a
     complete one of the same run is reused (attempt 0: nothing to train) unless ``fresh``."""
-    store, registry = SliceStore(store_url), Registry(models)
+    store, registry = SliceStore(store_url), Registry(registry_url)
     if not store.split.get("train"):
         raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
-    want, model_cfg = plan(training), network.model_dump()
+    want, model_cfg = run_definition(training), network.model_dump()
     if not fresh:
         same_run = [
             info
@@ -80,7 +81,7 @@ def open_version(
             and info.get("store_fingerprint") == store.fingerprint
             and info.get("model") == model_cfg
             and info.get("fold") == fold
-            and plan(TrainConfig.model_validate(info.get("train_config", {}))) == want
+            and run_definition(TrainConfig.model_validate(info.get("train_config", {}))) == want
         ]
         if same_run:  # the newest (version ids made in the same second do not sort by time)
             info = max(same_run, key=lambda info: info.get("created", 0))
@@ -119,10 +120,10 @@ def fold_split(store: SliceStore, folds: int, seed: int, fold: int) -> dict[str,
 
 
 @stage_task("register-ensemble")
-def register_ensemble(models: str, members: list[str]) -> str:
+def register_ensemble(registry_url: str, members: list[str]) -> str:
     """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no
     weights of its own; it predicts with the mean of their probabilities (``unet.ensemble``)."""
-    registry = Registry(models)
+    registry = Registry(registry_url)
     infos = [registry.info(m) for m in members]
     first = infos[0]
     return registry.create(
@@ -147,9 +148,9 @@ def register_ensemble(models: str, members: list[str]) -> str:
 
 
 @stage_task("promote-if-best")
-def promote_if_best(models: str, version: str) -> bool:
+def promote_if_best(registry_url: str, version: str) -> bool:
     """Mark ``version`` best when its mean validation Dice beats the current best's."""
-    registry = Registry(models)
+    registry = Registry(registry_url)
     score = lambda info: info.get("metrics", {}).get("dice_mean", -1.0)  # noqa: E731
     current = registry.best()
     try:
@@ -221,9 +222,9 @@ class _Report(Callbacks):
 
 
 @stage_task("train-model", "train-{version}", delay=10, retry_if=is_retriable, tags={"gpu"})
-def train_model(store_url: str, models: str, version: str, network: UNetConfig, training: TrainConfig) -> dict:
+def train_model(store_url: str, registry_url: str, version: str, network: UNetConfig, training: TrainConfig) -> dict:
     start = time.perf_counter()
-    registry = Registry(models)
+    registry = Registry(registry_url)
     report = _Report(registry, version, training.epochs)
     split = registry.info(version)["split"]  # the store's, or a cross-validation fold's
     try:
@@ -245,7 +246,7 @@ def train_model(store_url: str, models: str, version: str, network: UNetConfig, 
     )
     summary = {
         "version": version,
-        "registry": models,
+        "registry": registry_url,
         "device": result.device,
         "epochs": len(result.history),
         "steps": result.history[-1]["steps"],
@@ -260,114 +261,24 @@ def train_model(store_url: str, models: str, version: str, network: UNetConfig, 
 
 
 def _figures(registry: Registry, version: str, model: UNet, result, store_url: str) -> dict[str, str]:
-    """Loss/Dice curves and overlays of the best model on validation slices, saved with the model."""
+    """Loss/Dice curves, and the kept model's segmentation of the validation slices with the most tumour
+    (one per case first) as inference makes it there (TTA, background outside the brain), beside the
+    truth; saved with the model."""
     files = {"curves.png": registry.put(version, "curves.png", curves_png(result.history))}
     val = SliceDataset(store_url, registry.info(version)["split"]["val"], context=model.cfg.context)
-    for i, s in enumerate(preview(model, val, OVERLAYS)):
-        name = f"overlay-{i + 1}.png"
-        png = overlay_png(s["image"], s["truth"], s["pred"], f"{s['case']} slice {s['z']}")
-        files[name] = registry.put(version, name, png)
+    order = sorted(range(len(val)), key=lambda i: -val.refs[i].tumour)
+    firsts, cases = [], set()
+    for i in order:  # the largest tumour slice of each case, then the next largest overall
+        if val.refs[i].case not in cases:
+            firsts.append(i)
+            cases.add(val.refs[i].case)
+    for n, i in enumerate((firsts + [i for i in order if i not in firsts])[:OVERLAYS]):
+        image, label = val.read(i)
+        pred = slice_probs(model, image[None].astype(np.float32), tta=True).argmax(1)[0]
+        f = label.shape[-1] // pred.shape[-1]  # labels on a finer grid: shown on the slices' grid
+        centre = image[model.cfg.context * 4 : model.cfg.context * 4 + 4]
+        title = f"{val.refs[i].case} slice {val.refs[i].z}"
+        files[f"overlay-{n + 1}.png"] = registry.put(
+            version, f"overlay-{n + 1}.png", overlay_png(centre, label[::f, ::f], pred, title)
+        )
     return files
-
-
-def artifacts(models: str, version: str, summary: dict, network: UNetConfig, training: TrainConfig) -> None:
-    """The training's table and summary (curves and validation overlays inline), on the flow run.
-
-    Files are named by their registry path or URL, as text: a browser cannot open a server's local
-    ``file://`` path, and an ``s3://`` one needs credentials."""
-    registry = Registry(models)
-    info = registry.info(version)
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in info["history"]]
-    table(rows, "train-epochs", f"Loss and validation Dice per epoch of {version}")
-    m, files, post = summary["metrics"], summary["files"], info.get("postprocess_choice", {})
-    lines = [
-        f"# Training → `{version}`",
-        "",
-        f"Best epoch **{m['best_epoch']}** of {summary['epochs']}: validation Dice WT **{m['dice_WT']:.3f}**, "
-        f"TC **{m['dice_TC']:.3f}**, ET **{m['dice_ET']:.3f}** (mean {m['dice_mean']:.3f}); "
-        f"{summary['steps']} steps on `{summary['device']}` in {summary['seconds']} s"
-        + (
-            f", resumed at epoch {summary['resumed_from']['epoch']} step {summary['resumed_from']['step']}"
-            if summary["resumed_from"]
-            else ""
-        )
-        + ".",
-        "",
-        f"Post-processing chosen on {post.get('cases', 0)} validation case(s): `{info.get('postprocess')}` "
-        f"(mean Dice {post.get('mean_dice_before', float('nan')):.4f} → "
-        f"{post.get('mean_dice_after', float('nan')):.4f}, "
-        f"HD95 {post.get('mean_hd95_before', float('nan')):.1f} → {post.get('mean_hd95_after', float('nan')):.1f} mm, "
-        "original grids).",
-        "",
-        "| network | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in network.model_dump().items()],
-        "",
-        "| training | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in training.model_dump().items()],
-        "",
-        f"## Files in `{registry.root}/{version}/`",
-        "",
-        *[f"- `{name}`" for name in ("info.json", "weights.pt", CHECKPOINT, *files)],
-        "",
-        "## Curves",
-        "",
-        png_markdown(registry.get(version, "curves.png"), "loss and Dice per epoch"),
-        "",
-        "## Validation slices (best model)",
-        "",
-        *[png_markdown(registry.get(version, name), name) for name in files if name.startswith("overlay-")],
-    ]
-    markdown("\n".join(lines), key("train-summary"), f"Training summary of {version}")
-
-
-def cv_artifacts(models: str, version: str, cv: dict, network: UNetConfig, training: TrainConfig) -> None:
-    """The cross-validation's per-case table (worst first) and its summary: pooled and per-fold scores,
-    the worst cases by name, the post-processing chosen on the out-of-fold segmentations."""
-    regions = ("WT", "TC", "ET")
-    rows = sorted(cv["per_case"], key=lambda r: min(r[f"dice_{k}"] for k in regions))
-    table(rows, "cv-cases", f"Out-of-fold scores per case of {version}, worst first")
-    m, post = cv["metrics"], cv["postprocess"]
-    stat = lambda fn, k: fn([r[k] for r in rows])  # noqa: E731
-    lines = [
-        f"# Cross-validation → `{version}`",
-        "",
-        f"{training.folds}-fold cross-validation over {len(rows)} cases; the ensemble of the "
-        f"{training.folds} fold models is `{version}`. Every case is scored by the fold model that never "
-        f"saw it, on its original grid, with the post-processing `{post['postprocess']}` chosen on all of them "
-        f"(mean Dice {post['mean_dice_before']:.4f} → {post['mean_dice_after']:.4f}, "
-        f"HD95 {post['mean_hd95_before']:.1f} → {post['mean_hd95_after']:.1f} mm).",
-        "",
-        "| | " + " | ".join(f"Dice {k}" for k in regions) + " | " + " | ".join(f"HD95 {k}" for k in regions) + " |",
-        "|---|" + "---:|" * 6,
-        *[
-            f"| {name} | "
-            + " | ".join(f"{stat(fn, f'{mm}_{k}'):.3f}" for mm in ("dice", "hd95") for k in regions)
-            + " |"
-            for name, fn in (("mean", np.mean), ("median", np.median))
-        ],
-        "| worst | "
-        + " | ".join(f"{min(r[f'dice_{k}'] for r in rows):.3f}" for k in regions)
-        + " | "
-        + " | ".join(f"{max(r[f'hd95_{k}'] for r in rows):.1f}" for k in regions)
-        + " |",
-        "",
-        "| fold | cases | " + " | ".join(f"Dice {k}" for k in regions) + " |",
-        "|---|---:|" + "---:|" * 3,
-        *[
-            f"| {f['fold']} | {f['cases']} | " + " | ".join(f"{f[f'dice_{k}']:.3f}" for k in regions) + " |"
-            for f in cv["per_fold"]
-        ],
-        "",
-        "Worst cases: "
-        + "; ".join(
-            f"`{r['case']}` (WT {r['dice_WT']:.2f}, TC {r['dice_TC']:.2f}, ET {r['dice_ET']:.2f}; "
-            f"truth WT {r['truth_WT_ml']} ml, ET {r['truth_ET_ml']} ml)"
-            for r in rows[:3]
-        )
-        + ".",
-        "",
-        f"Pooled means: Dice WT {m['dice_WT']:.3f}, TC {m['dice_TC']:.3f}, ET {m['dice_ET']:.3f}.",
-    ]
-    markdown("\n".join(lines), key("cv-summary"), f"Cross-validation summary of {version}")

@@ -68,7 +68,7 @@ def small_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_store(small_raw, tmp_path_factory) -> str:
     """The small synthetic cases ingested (without Prefect) into a 'full'-profile store with a split."""
-    from storage.nifti import discover
+    from storage.cases import discover
     from storage.store import SliceStore
     from tasks.ingest import ingest_case
 

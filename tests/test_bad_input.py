@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from prefect.artifacts import Artifact
 
-from storage.nifti import InvalidCase, case_files, discover, read_case
+from storage.cases import InvalidCase, case_files, discover
+from storage.nifti import read_case
 from storage.synth import make_case, write_case
 from tests.conftest import rewrite_nifti
 
@@ -258,17 +259,17 @@ def _lines_for(lines: list[str], bad: dict[str, tuple[str, str, bool]], inferenc
 
 
 def test_every_bad_input_beside_good_cases_through_the_ingest_and_infer_flows(prefect_api, tmp_path):
-    from flows.dask_runner import dask_runner
     from flows.infer import infer
     from flows.ingest import ingest
     from storage.store import SliceStore
+    from tasks.runners import dask_runner
     from tests.test_faults import register_model
 
     roots, good, bad = _catalogue(tmp_path)
 
     url = str(tmp_path / "slices.zarr")
     state = ingest.with_options(task_runner=dask_runner(workers=2))(
-        raw=[str(r) for r in roots], store=url, return_state=True
+        raw=[str(r) for r in roots], store_url=url, return_state=True
     )
     summary = state.result(raise_on_failure=False)
     assert state.is_failed() and f"{len(bad)} case(s) quarantined" in state.message
@@ -279,7 +280,7 @@ def test_every_bad_input_beside_good_cases_through_the_ingest_and_infer_flows(pr
 
     models, out = tmp_path / "models", tmp_path / "out"
     register_model(models)
-    state = infer([str(r) for r in roots], str(out), models=str(models), return_state=True)
+    state = infer([str(r) for r in roots], str(out), registry_url=str(models), return_state=True)
     summary = state.result(raise_on_failure=False)
     refused = [k for k, v in bad.items() if v[2]]  # a seg beside the scans is not read: bad labels are no matter
     assert state.is_failed() and summary["failed"] == len(refused) and summary["written"] == len(good) + 1

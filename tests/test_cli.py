@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import COMMANDS, main
+from flows.cli.main import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,22 +27,21 @@ def fields(model) -> set[str]:
 
 
 def test_every_field_of_every_section_is_an_option_of_its_command(capsys):
-    from flows.infer import Prediction
-    from flows.ingest import Preprocessing
+    from flows.sections import Prediction, Preprocessing
     from unet.model import UNetConfig
     from unet.train import TrainConfig
 
     expected = {
-        ("ingest",): fields(Preprocessing) | {"store"},
-        ("train",): fields(UNetConfig) | fields(TrainConfig) | {"store", "models", "fresh"},
-        ("evaluate",): fields(Prediction) | {"store", "model", "models", "split"},
-        ("infer",): fields(Prediction) | {"out", "model", "models", "naming", "et_label"},
-        ("sweep",): fields(Prediction) | {"out", "model", "models", "naming", "et_label", "settle_s", "grace_s"},
+        ("ingest",): fields(Preprocessing) | {"store", "store_url"},
+        ("train",): fields(UNetConfig) | fields(TrainConfig) | {"store", "registry", "fresh", "fold", "recipe"},
+        ("evaluate",): fields(Prediction) | {"store_url", "version", "registry_url", "split"},
+        ("infer",): fields(Prediction) | {"out", "version", "registry", "naming", "et_label"},
+        ("sweep",): fields(Prediction) | {"out", "version", "registry", "naming", "et_label", "settle_s", "grace_s"},
         ("pipeline",): fields(Preprocessing)
         | fields(UNetConfig)
         | fields(TrainConfig)
-        | {"store", "models", "evaluate_split"},
-        ("models", "list"): {"models"},
+        | {"store", "registry", "evaluate_split", "recipe"},
+        ("models", "list"): {"registry"},
     }
     for command, names in expected.items():
         text = help_text(capsys, *command)
@@ -70,7 +69,8 @@ def test_every_field_of_every_section_is_an_option_of_its_command(capsys):
 def test_todays_flag_names_keep_working(argv, dest, value):
     import argparse
 
-    from flows.cli import Command, add_options
+    from flows.cli.main import Command
+    from flows.cli.options import add_options
 
     command: Command = COMMANDS[argv[0]]
     parser = argparse.ArgumentParser()
@@ -82,7 +82,7 @@ def test_submit_and_watch_refuse_at_once_without_a_server(tmp_path):
     """Nothing heavy is imported before the refusal: no Prefect, no temporary API started."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path)  # no profile naming a server either
-    code = "import sys; from flows.cli import main; rc = main(sys.argv[1:]); print(rc, 'prefect' in sys.modules)"
+    code = "import sys; from flows.cli.main import main; rc = main(sys.argv[1:]); print(rc, 'prefect' in sys.modules)"
     for argv in (["submit", str(tmp_path)], ["watch", str(tmp_path)]):
         done = subprocess.run(
             [sys.executable, "-c", code, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from storage.nifti import discover
+from storage.cases import discover
 from storage.store import SliceStore
 from tasks.ingest import ingest_case
 from tests.test_faults import ROOT, ingest_all, store_snapshot, synth_raw
@@ -117,7 +117,7 @@ def test_two_writers_of_one_case_never_leave_a_mixed_case(tmp_path):
 
 INGEST = """
 import sys, time, os
-from storage.nifti import discover
+from storage.cases import discover
 from tests.test_faults import ingest_all
 raw, url, order, go, i = sys.argv[1:6]
 open(f"{go}.ready{i}", "w").close()
@@ -184,7 +184,7 @@ def test_a_case_completed_while_an_ingestion_publishes_is_in_its_split(prefect_a
     lock = Path(url) / LOCKS / f"{STORE_LOCK}.lock"
     result = {}
     with store._lock(STORE_LOCK):
-        flow = threading.Thread(target=lambda: result.update(ingest(raw=[str(mine)], store=url)))
+        flow = threading.Thread(target=lambda: result.update(ingest(raw=[str(mine)], store_url=url)))
         flow.start()
         _waiting_for(lock)  # the flow has ingested its three cases and waits to publish
         assert set(SliceStore(url).case_ids()) == {c.case_id for c in cases} - {late.case_id}
@@ -222,7 +222,7 @@ def test_two_inferences_of_one_case_leave_one_valid_pair(small_raw, tmp_path, mo
     import torch
 
     import tasks.infer
-    from storage.nifti import discover
+    from storage.cases import discover
     from storage.registry import Registry
     from unet.checkpoint import save_model
     from unet.model import UNet, UNetConfig

@@ -10,7 +10,7 @@ import pytest
 import torch
 from prefect.artifacts import Artifact
 
-from flows.cli import main as brats
+from flows.cli.main import main as brats
 from flows.evaluate import evaluate
 from storage.registry import Registry
 from storage.split import patient_of

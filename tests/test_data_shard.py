@@ -24,7 +24,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 @pytest.fixture(scope="module")
 def real_store(real_case, tmp_path_factory) -> str:
     """The committed real case at the full profile (240 x 240 slices, float16), as the ingest writes it."""
-    from storage.nifti import case_files
+    from storage.cases import case_files
     from tasks.ingest import ingest_case
 
     url = str(tmp_path_factory.mktemp("real") / "slices.zarr")

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from flows.cli import main
+from flows.cli.main import main
 from storage.registry import Registry
 from storage.store import SliceStore
 from storage.synth import write_dataset
@@ -68,13 +68,13 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
 
     evaluated = brats(capsys, "evaluate", "--store", store, "--models", models, "--device", "cpu")
     test_cases = SliceStore(str(store)).split["test"]
-    assert evaluated["model"] == version and evaluated["cases"] == len(test_cases)
+    assert evaluated["version"] == version and evaluated["cases"] == len(test_cases)
     assert evaluated["train_overlap"] == 0 and evaluated["truth_from_store_label"] == 0
     assert all(0 <= evaluated[f"dice_{r}"] <= 1 for r in ("WT", "TC", "ET"))
     assert [r["case"] for r in registry.info(version)["evaluation"]["per_case"]] == sorted(test_cases)
 
     inferred = brats(capsys, "infer", new, "--out", out, "--models", models, "--tta")
-    assert inferred["written"] == 2 and inferred["model"] == version and inferred["tta"] is True
+    assert inferred["written"] == 2 and inferred["version"] == version and inferred["tta"] is True
     for case in ("BraTS19_NEW_0001_1", "BraTS19_NEW_0002_1"):
         seg = nib.load(out / f"{case}_seg.nii.gz")
         flair = next(new.glob(f"*/{case}/{case}_flair.nii.gz"))

@@ -9,7 +9,7 @@ import pytest
 from prefect.artifacts import Artifact
 
 from flows.evaluate import evaluate, split_cases
-from storage.nifti import discover
+from storage.cases import discover
 from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.ingest import ingest_case
@@ -32,9 +32,9 @@ def test_evaluate_reports_metrics_artifacts_and_saves_them_with_the_model(prefec
     registry = Registry(str(models))
     registry.update_info(version, split={"train": store.split["train"] + test_cases[:1]})  # a leak to warn about
 
-    state, result = run(dict(store=small_store, models=str(models)))
+    state, result = run(dict(store_url=small_store, registry_url=str(models)))
     assert state.is_completed(), state.message
-    assert result["model"] == version and result["cases"] == len(test_cases) and result["train_overlap"] == 1
+    assert result["version"] == version and result["cases"] == len(test_cases) and result["train_overlap"] == 1
     assert result["truth_from_store_label"] == 0 and result["failed"] == 0
 
     rows = Artifact.get("evaluate-cases").data
@@ -44,7 +44,7 @@ def test_evaluate_reports_metrics_artifacts_and_saves_them_with_the_model(prefec
         assert r["truth"] == "original seg"
         for region in REGIONS:
             assert 0 <= r[f"dice_{region}"] <= 1 and r[f"hd95_{region}"] >= 0
-            assert 0 <= r[f"sens_{region}"] <= 1 and 0 <= r[f"spec_{region}"] <= 1
+        assert set(r) == {"case", "truth", *(f"{m}_{g}" for m in ("dice", "hd95") for g in REGIONS)}  # fits a screen
     text = Artifact.get("evaluate-summary").data
     assert "| Dice | mean |" in text and "| HD95 (mm) | median |" in text and "| Specificity | std |" in text
     assert "**Warning:** 1 evaluated case(s) were training cases" in text
@@ -60,6 +60,7 @@ def test_evaluate_reports_metrics_artifacts_and_saves_them_with_the_model(prefec
     for name in ("best", "worst"):
         assert registry.get(version, f"evaluation-test-{name}.png").startswith(PNG)
         assert evaluation["figures"][name]["case"] in test_cases
+    assert all(0 <= r[f"sens_{g}"] <= 1 and 0 <= r[f"spec_{g}"] <= 1 for r in evaluation["per_case"] for g in REGIONS)
 
 
 def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect_api, small_raw, tmp_path):
@@ -73,7 +74,7 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
     store.publish(split={"train": [], "val": [], "test": [case.case_id]})
     models = tmp_path / "models"
     register(models)
-    params = dict(store=url, models=str(models))
+    params = dict(store_url=url, registry_url=str(models))
 
     _, first = run(params)
     before = Registry(str(models)).info(Registry(str(models)).best())["evaluation"]["per_case"][0]
@@ -85,12 +86,16 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
     assert after["truth"].startswith("store label (") and "is gone" in after["truth"]
     metrics = [k for k in before if k.split("_")[0] in ("dice", "hd95", "sens", "spec")]
     assert len(metrics) == 24 and {k: after[k] for k in metrics} == {k: before[k] for k in metrics}
-    assert "Note:** 1 case(s) scored against the store label" in Artifact.get("evaluate-summary").data
+    text = Artifact.get("evaluate-summary").data
+    assert "Note:** 1 case(s) scored against the store label" in text
+    # one case: its own figures, no spread over cases, one picture (not the same one as best and worst)
+    assert "| Dice | the case |" in text and "median" not in text and "| std |" not in text
+    assert text.count("data:image/png;base64,") == 1 and "## Only case" in text
 
 
 def test_a_model_of_another_profile_is_refused(prefect_api, small_store, tmp_path):
     register(tmp_path / "models", profile="tp")
-    state, _ = run(dict(store=small_store, models=str(tmp_path / "models")))
+    state, _ = run(dict(store_url=small_store, registry_url=str(tmp_path / "models")))
     assert state.is_failed() and "profile 'tp'" in state.message
     with pytest.raises(ValueError, match="no split 'holdout'"):
         split_cases(SliceStore(small_store), "holdout")

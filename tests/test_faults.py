@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.nifti import discover
+from storage.cases import discover
 from storage.store import SliceStore
 from storage.synth import write_dataset
 from tasks.ingest import ingest_case

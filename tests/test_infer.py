@@ -36,7 +36,7 @@ def run(params: dict):
 def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, tmp_path):
     version = register(tmp_path / "models", profile="tp", padding="valid")
     out = tmp_path / "out"
-    params = dict(inputs=[str(real_case)], out=str(out), models=str(tmp_path / "models"))
+    params = dict(inputs=[str(real_case)], out=str(out), registry_url=str(tmp_path / "models"))
     umask = os.umask(0o022)
     try:
         state, summary = run(params)
@@ -89,7 +89,7 @@ def test_a_bad_scan_fails_alone_and_a_new_model_redoes_the_rest(prefect_api, sma
     models, out = tmp_path / "models", tmp_path / "out"
     first = register(models)
 
-    params = dict(inputs=[str(raw)], out=str(out), models=str(models))
+    params = dict(inputs=[str(raw)], out=str(out), registry_url=str(models))
     state, summary = run(params)
     assert state.is_failed() and "1 scan(s) failed" in state.message
     assert f"{bad.name}_t1ce.nii.gz: truncated" in state.message

@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from storage.nifti import CaseFiles, InvalidCase, case_files, discover, read_case, stamps
+from storage.cases import CaseFiles, InvalidCase, case_files, discover
+from storage.nifti import read_case, stamps
 from storage.store import SliceStore
 from storage.synth import make_case, write_case
 from tasks.ingest import ingest_case

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from prefect.artifacts import Artifact
 
-from flows.dask_runner import dask_runner
-from flows.ingest import Preprocessing, ingest
+from flows.ingest import ingest
+from flows.sections import Preprocessing
 from storage.store import SliceStore
 from storage.synth import make_case, write_case
+from tasks.runners import dask_runner
 from tests.conftest import SMALL
 
 
@@ -39,7 +40,9 @@ def raw(small_raw, real_case, tmp_path):
 
 def test_ingest_flow_quarantines_skips_and_reingests(prefect_api, raw, tmp_path):
     url = str(tmp_path / "slices.zarr")
-    params = dict(raw=[str(raw)], store=url, data=Preprocessing(profile="tp"))  # tp: one 96x96 slice shape for any grid
+    params = dict(
+        raw=[str(raw)], store_url=url, data=Preprocessing(profile="tp")
+    )  # tp: one 96x96 slice shape for any grid
 
     state, summary = _run(params)
     assert state.is_failed() and "1 case(s) quarantined" in state.message
@@ -83,7 +86,7 @@ def test_ingest_flow_quarantines_skips_and_reingests(prefect_api, raw, tmp_path)
 
 def test_transient_io_error_is_retried_invalid_data_is_not(prefect_api, small_raw, tmp_path, monkeypatch):
     import storage.nifti
-    from storage.nifti import discover
+    from storage.cases import discover
     from tasks.ingest import ingest_case
 
     real_read, calls, faults = storage.nifti.read_bytes, [], [2]
@@ -138,7 +141,7 @@ def test_cases_unchanged_since_ingested_start_no_task(prefect_api, small_raw, tm
     old = time.time() - 3600  # files written just now get no stamp (see storage.nifti.stamps)
     for f in raw.rglob("*.nii.gz"):
         os.utime(f, (old, old))
-    params = dict(raw=[str(raw)], store=str(tmp_path / "s.zarr"), data=Preprocessing(profile="tp"))
+    params = dict(raw=[str(raw)], store_url=str(tmp_path / "s.zarr"), data=Preprocessing(profile="tp"))
     state, summary = _run(params)
     assert summary["ingested"] == 6 and len(_task_runs(state.state_details.flow_run_id)) == 3  # 2 threads: 3 runs of 2
 

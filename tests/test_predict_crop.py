@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from storage.brats import REGIONS
-from storage.nifti import discover, read_case
+from storage.cases import discover
+from storage.nifti import read_case
 from storage.registry import Registry
 from tests.conftest import REAL, ROOT
 from unet.checkpoint import load_model

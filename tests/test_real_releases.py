@@ -17,7 +17,8 @@ import pytest
 from scipy import ndimage
 
 from storage.brats import BRATS_TO_CLASS
-from storage.nifti import InvalidCase, case_files, discover, read_case
+from storage.cases import InvalidCase, case_files, discover
+from storage.nifti import read_case
 from unet.preprocess import PROFILES, Geometry, preprocess_case, to_labels
 
 CHANNELS = ("flair", "t1", "t1ce", "t2", "seg")
@@ -283,7 +284,7 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
     register(models, profile="tp", padding="same", seed=4)
 
     out = tmp_path / "out"
-    state = infer([str(inbox)], str(out), models=str(models), return_state=True)
+    state = infer([str(inbox)], str(out), registry_url=str(models), return_state=True)
     assert state.is_completed(), state.message
     segs = {}
     for folder in sorted(p for p in inbox.iterdir()):
@@ -305,7 +306,9 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
     for name, expected in same_world.items():
         assert np.array_equal(segs[name], np.asanyarray(expected.dataobj)), name
 
-    state = infer([str(inbox / "BraTS-GLI-00000-000")], str(out), models=str(models), et_label=4, return_state=True)
+    state = infer(
+        [str(inbox / "BraTS-GLI-00000-000")], str(out), registry_url=str(models), et_label=4, return_state=True
+    )
     assert state.is_completed() and state.result()["written"] == 1  # another ET label: written again
     relabelled = np.asanyarray(nib.load(out / "BraTS-GLI-00000-000_seg.nii.gz").dataobj)
     assert np.array_equal(relabelled, np.where(segs["BraTS-GLI-00000-000"] == 3, 4, segs["BraTS-GLI-00000-000"]))

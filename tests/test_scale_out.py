@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.dask_runner import dask_runner
-from flows.ingest import Preprocessing, ingest
+from flows.ingest import ingest
+from flows.sections import Preprocessing
 from storage.registry import Registry
 from storage.store import SliceStore
+from tasks.runners import dask_runner
 
 BIN = Path(sys.executable).parent
 
@@ -101,7 +102,7 @@ def test_ingest_runs_on_an_existing_cluster_by_address(prefect_api, dask_cluster
     start = time.time()
 
     url = str(tmp_path / "slices.zarr")
-    params = dict(raw=[str(small_raw)], store=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
+    params = dict(raw=[str(small_raw)], store_url=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
     params["cases_per_task"] = 1  # a task run per case: six to share between the two workers
     state = ingest.with_options(task_runner=dask_runner(address=address))(**params, return_state=True)
     assert state.is_completed(), state.message
@@ -177,7 +178,7 @@ def s3(monkeypatch):
 def test_slice_store_on_s3_ingested_by_dask_workers(prefect_api, s3, small_raw, small_store):
     fs, bucket = s3
     url = f"s3://{bucket}/slices.zarr"
-    params = dict(raw=[str(small_raw)], store=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
+    params = dict(raw=[str(small_raw)], store_url=url, data=Preprocessing(split_ratios=(0.5, 0.25, 0.25)))
     from distributed import LocalCluster
 
     # worker processes spawned afresh: they know the endpoint only from the environment

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from storage.nifti import CaseFiles, InvalidCase
+from storage.cases import CaseFiles, InvalidCase
 from storage.registry import Registry
 from storage.store import SliceStore
 from unet.checkpoint import CHECKPOINT, WEIGHTS, RegistryCheckpoint, load_model, save_model
@@ -211,7 +211,7 @@ def test_the_prefect_api_listens_on_loopback_by_default(monkeypatch):
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings.models.server.api import ServerAPISettings
 
-    from flows.embedded import EphemeralAPI
+    from flows.cli.embedded import EphemeralAPI
 
     assert ServerAPISettings.model_fields["host"].default == "127.0.0.1"  # `prefect server start`
     launched = []

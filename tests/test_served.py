@@ -19,7 +19,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
-from flows.events import submit
+from flows.cli.events import submit
 from storage.registry import Registry
 from tests.test_infer import register
 

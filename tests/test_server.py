@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.events import EVENT, scan_event
+from flows.cli.events import EVENT, scan_event
 from flows.sweep import sweep
 from storage.brats import MODALITIES
 from storage.inbox import STATE_NAME, Watcher, record, scan_inbox
@@ -147,12 +147,12 @@ def test_sweep_segments_what_is_missing_and_only_that(prefect_api, small_raw, tm
         new_scan(src[i], inbox, f"NEW_00{i}")
     complete, _ = scan_inbox(inbox)
     record(inbox / STATE_NAME, [complete["NEW_002"]], "watch")  # announced a moment ago: its run is on its way
-    params = dict(inbox=[str(inbox)], out=str(out), models=str(models), settle_s=0.0)
+    params = dict(inbox=[str(inbox)], out=str(out), registry_url=str(models), settle_s=0.0)
 
     state = sweep(**params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    assert (summary["pending"], summary["announced"], summary["written"], summary["model"]) == (2, 1, 2, version)
+    assert (summary["pending"], summary["announced"], summary["written"], summary["version"]) == (2, 1, 2, version)
     assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["NEW_000_seg.nii.gz", "NEW_001_seg.nii.gz"]
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
@@ -365,10 +365,15 @@ def launched(stack, small_store, small_raw):
     runs = {
         "ingest": stack.run(
             "ingest/nightly",
-            {"raw": [str(stack.data / "raw")], "store": str(stack.data / "slices.zarr"), "data": {"profile": "full"}},
+            {
+                "raw": [str(stack.data / "raw")],
+                "store_url": str(stack.data / "slices.zarr"),
+                "data": {"profile": "full"},
+            },
         ),
         "train-a": stack.run(
-            "train/gpu", {"store": small_store, "models": trained, "network": TINY_NETWORK, "training": TINY_TRAINING}
+            "train/gpu",
+            {"store_url": small_store, "registry_url": trained, "network": TINY_NETWORK, "training": TINY_TRAINING},
         ),
     }
     cli = subprocess.run(
@@ -378,9 +383,9 @@ def launched(stack, small_store, small_raw):
             "run",
             "train/gpu",
             "--param",
-            f"store={small_store}",
+            f"store_url={small_store}",
             "--param",
-            f"models={trained}",
+            f"registry_url={trained}",
             "--param",
             f"network={json.dumps(TINY_NETWORK)}",
             "--param",
@@ -464,7 +469,7 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
         and trained["trigger"]["match"]["brats.evaluate"] == "true"
     )
     assert trained["actions"][0]["deployment_id"] == deployments["after-train"]["id"]
-    assert trained["actions"][0]["parameters"]["model"] == "{{ event.payload.version }}"
+    assert trained["actions"][0]["parameters"]["version"] == "{{ event.payload.version }}"
     crashed = automations["resume crashed training"]
     assert (
         crashed["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
@@ -538,10 +543,10 @@ def test_overlapping_trainings_are_each_evaluated_once_and_keep_the_deployments_
     evaluations = [stack.wait(e["id"]) for e in evaluations]
     time.sleep(3)
     assert len(stack.runs_of("evaluate/after-train")) == 2
-    assert sorted(e["parameters"]["model"] for e in evaluations) == sorted(
+    assert sorted(e["parameters"]["version"] for e in evaluations) == sorted(
         versions
     )  # exactly those versions, once each
-    assert {e["parameters"]["store"] for e in evaluations} == {small_store} and {
+    assert {e["parameters"]["store_url"] for e in evaluations} == {small_store} and {
         e["parameters"]["split"] for e in evaluations
     } == {"test"}
     for version in versions:
@@ -555,7 +560,7 @@ def test_a_training_whose_process_is_killed_is_resumed_and_ends_as_if_never_stop
     models = str(stack.data / "crash")
     training = {**TINY_TRAINING, "epochs": 8, "max_steps_per_epoch": 20, "checkpoint_every": 5, "precision": "fp32"}
     first = stack.run(
-        "train/gpu", {"store": small_store, "models": models, "network": TINY_NETWORK, "training": training}
+        "train/gpu", {"store_url": small_store, "registry_url": models, "network": TINY_NETWORK, "training": training}
     )
     registry = Registry(models)
 
@@ -580,7 +585,9 @@ def test_a_training_whose_process_is_killed_is_resumed_and_ends_as_if_never_stop
 
     resumed = stack.until(
         "the resumed run",
-        lambda: [r for r in stack.runs_of("train/gpu") if r["id"] != first and r["parameters"]["models"] == models],
+        lambda: [
+            r for r in stack.runs_of("train/gpu") if r["id"] != first and r["parameters"]["registry_url"] == models
+        ],
     )
     run = stack.wait(resumed[0]["id"], timeout=240)
     assert run["parameters"]["training"] == crashed["parameters"]["training"]  # the same run again
@@ -594,7 +601,8 @@ def test_a_training_whose_process_is_killed_is_resumed_and_ends_as_if_never_stop
     reference = str(stack.data / "uninterrupted")
     stack.wait(
         stack.run(
-            "train/gpu", {"store": small_store, "models": reference, "network": TINY_NETWORK, "training": training}
+            "train/gpu",
+            {"store_url": small_store, "registry_url": reference, "network": TINY_NETWORK, "training": training},
         ),
         timeout=240,
     )
@@ -632,7 +640,7 @@ def test_a_submitted_scan_is_segmented_by_the_triggered_run_and_the_sweep_does_t
             {
                 "inbox": [str(stack.data / "inbox")],
                 "out": str(out),
-                "models": str(stack.data / "models"),
+                "registry_url": str(stack.data / "models"),
                 "settle_s": 0,
                 "grace_s": 0,
             },

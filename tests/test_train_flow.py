@@ -8,7 +8,7 @@ import pytest
 import torch
 from prefect.artifacts import Artifact
 
-from flows.cli import main as brats
+from flows.cli.main import main as brats
 from flows.train import train
 from storage.registry import Registry
 from storage.store import SliceStore
@@ -198,8 +198,8 @@ def test_a_device_that_is_not_there_fails_the_run_at_once_with_nothing_registere
 
 
 def test_the_pipeline_run_has_its_own_summary_linking_each_stage(prefect_api, small_raw, tmp_path):
-    from flows.ingest import Preprocessing
     from flows.pipeline import pipeline
+    from flows.sections import Preprocessing
 
     state = pipeline(
         [str(small_raw)],
@@ -213,6 +213,9 @@ def test_the_pipeline_run_has_its_own_summary_linking_each_stage(prefect_api, sm
     assert state.is_completed(), state.message
     summary = Artifact.get("pipeline-summary")
     assert summary.flow_run_id == state.state_details.flow_run_id  # the pipeline run's own artifact
-    for stage in ("ingest", "train", "evaluate"):
-        assert f"| {stage} | [{stage} run](" in summary.data and "?tab=Artifacts" in summary.data
+    for stage in ("ingest", "train", "evaluate"):  # each stage's run, and its summary artifact's own page
+        page = Artifact.get(f"{stage}-summary")
+        assert f"| {stage} | [{stage} run](" in summary.data
+        assert f"[{stage}-summary](" in summary.data and f"/artifacts/artifact/{page.id})" in summary.data
+    assert "?tab=" not in summary.data
     assert state.result()["train"]["version"] in summary.data

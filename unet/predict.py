@@ -70,16 +70,16 @@ FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,))
 _loading = threading.Lock()
 
 
-def cached_model(models: str, version: str, device: str = "cpu") -> tuple[UNet, dict]:
+def cached_model(registry_url: str, version: str, device: str = "cpu") -> tuple[UNet, dict]:
     """``load_model`` once per process for (registry root, version, device); the model is shared
     read-only by every thread that predicts with it. Pass a resolved version, not "best"."""
     with _loading:  # two threads asking at once load it once
-        return _load(models, version, device)
+        return _load(registry_url, version, device)
 
 
 @lru_cache(maxsize=4)
-def _load(models: str, version: str, device: str) -> tuple[UNet, dict]:
-    return load_model(Registry(models), version, device)
+def _load(registry_url: str, version: str, device: str) -> tuple[UNet, dict]:
+    return load_model(Registry(registry_url), version, device)
 
 
 # Pixels of context kept around the brain when cropping (at the network's grid, per side). Measured

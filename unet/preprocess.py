@@ -39,7 +39,7 @@ from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt
 from scipy import ndimage
 
 from storage.brats import BRATS_TO_CLASS, CLASS_TO_BRATS, LABELS, MODALITIES
-from storage.nifti import InvalidCase
+from storage.cases import InvalidCase
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ class TrainConfig(BaseModel):
 RUNTIME_FIELDS = {"checkpoint_every", "workers", "device", "precision", "channels_last"}
 
 
-def plan(cfg: TrainConfig) -> dict:
+def run_definition(cfg: TrainConfig) -> dict:
     """The fields that define a run's result (what a checkpoint must agree with to be resumed)."""
     return cfg.model_dump(exclude=RUNTIME_FIELDS)
 
@@ -283,7 +283,7 @@ def fit(
     resumed_from = None
     state = checkpoint.load() if checkpoint is not None else None
     if state is not None:
-        if state["model_config"] != model_cfg.model_dump() or state["plan"] != plan(cfg):
+        if state["model_config"] != model_cfg.model_dump() or state["plan"] != run_definition(cfg):
             raise ValueError("the checkpoint belongs to another model or training config; start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -317,7 +317,7 @@ def fit(
                 "best": best,
                 "best_state": best_state,
                 "model_config": model_cfg.model_dump(),
-                "plan": plan(cfg),
+                "plan": run_definition(cfg),
             }
         )
         callbacks.on_checkpoint(epoch, step)
@@ -356,31 +356,3 @@ def fit(
     finally:
         del train_loader  # stop the worker processes now, also on failure (a retry makes new ones)
     return FitResult(model.eval(), best_state, best, history, resumed_from, str(device))
-
-
-# ----------------------------------------------------------------------------- a look at the result
-
-
-@torch.no_grad()
-def preview(model: UNet, dataset: SliceDataset, n: int = 3, device: str | torch.device = "cpu") -> list[dict]:
-    """Predictions on the ``n`` slices with the most tumour (at most one per case first)."""
-    order = sorted(range(len(dataset)), key=lambda i: -dataset.refs[i].tumour)
-    picked, cases = [], set()
-    for i in order:  # the largest tumour slice of each case, then the next largest overall
-        if dataset.refs[i].case not in cases:
-            picked.append(i)
-            cases.add(dataset.refs[i].case)
-    picked = (picked + [i for i in order if i not in picked])[:n]
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in picked:
-        image, label = dataset.read(i)
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32))[None].to(device)
-        pred = model.predict(x).argmax(1)[0].to("cpu", torch.uint8).numpy()
-        ref = dataset.refs[i]
-        f = label.shape[-1] // pred.shape[-1]  # labels on a finer grid: shown on the slices' grid
-        image = centre_slice(x, model.cfg)[0].cpu().numpy()
-        out.append({"case": ref.case, "z": ref.z, "image": image, "truth": np.asarray(label)[::f, ::f], "pred": pred})
-    model.train(was_training)
-    return out

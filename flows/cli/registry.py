@@ -60,38 +60,38 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def list_versions(models: str = DEFAULT_ROOT) -> int:
+def list_versions(registry_url: str = DEFAULT_ROOT) -> int:
     """Every version of the registry; * marks the one inference uses by default.
 
     Args:
         models: model registry: a local path or an fsspec URL (env BRATS_MODELS)
     """
-    table = rows(Registry(models))
-    print(format_table(table) if table else f"no model versions in {models} (train one with `brats train`)")
+    table = rows(Registry(registry_url))
+    print(format_table(table) if table else f"no model versions in {registry_url} (train one with `brats train`)")
     return 0
 
 
-def show(version: str, models: str = DEFAULT_ROOT) -> int:
+def show(version: str, registry_url: str = DEFAULT_ROOT) -> int:
     """A version's info.json.
 
     Args:
         version: version id, best or latest
         models: model registry: a local path or an fsspec URL (env BRATS_MODELS)
     """
-    registry = Registry(models)
+    registry = Registry(registry_url)
     info = registry.info(registry.resolve(version))
     print(json.dumps({**info, "history": f"{len(info.get('history', []))} epochs"}, indent=2))
     return 0
 
 
-def best(version: str, models: str = DEFAULT_ROOT) -> int:
+def best(version: str, registry_url: str = DEFAULT_ROOT) -> int:
     """Make a version the default for inference.
 
     Args:
         version: version id or latest
         models: model registry: a local path or an fsspec URL (env BRATS_MODELS)
     """
-    registry = Registry(models)
+    registry = Registry(registry_url)
     version = registry.resolve(version)
     if registry.info(version).get("status") != "complete":
         raise ValueError(f"{version} has not finished training")

@@ -1,4 +1,6 @@
-"""Which Dask cluster runs mapped tasks: a local one by default, an existing one by address.
+"""Where a flow's mapped tasks run: Dask for ingestion, threads for prediction.
+
+Ingestion (``dask_runner``): a local Dask cluster by default, an existing one by address.
 
 ``BRATS_DASK_ADDRESS`` (or ``brats ingest --dask-address``) names an existing scheduler, e.g.
 ``tcp://scheduler:8786``; otherwise each flow run starts a ``LocalCluster`` of
@@ -9,6 +11,9 @@ where worker processes each import Prefect and the pipeline again (seconds, on a
 the command), and nothing is pickled between them. Dask's own INFO lines (``distributed.*``:
 scheduler, nanny, worker start and stop) stay out of the console, in this process and in any
 worker processes it starts; warnings still show.
+
+Prediction (``predict_runner``): a few cases at once on threads of the flow's process, so the model is
+loaded once; ``case_threads`` shares torch's threads between them, ``device_name`` checks the device.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 import logging
 import os
 
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
+
+from unet.device import cores, pick_device, torch_threads
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read by the worker processes as they start
 logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
@@ -57,3 +65,23 @@ def cluster_threads() -> int:
 
     client = getattr(get_run_context().task_runner, "client", None)
     return max(1, sum(client.nthreads().values())) if client is not None else 1
+
+
+# Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
+# predicts (torch, the remaining cores). More buys nothing on CPU; on a GPU it keeps it fed.
+CASES_AT_ONCE = 2
+
+
+def predict_runner() -> ThreadPoolTaskRunner:
+    """Threads, not processes: torch releases the GIL and the model is loaded once per process."""
+    return ThreadPoolTaskRunner(max_workers=CASES_AT_ONCE)
+
+
+def device_name(device: str = "auto") -> str:
+    """The device a prediction flow passes to its tasks (checked here: ValueError when it is not there)."""
+    return str(pick_device(device))
+
+
+def case_threads(cases: int):
+    """Cap torch's intra-op threads so that the cases predicted at once share the cores."""
+    return torch_threads(cores() // max(1, min(CASES_AT_ONCE, cases)))

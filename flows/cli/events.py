@@ -7,7 +7,7 @@
                           noted there too, so the watcher does not announce it again
 
 With ``--served`` both send each scan straight to the ``brats serve`` processes instead
-(``segment-scan`` task runs, a model kept warm: seconds from scan to segmentation; ``flows/served.py``).
+(``segment-scan`` task runs, a model kept warm: seconds from scan to segmentation; ``flows/cli/served.py``).
 
 The ``infer/scans`` deployment has a trigger on the event whose parameters come from its payload
 (``path``, ``naming``; deploy/prefect.yaml); the ``sweep`` flow (``flows/sweep.py``) does whatever
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from storage.brats import MODALITIES
+from storage.cases import Naming
 from storage.inbox import Scan, Watcher, record, scans_at, state_path
-from storage.nifti import Naming
 
 EVENT = "brats.scan.arrived"
 RESOURCE_PREFIX = "brats.scan."
@@ -70,7 +70,7 @@ def send(events: list) -> None:
 
 def deliver(scans: list[Scan], source: str, naming: str = "auto", served: bool = False) -> None:
     """Announce scans (``brats.scan.arrived``: the ``infer/scans`` deployment), or, ``served``, send
-    each straight to the ``brats serve`` processes (``segment-scan``, ``flows/served.py``)."""
+    each straight to the ``brats serve`` processes (``segment-scan``, ``flows/cli/served.py``)."""
     if not served:
         send([scan_event(s, source, naming) for s in scans])
         return

@@ -13,14 +13,13 @@ device``); an option not given keeps the model's default.
     brats --debug COMMAND …  a traceback instead of the one-line error
 
 Commands that run flows get a Prefect API for their whole duration: the configured server, or an
-ephemeral one (``flows.embedded``). ``watch`` and ``submit`` send events, which only a real server
+ephemeral one (``flows.cli.embedded``). ``watch`` and ``submit`` send events, which only a real server
 acts on: without one configured they refuse at once, before anything heavy is imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import importlib
 import json
@@ -30,6 +29,9 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flows.cli.memory import keep_freed_memory
+from flows.cli.options import add_options, parameters, renamed
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,11 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "train": Command("flows.train:train", "train the U-Net on a slice store; registers a model version"),
     "models": {
         "list": Command(
-            "flows.models:list_versions", "every version; * marks the one inference uses by default", api=False
+            "flows.cli.registry:list_versions", "every version; * marks the one inference uses by default", api=False
         ),
-        "show": Command("flows.models:show", "a version's info.json", positional=("version",), api=False),
+        "show": Command("flows.cli.registry:show", "a version's info.json", positional=("version",), api=False),
         "best": Command(
-            "flows.models:best", "make a version the default for inference", positional=("version",), api=False
+            "flows.cli.registry:best", "make a version the default for inference", positional=("version",), api=False
         ),
     },
     "evaluate": Command(
@@ -86,21 +88,21 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     ),
     "demo": Command("flows.demo:demo", "synthetic data -> ingest -> train -> evaluate -> infer, all on this machine"),
     "watch": Command(
-        "flows.events:watch",
+        "flows.cli.events:watch",
         "watch an inbox; emit brats.scan.arrived for each complete new scan",
         positional=("inbox",),
         api=False,
         server=True,
     ),
     "submit": Command(
-        "flows.events:submit",
+        "flows.cli.events:submit",
         "emit brats.scan.arrived by hand for case folder(s) or every case under a root",
         positional=("paths",),
         api=False,
         server=True,
     ),
     "serve": Command(
-        "flows.served:serve",
+        "flows.cli.served:serve",
         "segment each scan sent by `submit --served` / `watch --served` with the model kept warm (seconds)",
         api=False,
         server=True,
@@ -113,91 +115,6 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     ),
 }
 RUNNER = "flows.ingest:ingest"  # the flow whose Dask cluster the command line may choose (others: $BRATS_DASK_ADDRESS)
-
-
-# ------------------------------------------------------------------ options from the JSON schema
-
-
-def _type(kind: str | None):
-    return {"integer": int, "number": float, "boolean": bool}.get(kind or "", str)
-
-
-def _or_none(convert):
-    return lambda text: None if text.lower() in ("none", "null", "") else convert(text)
-
-
-def _argument(prop: dict) -> dict:
-    """argparse keyword arguments for one JSON-schema property."""
-    nullable = False
-    if "anyOf" in prop:  # X | None
-        options = [p for p in prop["anyOf"] if p.get("type") != "null"]
-        nullable = len(options) < len(prop["anyOf"])
-        prop = {**prop, **options[0]} if len(options) == 1 else {**prop, "type": "string"}
-    kind = prop.get("type")
-    if "enum" in prop:
-        convert = _type(kind) if kind else type(prop["enum"][0])
-        kw = {"type": convert, "choices": list(prop["enum"]) + ([None] if nullable else [])}
-    elif kind == "boolean":
-        return {"action": argparse.BooleanOptionalAction}
-    elif kind == "array":
-        items = prop.get("prefixItems") or [prop.get("items", {})]
-        kw = {"type": _type(items[0].get("type")), "nargs": len(items) if "prefixItems" in prop else "+"}
-    elif kind == "object":
-        kw = {"type": json.loads}
-    else:
-        kw = {"type": _type(kind)}
-    if nullable:
-        kw["type"] = _or_none(kw["type"])
-    return kw
-
-
-def _help(prop: dict) -> str:
-    text = prop.get("description", "")
-    if "default" in prop:
-        default = prop["default"]
-        text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
-    return text.replace("%", "%%")
-
-
-def add_options(parser: argparse.ArgumentParser, fn, command: Command) -> None:
-    """One option per parameter of ``fn``, and per field of each pydantic section parameter."""
-    from prefect.utilities.callables import parameter_schema
-
-    schema = parameter_schema(fn).model_dump()
-    definitions, required, taken = schema.get("definitions", {}), set(schema.get("required", [])), set()
-
-    def add(group, name: str, dest: str, prop: dict, required: bool, section: str | None = None) -> None:
-        kw = {**_argument(prop), "help": _help(prop)}
-        if name in command.positional:
-            group.add_argument(dest, metavar=name.upper(), **{k: v for k, v in kw.items() if k != "choices" or v})
-            return
-        flag = name if name not in taken else f"{section}_{name}"
-        taken.add(flag)
-        flags = [f"--{flag.replace('_', '-')}"] + ([command.flags[name]] if name in command.flags else [])
-        if "action" not in kw and "choices" not in kw:
-            kw["metavar"] = name.upper()
-        group.add_argument(*flags, dest=dest, required=required, default=argparse.SUPPRESS, **kw)
-
-    for name, prop in schema["properties"].items():
-        ref = prop.get("$ref") or next((a["$ref"] for a in prop.get("allOf", []) if "$ref" in a), None)
-        if ref is None:
-            add(parser, name, name, prop, name in required)
-            continue
-        section = definitions[ref.rsplit("/", 1)[-1]]
-        group = parser.add_argument_group(name, section.get("description"))
-        for fname, fprop in section["properties"].items():
-            add(group, fname, f"{name}.{fname}", fprop, fname in section.get("required", []), name)
-
-
-def parameters(args: argparse.Namespace) -> dict:
-    """The parsed options as the function's keyword arguments (sections as dicts of the given fields)."""
-    out: dict = {}
-    for dest, value in vars(args).items():
-        if dest.startswith("_"):
-            continue
-        section, _, name = dest.rpartition(".")
-        (out.setdefault(section, {}) if section else out)[name] = value
-    return out
 
 
 # ------------------------------------------------------------------ running
@@ -257,7 +174,7 @@ def run(name: str, command: Command, argv: list[str], debug: bool) -> int:
         )
     server = None
     if command.api and not configured_api() and not {"-h", "--help"} & set(argv):
-        from flows.embedded import EphemeralAPI
+        from flows.cli.embedded import EphemeralAPI
 
         server = EphemeralAPI.start()  # comes up while the flow is imported and its options parsed
     try:
@@ -291,8 +208,8 @@ def _run(name: str, command: Command, argv: list[str], debug: bool, server) -> i
     kwargs = parameters(args)
     if not command.api:
         return fn(**kwargs) or 0
-    from flows.dask_runner import dask_runner
-    from flows.embedded import prefect_api
+    from flows.cli.embedded import prefect_api
+    from tasks.runners import dask_runner
 
     if command.target == RUNNER and (args._dask_address or args._workers):
         fn = fn.with_options(task_runner=dask_runner(args._dask_address, args._workers))
@@ -313,7 +230,7 @@ def usage(commands: dict, prog: str = "brats") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = renamed(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv[:1]
     argv = argv[1:] if debug else argv
     name, commands, prog = "", COMMANDS, "brats"
@@ -330,24 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"brats {name}: {one_line(e)}", file=sys.stderr)
         return 2
-
-
-def keep_freed_memory() -> None:
-    """glibc's malloc gives each thread an arena of its own and hands blocks of over 32 MB back to the
-    kernel the moment they are freed, so every case's arrays (~200 MB: inflated scans, slices, shards)
-    are mapped afresh and faulted in a page at a time, ~15,000 faults a case: half an ingest's system
-    time. One arena that keeps freed memory for the next case, measured on 42 real cases: ingest
-    11.0 -> 10.0 s (page faults 0.7 M -> 0.16 M), a training step 0.57 -> 0.52 s, peak memory the same
-    (0.8-1.0 GB either way). Called before any thread starts; a no-op where the C library has no
-    ``mallopt``."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # <malloc.h>
-    mallopt(m_arena_max, 1)
-    mallopt(m_mmap_threshold, 256 << 20)  # blocks over 256 MB are still mapped on their own
-    mallopt(m_trim_threshold, 1 << 30)  # up to 1 GB of free memory is kept at the heap's top
 
 
 def entry() -> None:

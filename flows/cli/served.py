@@ -1,6 +1,6 @@
 """``brats serve``: each submitted scan segmented in seconds, by a model kept warm in one process.
 
-    brats serve --out SEGMENTATIONS [--models M] [--model V] [prediction options]
+    brats serve --out SEGMENTATIONS [--registry R] [--version V] [prediction options]
     brats submit CASE_FOLDER --served             # or: brats watch INBOX --served
 
 The event path (``brats.scan.arrived`` -> the ``infer/scans`` deployment) starts a new flow-run
@@ -26,14 +26,14 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from flows.infer import Prediction
+from flows.sections import Prediction
 from storage.registry import DEFAULT_ROOT
 
 
 def serve(
     out: str,
-    models: str = DEFAULT_ROOT,
-    model: str | None = None,
+    registry_url: str = DEFAULT_ROOT,
+    version: str | None = None,
     et_label: Literal[3, 4] | None = None,
     prediction: Prediction = Prediction(),
     limit: int = 1,
@@ -55,22 +55,22 @@ def serve(
 
     from storage.registry import Registry
     from tasks import served
-    from tasks.infer import device_name
+    from tasks.runners import device_name
     from unet.device import cores
     from unet.predict import cached_model, slice_probs
     from unet.preprocess import PROFILES
 
     device = device_name(prediction.device)
     torch.set_num_threads(max(1, cores() // limit))
-    version = Registry(models).resolve(model)
-    network, info = cached_model(models, version, device)
+    resolved = Registry(registry_url).resolve(version)
+    network, info = cached_model(registry_url, resolved, device)
     profile = PROFILES[info["profile"]]
     side = (profile.window or 240) // profile.factor
     slice_probs(network, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
     served.SETTINGS.update(
         out=out,
-        models=models,
-        model=model,
+        registry_url=registry_url,
+        version=version,
         prediction={
             "device": device,
             "tta": prediction.tta,
@@ -80,7 +80,7 @@ def serve(
         },
     )
     print(
-        f"{time.strftime('%H:%M:%S')} serving segment-scan: model {version} ({info['profile']}) on {device} -> {out}",
+        f"{time.strftime('%H:%M:%S')} serving segment-scan: model {resolved} ({info['profile']}) on {device} -> {out}",
         flush=True,
     )
     # a served task run has no flow run: its logs stay on this console (the UI has its state and table)

@@ -1,0 +1,53 @@
+"""What inference leaves for a case in an output folder, and how a run knows it was already done.
+
+    <out>/<case>_seg.nii.gz    the segmentation, on the scan's own grid
+    <out>/<case>.json          the record, written last: the "done" marker
+
+A record names what its segmentation was ``made_with`` (model version, TTA, ET label,
+post-processing): two runs that agree on it write the same, so a case is skipped when its record
+says so (``finished``; inference also checks the input sha256s). ``writing`` holds the folder while a
+pair is written, so two runs of one case at once leave one segmentation and its own record.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def outputs(out: str | Path, case_id: str) -> tuple[Path, Path]:
+    """Where inference writes a case: (``<case>_seg.nii.gz``, ``<case>.json``, the record, written last)."""
+    return Path(out) / f"{case_id}_seg.nii.gz", Path(out) / f"{case_id}.json"
+
+
+def made_with(version: str, tta: bool, et_label: int, postprocess: bool) -> dict:
+    """What a record names of how its segmentation was made: two runs that agree on it write the same."""
+    return {"model_version": version, "tta": tta, "et_label": et_label, "postprocessed": postprocess}
+
+
+def finished(out: str | Path, case_id: str, how: dict) -> tuple[dict, float] | None:
+    """(record, its mtime) of a case segmented as ``how`` says, both files there, else None."""
+    seg, rec = outputs(out, case_id)
+    try:
+        done = json.loads(rec.read_text())
+        mtime = rec.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    return (done, mtime) if seg.is_file() and all(done.get(k) == v for k, v in how.items()) else None
+
+
+@contextmanager
+def writing(folder: Path) -> Iterator[None]:
+    """One writer of outputs at a time in ``folder`` (an flock on the folder itself, no lock file left),
+    so that a segmentation and its record stay a pair when two runs segment the same case at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
