@@ -11,8 +11,8 @@ same functions, one volume at a time: read + validate (``read_case``), preproces
 slices in batches, restored to the input grid) and write (``write_segmentation``), along two paths:
 
 * (a) ``whole``: as before cropping: fp32, contiguous tensors, every brain slice on the whole plane
-  (``segment(..., precision="fp32", crop=False, channels_last=False)``);
-* (b) ``default``: what ``segment`` does by default: each batch cropped to its brain's box plus
+  (``predict_volume(..., precision="fp32", crop=False, channels_last=False)``);
+* (b) ``default``: what ``predict_volume`` does by default: each batch cropped to its brain's box plus
   ``CROP_MARGIN`` on the network's grid, channels_last, autocast where ``autocast_dtype`` says so
   (bf16 on CUDA and on CPUs with native bf16).
 
@@ -49,11 +49,11 @@ from storage.synth import write_dataset
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.metrics import dice
 from unet.model import UNet, UNetConfig
-from unet.predict import CROP_MARGIN, segment
+from unet.predict import CROP_MARGIN, predict_volume
 from unet.preprocess import PROFILES, preprocess_case
 
 SHAPE = (240, 240, 155)
-PATHS = {  # name -> segment() options
+PATHS = {  # name -> predict_volume() options
     "whole": {"precision": "fp32", "crop": False, "channels_last": False},
     "default": {},
 }
@@ -112,7 +112,7 @@ def run_one(model, counter, case, profile, out: Path, device, batch_size, tta, o
     t.append(time.perf_counter())
     slices, _, attrs = preprocess_case(scan, PROFILES[profile], dtype=np.float32, grow=True)
     t.append(time.perf_counter())
-    labels = segment(
+    labels = predict_volume(
         model, slices, attrs["geometry"], attrs["slice_brain"], tta=tta, batch_size=batch_size, device=device, **options
     )
     sync(device)

@@ -39,7 +39,8 @@ from flows.sections import documented, sections
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks import report
 from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
-from tasks.train import open_version, promote_if_best, register_ensemble, train_model
+from tasks.train import train_model
+from tasks.versions import open_version, promote_if_best, register_ensemble
 from unet.device import pick_device
 from unet.model import UNetConfig
 from unet.train import TrainConfig
@@ -85,10 +86,10 @@ def train(
     log.info("%s version %s in %s", f"continuing (attempt {attempt})" if attempt > 1 else "new", version, registry_url)
     summary = train_model(store_url, registry_url, version, network, training)
     if fold is not None:  # a member of an ensemble: scored on its fold; the ensemble is chosen and promoted
-        summary["out_of_fold"] = predict_out_of_fold(store_url, registry_url, version, str(device))
+        summary["out_of_fold"] = predict_out_of_fold(store_url, registry_url, version, str(device), training.batch_size)
         report.train(registry_url, version, summary, shown)
         return {**summary, "fold": fold}
-    summary["postprocess"] = choose_postprocess(store_url, registry_url, version, str(device))
+    summary["postprocess"] = choose_postprocess(store_url, registry_url, version, str(device), training.batch_size)
     report.train(registry_url, version, summary, shown)
     best = promote_if_best(registry_url, version)
     log.info("%s: validation Dice %s%s", version, summary["metrics"], " — now BEST" if best else "")

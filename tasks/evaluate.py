@@ -23,11 +23,11 @@ from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.figures import overlay_png
 from tasks.stage import stage_task
-from unet.checkpoint import load_model
+from unet.checkpoint import cached_model, load_model
+from unet.geometry import Geometry, to_labels
 from unet.metrics import REGIONS, evaluate_case, summarize
 from unet.postprocess import PostProcess, best_postprocess, scores
-from unet.predict import cached_model, segment, slice_probs
-from unet.preprocess import Geometry, to_labels
+from unet.predict import predict_slices, predict_volume
 
 NIFTI_TRUTH = "original seg"
 
@@ -54,10 +54,12 @@ def ground_truth(store: SliceStore, case_id: str) -> tuple[np.ndarray, str]:
     return to_labels(geometry, geometry.restore(one_hot)), f"store label ({why})"
 
 
-def predict_stored(store: SliceStore, case_id: str, model, tta: bool = False, batch_size: int = 16) -> np.ndarray:
+def predict_stored_case(store: SliceStore, case_id: str, model, tta: bool, batch_size: int) -> np.ndarray:
     """The model's labels for a stored case on its original grid, before post-processing."""
     attrs = store.attrs(case_id)
-    return segment(model, store.image(case_id), attrs["geometry"], attrs["slice_brain"], tta=tta, batch_size=batch_size)
+    return predict_volume(
+        model, store.image(case_id), attrs["geometry"], attrs["slice_brain"], tta=tta, batch_size=batch_size
+    )
 
 
 @stage_task("evaluate-case", "evaluate-{case_id}")
@@ -66,9 +68,9 @@ def evaluate_stored_case(
     store_url: str,
     registry_url: str,
     version: str,
-    device: str = "cpu",
-    tta: bool = False,
-    batch_size: int = 16,
+    device: str,
+    tta: bool,
+    batch_size: int,
     postprocess: dict | None = None,
 ) -> dict:
     """All BraTS metrics of one case (regions WT/TC/ET and labels 1/2/4) as one table row;
@@ -78,7 +80,7 @@ def evaluate_stored_case(
     attrs = store.attrs(case_id)
     model, _ = cached_model(registry_url, version, device)
     pred = PostProcess.from_dict(postprocess).apply(
-        predict_stored(store, case_id, model, tta, batch_size), attrs["zooms"]
+        predict_stored_case(store, case_id, model, tta, batch_size), attrs["zooms"]
     )
     truth, source = ground_truth(store, case_id)
     metrics = evaluate_case(pred, truth, attrs["zooms"])
@@ -93,7 +95,7 @@ def evaluate_stored_case(
 
 @stage_task("overlay-case", "overlay-{case_id}")
 def overlay_case(
-    case_id: str, store_url: str, registry_url: str, version: str, title: str, device: str = "cpu", tta: bool = False
+    case_id: str, store_url: str, registry_url: str, version: str, title: str, device: str, tta: bool
 ) -> bytes:
     """PNG of the case's slice with the most tumour: truth and prediction on the store's grid.
 
@@ -105,7 +107,7 @@ def overlay_case(
     z = int(np.argmax(tumour))
     model, _ = cached_model(registry_url, version, device)
     image = np.asarray(store.image(case_id)[z : z + 1], dtype=np.float32)
-    pred = slice_probs(model, image, tta).argmax(axis=1)[0]
+    pred = predict_slices(model, image, tta).argmax(axis=1)[0]
     label = store.label(case_id)
     f = label.shape[-1] // image.shape[-1] if label is not None else 1  # finer labels: on the slices' grid
     truth = np.asarray(label[z])[::f, ::f] if label is not None else None
@@ -114,7 +116,7 @@ def overlay_case(
 
 @stage_task("predict-out-of-fold", "predict-out-of-fold-{version}")
 def predict_out_of_fold(
-    store_url: str, registry_url: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
+    store_url: str, registry_url: str, version: str, device: str, batch_size: int, tta: bool = True
 ) -> list[dict]:
     """A fold model's raw segmentations of its validation cases (the fold it never trained on), on
     their original grids: kept with the version (``oof-<case>.npz``) for the ensemble's choice of
@@ -123,7 +125,7 @@ def predict_out_of_fold(
     model, info = load_model(registry, version, device)
     rows = []
     for case_id in info["split"]["val"]:
-        pred = predict_stored(store, case_id, model, tta, batch_size)
+        pred = predict_stored_case(store, case_id, model, tta, batch_size)
         registry.put(version, OUT_OF_FOLD.format(case=case_id), _npz(pred))
         truth, source = ground_truth(store, case_id)
         metrics = evaluate_case(pred, truth, store.attrs(case_id)["zooms"])
@@ -150,7 +152,7 @@ def _brief(metrics: dict) -> dict:
 
 @stage_task("choose-postprocess", "choose-postprocess-{version}")
 def choose_postprocess(
-    store_url: str, registry_url: str, version: str, device: str = "cpu", tta: bool = True, batch_size: int = 16
+    store_url: str, registry_url: str, version: str, device: str, batch_size: int, tta: bool = True
 ) -> dict:
     """Choose the version's post-processing on its validation cases, scored on their original grids as
     the test is, and record it in the version's info.json (``postprocess``); evaluation and inference
@@ -160,7 +162,9 @@ def choose_postprocess(
     cases = []
     for case_id in info["split"]["val"]:
         truth, _ = ground_truth(store, case_id)
-        cases.append((predict_stored(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"]))
+        cases.append(
+            (predict_stored_case(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"])
+        )
     return _record_choice(registry, version, cases, "validation")
 
 

@@ -1,7 +1,7 @@
 """Prefect task: one new scan -> ``<out>/<case>_seg.nii.gz`` + ``<out>/<case>.json``.
 
 Read and validated like ingestion (``read_case``), preprocessed with the model's recorded profile,
-predicted slice by slice (``unet.predict.segment_case``), written on the input's own grid with its
+predicted slice by slice (``unet.predict.predict_case``), written on the input's own grid with its
 affine and header. Both files are written atomically, under an output-folder lock (two runs of one
 case at once leave one segmentation and its own record), and the JSON comes last: it is the "done"
 marker, so a killed run leaves nothing half-written at an output path, and a rerun skips a case
@@ -22,8 +22,9 @@ from storage.cases import CaseFiles
 from storage.nifti import atomic_write_bytes, digests, read_case, read_files, write_segmentation
 from storage.outputs import finished, made_with, outputs, writing
 from tasks.stage import stage_task
+from unet.checkpoint import cached_model
 from unet.postprocess import PostProcess
-from unet.predict import cached_model, segment_case, volumes_ml
+from unet.predict import predict_case, volumes_ml
 
 
 def scans_only(case: CaseFiles) -> CaseFiles:
@@ -43,9 +44,9 @@ def infer_case(
     out: str,
     registry_url: str,
     version: str,
-    device: str = "cpu",
-    tta: bool = False,
-    batch_size: int = 16,
+    device: str,
+    tta: bool,
+    batch_size: int,
     et_label: int | None = None,
     postprocess: bool = True,
 ) -> dict:
@@ -61,7 +62,7 @@ def infer_case(
     scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
     model, info = cached_model(registry_url, version, device)
     post = PostProcess.from_dict(info.get("postprocess")) if postprocess else None
-    labels, attrs = segment_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
+    labels, attrs = predict_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)

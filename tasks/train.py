@@ -1,49 +1,30 @@
-"""Prefect tasks of the train stage: open a model version, train it resumably, promote the best.
+"""Prefect task of the train stage: train a model version resumably.
 
-* ``open_version`` runs *before* training, so every retry of ``train_model`` writes into the same
-  version, and a restarted flow run finds the unfinished version (same store fingerprint, same
-  model and training plan, status ``training``) and continues it.
-* ``train_model`` (tag ``gpu``: a ``gpu`` concurrency limit caps how many run at once) calls
-  ``unet.train.fit`` with the version's checkpoint, so a retry resumes rather than restarts. It
-  logs a line per epoch, shows progress (UI + terminal bar), and leaves the weights, plots,
-  overlays, history table and a markdown summary.
-* ``promote_if_best`` marks the version inference uses by default: the best mean validation Dice.
+``train_model`` (tag ``gpu``: a ``gpu`` concurrency limit caps how many run at once) calls
+``unet.train.fit`` with the version's checkpoint (its split: the store's, or a cross-validation
+fold's), so a retry resumes rather than restarts. It logs a line per epoch, shows progress (UI +
+terminal bar), and leaves the weights, the curves and the validation overlays with the version.
+Opening, ensembling and promoting versions is ``tasks/versions.py``.
 """
 
 from __future__ import annotations
 
-import platform
 import time
 
 import numpy as np
-import prefect
-import torch
-import zarr
 from prefect import get_run_logger
 
 from storage.registry import Registry
-from storage.split import make_folds
-from storage.store import SliceStore
 from tasks.artifacts import RunProgress
 from tasks.figures import curves_png, overlay_png
 from tasks.stage import stage_task
 from unet.checkpoint import RegistryCheckpoint, save_model
 from unet.data import SliceDataset
 from unet.model import UNet, UNetConfig
-from unet.predict import slice_probs
-from unet.train import Callbacks, TrainConfig, fit, run_definition
+from unet.predict import predict_slices
+from unet.train import Callbacks, TrainConfig, fit
 
 OVERLAYS = 3
-
-
-def package_versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "prefect": prefect.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-    }
 
 
 def is_retriable(task, task_run, state) -> bool:
@@ -54,116 +35,6 @@ def is_retriable(task, task_run, state) -> bool:
 
 
 # ----------------------------------------------------------------------------- version
-
-
-@stage_task("open-version")
-def open_version(
-    registry_url: str,
-    store_url: str,
-    network: UNetConfig,
-    training: TrainConfig,
-    fresh: bool = False,
-    fold: int | None = None,
-) -> tuple[str, int]:
-    """(version, attempt): the newest unfinished version of this very run, reopened (its attempt counted
-    in ``info.json``), or a new one (attempt 1). ``fold``: the version of fold ``fold`` of a
-    cross-validation in ``training.folds`` folds (it trains on the others and validates on it); a
-    complete one of the same run is reused (attempt 0: nothing to train) unless ``fresh``."""
-    store, registry = SliceStore(store_url), Registry(registry_url)
-    if not store.split.get("train"):
-        raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
-    want, model_cfg = run_definition(training), network.model_dump()
-    if not fresh:
-        same_run = [
-            info
-            for info in registry.versions()
-            if info.get("status") in ("training", "complete" if fold is not None else "training")
-            and info.get("store_fingerprint") == store.fingerprint
-            and info.get("model") == model_cfg
-            and info.get("fold") == fold
-            and run_definition(TrainConfig.model_validate(info.get("train_config", {}))) == want
-        ]
-        if same_run:  # the newest (version ids made in the same second do not sort by time)
-            info = max(same_run, key=lambda info: info.get("created", 0))
-            if info["status"] == "complete":
-                return info["version"], 0
-            attempt = info.get("attempts", 1) + 1
-            registry.update_info(info["version"], attempts=attempt)
-            return info["version"], attempt
-    version = registry.create(
-        {
-            "status": "training",
-            "model": model_cfg,
-            "profile": store.profile,
-            "store": store_url,
-            "store_fingerprint": store.fingerprint,
-            "split": store.split if fold is None else fold_split(store, training.folds, training.seed, fold),
-            "fold": fold,
-            "train_config": training.model_dump(),
-            "metrics": {},
-            "history": [],
-            "versions": package_versions(),
-            "attempts": 1,
-        }
-    )
-    return version, 1
-
-
-def fold_split(store: SliceStore, folds: int, seed: int, fold: int) -> dict[str, list[str]]:
-    """Fold ``fold`` of ``folds`` over the store's labelled cases outside its test split: train on the
-    other folds, validate on this one (``storage.split.make_folds``: by patient, by grade)."""
-    cases = store.split.get("train", []) + store.split.get("val", [])
-    parts = make_folds({c: store.attrs(c).get("grade") for c in cases}, folds, seed)
-    if not 0 <= fold < folds:
-        raise ValueError(f"fold {fold} of {folds}: folds are numbered 0..{folds - 1}")
-    return {"train": sorted(c for i, part in enumerate(parts) if i != fold for c in part), "val": parts[fold]}
-
-
-@stage_task("register-ensemble")
-def register_ensemble(registry_url: str, members: list[str]) -> str:
-    """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no
-    weights of its own; it predicts with the mean of their probabilities (``unet.ensemble``)."""
-    registry = Registry(registry_url)
-    infos = [registry.info(m) for m in members]
-    first = infos[0]
-    return registry.create(
-        {
-            "status": "complete",
-            "kind": "ensemble",
-            "members": members,
-            "model": first["model"],
-            "profile": first["profile"],
-            "store": first["store"],
-            "store_fingerprint": first["store_fingerprint"],
-            "split": {
-                "train": sorted({c for i in infos for c in i["split"]["train"]}),
-                "val": [],
-                "folds": [i["split"]["val"] for i in infos],
-            },
-            "train_config": first["train_config"],
-            "metrics": {},
-            "versions": package_versions(),
-        }
-    )
-
-
-@stage_task("promote-if-best")
-def promote_if_best(registry_url: str, version: str) -> bool:
-    """Mark ``version`` best when its mean validation Dice beats the current best's."""
-    registry = Registry(registry_url)
-    score = lambda info: info.get("metrics", {}).get("dice_mean", -1.0)  # noqa: E731
-    current = registry.best()
-    try:
-        current_score = score(registry.info(current)) if current else None
-    except FileNotFoundError:  # BEST points at a version that was deleted
-        current_score = None
-    if current_score is None or score(registry.info(version)) > current_score:
-        registry.set_best(version)
-        return True
-    return False
-
-
-# ----------------------------------------------------------------------------- training
 
 
 class _Report(Callbacks):
@@ -274,7 +145,7 @@ def _figures(registry: Registry, version: str, model: UNet, result, store_url: s
             cases.add(val.refs[i].case)
     for n, i in enumerate((firsts + [i for i in order if i not in firsts])[:OVERLAYS]):
         image, label = val.read(i)
-        pred = slice_probs(model, image[None].astype(np.float32), tta=True).argmax(1)[0]
+        pred = predict_slices(model, image[None].astype(np.float32), tta=True).argmax(1)[0]
         f = label.shape[-1] // pred.shape[-1]  # labels on a finer grid: shown on the slices' grid
         centre = image[model.cfg.context * 4 : model.cfg.context * 4 + 4]
         title = f"{val.refs[i].case} slice {val.refs[i].z}"

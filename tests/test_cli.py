@@ -95,13 +95,13 @@ def test_submit_and_watch_refuse_at_once_without_a_server(tmp_path):
 def test_a_failing_command_ends_with_one_line_and_no_traceback(prefect_api, small_store, tmp_path, capfd):
     from storage.store import SliceStore
 
-    assert main(["train", "--store", small_store, "--models", str(tmp_path / "m"), "--device", "cuda:7"]) == 1
+    assert main(["train", "--store", small_store, "--registry", str(tmp_path / "m"), "--device", "cuda:7"]) == 1
     err = capfd.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Failed: ")
     assert "device 'cuda:7' asked for" in err.strip().splitlines()[-1]
 
     SliceStore(small_store)  # a store whose split has no such part
-    assert main(["evaluate", "--store", small_store, "--models", str(tmp_path / "m"), "--split", "holdout"]) != 0
+    assert main(["evaluate", "--store", small_store, "--registry", str(tmp_path / "m"), "--split", "holdout"]) != 0
     err = capfd.readouterr().err
     assert "Traceback" not in err and "no model marked best" in err.strip().splitlines()[-1]
 
@@ -138,3 +138,19 @@ def test_the_console_shows_run_lines_not_dask_chatter(small_raw, tmp_path):
     assert "Finished in state Completed" in out and '"ingested": 6' in out
     assert not re.search(r"distributed\.(scheduler|nanny|worker|core|http)", out)  # Dask's own INFO lines
     assert "dashboard" not in out.lower()
+
+
+def test_earlier_spellings_still_work_with_a_note(capsys):
+    from flows.cli.options import renamed
+
+    assert renamed(["infer", "IN", "--models", "M", "--model=v1", "--out", "O"]) == [
+        "infer",
+        "IN",
+        "--registry",
+        "M",
+        "--version=v1",
+        "--out",
+        "O",
+    ]
+    err = capsys.readouterr().err
+    assert "--models is now --registry" in err and "--model is now --version" in err

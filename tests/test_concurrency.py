@@ -262,7 +262,7 @@ def test_two_inferences_of_one_case_leave_one_valid_pair(small_raw, tmp_path, mo
     rows = {}
 
     def run(version):
-        rows[version] = tasks.infer.infer_case.fn(case, str(out), registry.root, version, "cpu")
+        rows[version] = tasks.infer.infer_case.fn(case, str(out), registry.root, version, "cpu", False, 16)
 
     threads = [threading.Thread(target=run, args=(v,), name=v) for v in versions]
     [t.start() for t in threads]

@@ -15,7 +15,7 @@ from flows.evaluate import evaluate
 from storage.registry import Registry
 from storage.split import patient_of
 from storage.store import SliceStore
-from tasks.train import fold_split
+from tasks.versions import fold_split
 from unet.checkpoint import load_model
 from unet.ensemble import Ensemble
 from unet.model import UNetConfig
@@ -51,7 +51,7 @@ def test_folds_are_disjoint_deterministic_and_cover_the_cases_outside_the_test_s
 
 def test_brats_train_folds_registers_an_ensemble_scored_out_of_fold(prefect_api, small_store, tmp_path, capsys):
     models = str(tmp_path / "models")
-    args = ["train", "--store", small_store, "--models", models, "--folds", "3", "--epochs", "2"]
+    args = ["train", "--store", small_store, "--registry", models, "--folds", "3", "--epochs", "2"]
     args += ["--base-channels", "4", "--depth", "2", "--padding", "same", "--context", "1", "--batch-size", "8"]
     args += ["--max-steps-per-epoch", "2", "--workers", "0", "--keep", "last", "--validate-every", "2"]
     assert brats(args) == 0

@@ -42,7 +42,7 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
         "train",
         "--store",
         store,
-        "--models",
+        "--registry",
         models,
         "--base-channels",
         "4",
@@ -66,14 +66,14 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
     assert version is not None and trained["best"] is True
     assert registry.info(version)["profile"] == "full"
 
-    evaluated = brats(capsys, "evaluate", "--store", store, "--models", models, "--device", "cpu")
+    evaluated = brats(capsys, "evaluate", "--store", store, "--registry", models, "--device", "cpu")
     test_cases = SliceStore(str(store)).split["test"]
     assert evaluated["version"] == version and evaluated["cases"] == len(test_cases)
     assert evaluated["train_overlap"] == 0 and evaluated["truth_from_store_label"] == 0
     assert all(0 <= evaluated[f"dice_{r}"] <= 1 for r in ("WT", "TC", "ET"))
     assert [r["case"] for r in registry.info(version)["evaluation"]["per_case"]] == sorted(test_cases)
 
-    inferred = brats(capsys, "infer", new, "--out", out, "--models", models, "--tta")
+    inferred = brats(capsys, "infer", new, "--out", out, "--registry", models, "--tta")
     assert inferred["written"] == 2 and inferred["version"] == version and inferred["tta"] is True
     for case in ("BraTS19_NEW_0001_1", "BraTS19_NEW_0002_1"):
         seg = nib.load(out / f"{case}_seg.nii.gz")

@@ -10,7 +10,7 @@ from storage.registry import Registry
 from unet.checkpoint import load_model, save_model
 from unet.ensemble import Ensemble
 from unet.model import UNet, UNetConfig
-from unet.predict import slice_probs
+from unet.predict import predict_slices
 
 
 def members(padding: str, n: int = 3, **kw) -> list[UNet]:
@@ -31,8 +31,8 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(padding):
     torch.testing.assert_close(got, mean, rtol=1e-5, atol=1e-6)
     image = np.zeros((2, 4, 40, 36), np.float32)
     image[:, :, 8:30, 6:28] = x[:, :, 8:30, 6:28].numpy()  # brain in the middle, background around
-    probs = slice_probs(Ensemble(models), image, precision="fp32")  # the cropped inference path
-    each = np.mean([slice_probs(m, image, precision="fp32") for m in models], axis=0)
+    probs = predict_slices(Ensemble(models), image, precision="fp32")  # the cropped inference path
+    each = np.mean([predict_slices(m, image, precision="fp32") for m in models], axis=0)
     np.testing.assert_allclose(probs, each, rtol=1e-4, atol=1e-5)
 
 

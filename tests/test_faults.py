@@ -115,7 +115,7 @@ def register_model(root: Path, seed: int = 0, profile: str = "full") -> str:
 def infer_all(raw, out: str, models: str, version: str) -> list[str]:
     from tasks.infer import infer_case
 
-    return [infer_case.fn(case, out, models, version, "cpu")["status"] for case in discover(raw).cases]
+    return [infer_case.fn(case, out, models, version, "cpu", False, 16)["status"] for case in discover(raw).cases]
 
 
 def infer_snapshot(out: Path) -> dict:
@@ -469,7 +469,7 @@ def test_oserror_writing_a_segmentation_is_retried_and_leaves_no_temp_file(prefe
     real_read = tasks.infer.read_case
     monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    state = tasks.infer.infer_case(case, str(out), str(models), version, "cpu", return_state=True)
+    state = tasks.infer.infer_case(case, str(out), str(models), version, "cpu", False, 16, return_state=True)
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert faults and state.is_completed(), state
     assert len(reads) == 2  # failed once, then did it all again
@@ -493,7 +493,9 @@ def test_invalid_scan_in_inference_is_not_retried(prefect_api, tmp_path, monkeyp
     reads = []
     real_read = tasks.infer.read_case
     monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
-    state = tasks.infer.infer_case(case, str(tmp_path / "out"), str(models), version, "cpu", return_state=True)
+    state = tasks.infer.infer_case(
+        case, str(tmp_path / "out"), str(models), version, "cpu", False, 16, return_state=True
+    )
     assert state.is_failed() and f"{t2.name}: truncated" in state.message
     assert len(reads) == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

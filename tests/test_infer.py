@@ -43,7 +43,7 @@ def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, 
     finally:
         os.umask(umask)
     assert state.is_completed(), state.message
-    assert summary["written"] == 1 and summary["model"] == version
+    assert summary["written"] == 1 and summary["version"] == version
 
     case = real_case.name
     flair = nib.load(real_case / f"{case}_flair.nii.gz")
@@ -105,5 +105,5 @@ def test_a_bad_scan_fails_alone_and_a_new_model_redoes_the_rest(prefect_api, sma
     state, summary = run(params)
     assert state.is_completed() and summary["written"] == len(good) and summary["skipped"] == 0
     assert {json.loads((out / f"{c}.json").read_text())["model_version"] for c in good} == {second} != {first}
-    state, summary = run({**params, "model": first})  # the older outputs were replaced
+    state, summary = run({**params, "version": first})  # the older outputs were replaced
     assert summary["written"] == len(good)

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unet.geometry import _upsample_linear
 from unet.loss import DEEP_SUPERVISION_WEIGHTS, SegLoss, region_dice, upsample_linear
-from unet.preprocess import _upsample_linear
 
 
 def test_plain_segloss_is_the_papers_cross_entropy():

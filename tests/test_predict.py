@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from storage.brats import BRATS_TO_CLASS
+from unet.geometry import Geometry, geometry_of, to_labels
 from unet.model import UNet, UNetConfig
-from unet.predict import predict_probs, segment, slice_probs, volumes_ml
-from unet.preprocess import PROFILES, Geometry, geometry_of, to_labels
+from unet.predict import predict_plane, predict_slices, predict_volume, volumes_ml
+from unet.preprocess import PROFILES
 
 BRATS_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -109,15 +110,15 @@ def test_restore_refuses_scores_of_another_grid():
         brats_geometry("tp").restore(np.zeros((4, 4, 120, 120), np.float32))
 
 
-# ----------------------------------------------------------------------------- predict_probs
+# ----------------------------------------------------------------------------- predict_plane
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_predict_probs_with_tta_keeps_the_shape_and_is_the_mean_with_the_left_right_mirror(padding):
+def test_predict_plane_with_tta_keeps_the_shape_and_is_the_mean_with_the_left_right_mirror(padding):
     model = tiny(padding)
     x = torch.randn(3, 4, 37, 50)
-    plain = predict_probs(model, x)
-    tta = predict_probs(model, x, tta=True)
+    plain = predict_plane(model, x)
+    tta = predict_plane(model, x, tta=True)
     assert plain.shape == tta.shape == (3, 4, 37, 50)
     assert torch.allclose(tta.sum(1), torch.ones(3, 37, 50), atol=1e-5)
     assert not torch.allclose(plain, tta)  # random weights are not mirror-symmetric
@@ -132,7 +133,7 @@ def test_pixels_without_brain_are_background_whatever_the_network_says():
         model.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))  # every pixel -> class 3
     x = np.random.default_rng(0).normal(size=(2, 4, 32, 32)).astype(np.float32)
     x[:, :, :8] = 0  # no brain in the top rows
-    probs = slice_probs(model, x)
+    probs = predict_slices(model, x)
     assert (probs[:, 0, :8] == 1).all() and (probs[:, 1:, :8] == 0).all()
     assert (probs[:, 3, 8:] > 0.99).all()
 
@@ -153,7 +154,7 @@ def test_segment_maps_class_3_to_label_4_and_skips_empty_slices():
     with torch.no_grad():
         model.head.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 50.0]))  # every voxel -> class 3
     slices = case_slices()
-    labels = segment(model, slices, brats_geometry("full"), batch_size=3)
+    labels = predict_volume(model, slices, brats_geometry("full"), batch_size=3)
     assert labels.shape == (240, 240, 7) and labels.dtype == np.uint8
     assert set(np.unique(labels)) == {0, 4}
     assert not labels[:, :, [0, 6]].any()
@@ -169,10 +170,10 @@ def test_segment_is_the_same_in_any_batching_and_for_one_slice(profile, padding)
     h, w = brats_geometry(profile).slice_shape
     slices = case_slices(h=h, w=w)
     g = brats_geometry(profile)
-    whole = segment(model, slices, g, batch_size=16)
+    whole = predict_volume(model, slices, g, batch_size=16)
     assert len(np.unique(whole)) > 2 and set(np.unique(whole)) <= {0, 1, 2, 4}
-    assert np.array_equal(whole, segment(model, slices, g.to_dict(), batch_size=2))
-    one = segment(model, slices, g, only=[3])
+    assert np.array_equal(whole, predict_volume(model, slices, g.to_dict(), batch_size=2))
+    one = predict_volume(model, slices, g, only=[3], batch_size=16)
     assert np.array_equal(one[:, :, 3], whole[:, :, 3]) and not one[:, :, [2, 4]].any()
 
 
@@ -184,9 +185,9 @@ def test_segment_reads_zarr_and_refuses_the_wrong_profile(tmp_path):
     arr[:] = slices
     model = tiny()
     g = brats_geometry("tp")
-    assert np.array_equal(segment(model, arr, g), segment(model, slices, g))
+    assert np.array_equal(predict_volume(model, arr, g, batch_size=4), predict_volume(model, slices, g, batch_size=4))
     with pytest.raises(ValueError, match="do not fit"):
-        segment(model, slices, brats_geometry("full"))
+        predict_volume(model, slices, brats_geometry("full"), batch_size=4)
 
 
 def test_volumes_ml_from_zooms():

@@ -24,12 +24,12 @@ from tests.conftest import REAL, ROOT
 from unet.checkpoint import load_model
 from unet.metrics import dice
 from unet.model import UNet, UNetConfig
-from unet.predict import CROP_MARGIN, brain_box, crop_probs, predict_probs, segment, slice_probs
+from unet.predict import CROP_MARGIN, brain_box, predict_crop, predict_plane, predict_slices, predict_volume
 from unet.preprocess import PROFILES, preprocess_case
 
 MODELS = ROOT / "tests" / "data" / "models"
 VERSION = "v20261201-020822-ed23"  # full profile, base 8, same padding: tests/data/README.md
-WHOLE = {"precision": "fp32", "crop": False, "channels_last": False}  # the whole plane, as before cropping
+WHOLE = {"precision": "fp32", "crop": False, "channels_last": False, "batch_size": 16}  # the whole plane
 MIN_DICE = 0.99
 
 
@@ -80,9 +80,9 @@ class Tiles:
 def test_cropped_prediction_agrees_with_the_whole_plane_on_a_real_case(trained, case, precision, tta):
     slices, attrs = case
     g, brain = attrs["geometry"], attrs["slice_brain"]
-    whole = segment(trained, slices, g, brain, tta=tta, **WHOLE)
+    whole = predict_volume(trained, slices, g, brain, tta=tta, **WHOLE)
     with Tiles(trained) as tiles:
-        cropped = segment(trained, slices, g, brain, tta=tta, precision=precision)
+        cropped = predict_volume(trained, slices, g, brain, tta=tta, precision=precision, batch_size=16)
     for region, members in REGIONS.items():  # a real segmentation, not an empty one agreeing with another
         assert np.isin(whole, members).sum() > 1000, region
     scores = agreement(cropped, whole)
@@ -103,8 +103,8 @@ def test_a_brain_touching_the_window_edge_is_cropped_there_and_still_agrees(trai
     box = brain_box(torch.from_numpy(shifted[z].any(axis=(0, 1))))
     assert box[0] == 0 and box[2] == 0  # the brain touches the top and left edges
     g = attrs["geometry"]
-    whole = segment(trained, shifted, g, attrs["slice_brain"], **WHOLE)
-    cropped = segment(trained, shifted, g, attrs["slice_brain"])
+    whole = predict_volume(trained, shifted, g, attrs["slice_brain"], **WHOLE)
+    cropped = predict_volume(trained, shifted, g, attrs["slice_brain"], batch_size=16)
     scores = agreement(cropped, whole)
     assert min(scores.values()) >= MIN_DICE, scores
 
@@ -140,7 +140,7 @@ def test_the_crop_lies_on_the_network_grid_and_holds_the_brain_with_its_margin(p
     s = 2**model.cfg.depth
     x = brain_slices(2, h, w, box)
     with Tiles(model) as tiles:
-        probs = slice_probs(model, x, precision="fp32")
+        probs = predict_slices(model, x, precision="fp32")
     ((th, tw),) = set(tiles.shapes)
     for size in (th, tw):
         assert model.output_size(size) > 0  # a size the network takes: a multiple of 2**depth in same mode
@@ -165,8 +165,8 @@ def test_in_valid_mode_the_crop_predicts_exactly_what_the_whole_plane_does(tta, 
     """Valid mode: the crop's context is the whole plane's mirror padding, on the same pooling grid."""
     model = tiny("valid")
     x = torch.from_numpy(brain_slices(3, h, w, box, seed=1))
-    whole = predict_probs(model, x, tta)
-    cropped = crop_probs(model, x, brain_box(x.ne(0).any(0).any(0)), tta)
+    whole = predict_plane(model, x, tta)
+    cropped = predict_crop(model, x, brain_box(x.ne(0).any(0).any(0)), tta)
     y0, y1, x0, x1 = box
     assert torch.allclose(cropped[..., y0:y1, x0:x1], whole[..., y0:y1, x0:x1], atol=1e-5)
 
@@ -174,8 +174,8 @@ def test_in_valid_mode_the_crop_predicts_exactly_what_the_whole_plane_does(tta, 
 def test_without_crop_and_autocast_the_prediction_is_the_whole_plane_in_fp32():
     model = tiny("same")
     x = brain_slices(2, 64, 48, (5, 40, 8, 30))
-    probs = slice_probs(model, x, precision="fp32", crop=False, channels_last=False)
-    expected = predict_probs(model, torch.from_numpy(x)).numpy()
+    probs = predict_slices(model, x, precision="fp32", crop=False, channels_last=False)
+    expected = predict_plane(model, torch.from_numpy(x)).numpy()
     inside = x.any(1)
     assert np.allclose(probs.transpose(0, 2, 3, 1)[inside], expected.transpose(0, 2, 3, 1)[inside], atol=1e-6)
 
@@ -183,6 +183,6 @@ def test_without_crop_and_autocast_the_prediction_is_the_whole_plane_in_fp32():
 def test_a_batch_without_brain_is_background_without_running_the_network():
     model = tiny("same")
     with Tiles(model) as tiles:
-        probs = slice_probs(model, np.zeros((2, 4, 48, 48), np.float32))
+        probs = predict_slices(model, np.zeros((2, 4, 48, 48), np.float32))
     assert not tiles.shapes
     assert (probs[:, 0] == 1).all() and (probs[:, 1:] == 0).all()

@@ -19,7 +19,8 @@ from scipy import ndimage
 from storage.brats import BRATS_TO_CLASS
 from storage.cases import InvalidCase, case_files, discover
 from storage.nifti import read_case
-from unet.preprocess import PROFILES, Geometry, preprocess_case, to_labels
+from unet.geometry import Geometry, to_labels
+from unet.preprocess import PROFILES, preprocess_case
 
 CHANNELS = ("flair", "t1", "t1ce", "t2", "seg")
 SUFFIXES_2023 = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w", "seg": "seg"}

@@ -53,7 +53,7 @@ def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alon
     (bad / "BAD_1_t1.nii.gz").write_bytes(b"\x1f\x8b garbage")
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
-    command = [sys.executable, "-m", "flows.cli", "serve", "--out", str(out), "--models", str(models)]
+    command = [sys.executable, "-m", "flows.cli", "serve", "--out", str(out), "--registry", str(models)]
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         ready = server.stdout.readline()

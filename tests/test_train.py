@@ -94,7 +94,7 @@ def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store):
     torch.manual_seed(cfg.seed)
     untrained = UNet(model_cfg)
     store = SliceStore(small_store)
-    before = validate(untrained, store, store.split["val"], CrossEntropy(), torch.device("cpu"))
+    before = validate(untrained, store, store.split["val"], CrossEntropy(), torch.device("cpu"), None, False, 16)
     result = fit(small_store, model_cfg, cfg)
     assert len(result.history) == 12 and result.resumed_from is None
     assert before["dice_WT"] < 0.15

@@ -12,7 +12,8 @@ from flows.cli.main import main as brats
 from flows.train import train
 from storage.registry import Registry
 from storage.store import SliceStore
-from tasks.train import open_version, promote_if_best, train_model
+from tasks.train import train_model
+from tasks.versions import open_version, promote_if_best
 from unet.checkpoint import RegistryCheckpoint, load_model
 from unet.model import UNetConfig
 from unet.postprocess import DICE_TIE, ET_MIN_ML, MIN_ISLAND_ML
@@ -41,7 +42,7 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
         "train",
         "--store",
         small_store,
-        "--models",
+        "--registry",
         models,
         "--epochs",
         "2",
@@ -120,7 +121,7 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     (mine,) = [a for a in stored if a.id == artifact.id]
     assert mine.flow_run_id is not None and mine.task_run_id is None
 
-    assert cli("models", "list", "--models", models) == 0
+    assert cli("models", "list", "--registry", models) == 0
     listing = capsys.readouterr().out
     assert any(line.startswith("*") and version in line and "complete" in line for line in listing.splitlines())
 
@@ -184,7 +185,7 @@ def test_best_version_is_the_best_validation_dice(tmp_path):
     assert promote_if_best.fn(registry.root, a) and registry.best() == a
     assert not promote_if_best.fn(registry.root, b) and registry.best() == a
     assert promote_if_best.fn(registry.root, c) and registry.best() == c
-    assert cli("models", "best", a, "--models", registry.root) == 0 and registry.best() == a
+    assert cli("models", "best", a, "--registry", registry.root) == 0 and registry.best() == a
 
 
 def test_a_device_that_is_not_there_fails_the_run_at_once_with_nothing_registered(prefect_api, small_store, tmp_path):

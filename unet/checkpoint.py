@@ -4,12 +4,15 @@ A version's ``info.json`` (see ``storage/registry.py``) carries ``model`` (the `
 fields) and ``profile`` (the store's preprocessing profile), which is all inference needs; an
 ensemble version names its ``members`` (versions of their own) instead of holding weights.
 A training run also keeps its full state (``checkpoint.pt``) there, to resume after a kill.
+``cached_model`` loads a version once per process, for every thread that predicts with it.
 """
 
 from __future__ import annotations
 
 import io
 import random
+import threading
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -51,6 +54,23 @@ def load_model(
     model = UNet(UNetConfig(**info["model"]))
     model.load_state_dict(from_bytes(registry.get(version, WEIGHTS), device))
     return model.to(device).eval(), info
+
+
+# ----------------------------------------------------------------------------- the model cache
+
+_loading = threading.Lock()
+
+
+def cached_model(registry_url: str, version: str, device: str) -> tuple[UNet, dict]:
+    """``load_model`` once per process for (registry root, version, device); the model is shared
+    read-only by every thread that predicts with it. Pass a resolved version, not "best"."""
+    with _loading:  # two threads asking at once load it once
+        return _load(registry_url, version, device)
+
+
+@lru_cache(maxsize=4)
+def _load(registry_url: str, version: str, device: str) -> tuple[UNet, dict]:
+    return load_model(Registry(registry_url), version, device)
 
 
 # ----------------------------------------------------------------------------- training state

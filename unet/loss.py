@@ -10,7 +10,7 @@
   labels taken every 2nd / 4th pixel). Labels may be an integer multiple of the output's resolution
   (the ``tp`` profile keeps them at 1 mm while the network sees 2 mm): the class probabilities are
   then upsampled linearly to the labels, exactly as inference upsamples them
-  (``unet.preprocess.Geometry.restore``), and scored there.
+  (``unet.geometry.Geometry.restore``), and scored there.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def class_weights_from_counts(counts: torch.Tensor | np.ndarray | Sequence[float
 
 def upsample_linear(a: torch.Tensor, f: int) -> torch.Tensor:
     """(..., h, w) -> (..., f*h, f*w), linear along both axes; sample i lands on output f*i and the
-    edge value is held past the last sample (``unet.preprocess._upsample_linear``'s rule)."""
+    edge value is held past the last sample (``unet.geometry._upsample_linear``'s rule)."""
     if f == 1:
         return a
     for dim in (-2, -1):

@@ -31,12 +31,12 @@ have it, else fp16, and on CPUs with native bf16; fp32 elsewhere); channels_last
 the probabilities in float32.
 
 Slices are 2D and independent, so predicting any subset of slices gives what the whole volume
-would give there (``segment(..., only=[z])`` predicts one slice for a figure): up to float
+would give there (``predict_volume(..., only=[z])`` predicts one slice for a figure): up to float
 rounding in valid mode, and in same mode up to the crop's edge effects, since the crop is the
 batch's.
 
 Post-processing (``unet.postprocess``), chosen on the validation or out-of-fold cases and kept
-with the model version, is applied by the caller (``segment_case``'s ``post``).
+with the model version, is applied by the caller (``predict_case``'s ``post``).
 
 2.5D models (``context`` k > 0) get each slice with its k neighbours either side
 (``unet.data.with_context``), read from the slices as training read them. An ensemble
@@ -46,40 +46,23 @@ probabilities.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from storage.brats import LABELS, REGIONS
-from storage.registry import Registry
-from unet.checkpoint import load_model
 from unet.data import with_context
 from unet.device import autocast_dtype
+from unet.geometry import Geometry, to_labels
 from unet.model import UNet, centre_slice, mirror_pad
 from unet.postprocess import PostProcess
-from unet.preprocess import PROFILES, Geometry, Profile, preprocess_case, to_labels
 
 # Mirror TTA over the flips training augments with: none and left-right (H is the L-R axis). An
+from unet.preprocess import PROFILES, Profile, preprocess_case
+
 # anterior-posterior mirror is an anatomy the network never saw, and would only add noise.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,))
-
-
-_loading = threading.Lock()
-
-
-def cached_model(registry_url: str, version: str, device: str = "cpu") -> tuple[UNet, dict]:
-    """``load_model`` once per process for (registry root, version, device); the model is shared
-    read-only by every thread that predicts with it. Pass a resolved version, not "best"."""
-    with _loading:  # two threads asking at once load it once
-        return _load(registry_url, version, device)
-
-
-@lru_cache(maxsize=4)
-def _load(registry_url: str, version: str, device: str) -> tuple[UNet, dict]:
-    return load_model(Registry(registry_url), version, device)
 
 
 # Pixels of context kept around the brain when cropping (at the network's grid, per side). Measured
@@ -91,7 +74,7 @@ CROP_MARGIN = 16
 
 
 @torch.inference_mode()
-def predict_probs(model: UNet, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+def predict_plane(model: UNet, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """(N, C, h, w) slices -> (N, K, h, w) class probabilities, same h, w (any size).
 
     With ``tta`` the probabilities are the mean over the image and its mirrors in ``FLIPS``, each
@@ -146,7 +129,7 @@ def _tile_1d(model: UNet, n: int, lo: int, hi: int) -> tuple[int, int, int, int]
 
 
 @torch.inference_mode()
-def crop_probs(
+def predict_crop(
     model: UNet,
     x: torch.Tensor,
     box: tuple[int, int, int, int] | None,
@@ -158,7 +141,7 @@ def crop_probs(
     (``brain_box``; None: the whole plane) only; outside the crop, background (class 0, probability 1).
 
     The crop is laid on the plane as ``UNet.predict`` pads it (see ``_tile_1d``), so in valid mode it
-    predicts exactly what ``predict_probs`` would there. ``amp``: autocast dtype (None: the input's
+    predicts exactly what ``predict_plane`` would there. ``amp``: autocast dtype (None: the input's
     own); ``channels_last``: the crop in channels_last memory format. With ``tta`` the mean over
     ``FLIPS``: each mirror of the slices predicted on the mirrored box, and flipped back.
     """
@@ -172,16 +155,16 @@ def crop_probs(
             xi, bi = xi.flip(-2), (h - box[1], h - box[0], *box[2:])
         if -1 in dims:
             xi, bi = xi.flip(-1), (*bi[:2], w - box[3], w - box[2])
-        p = _crop_forward(model, xi, bi, amp, channels_last)
+        p = _forward_crop(model, xi, bi, amp, channels_last)
         p = p.flip(dims) if dims else p
         total = p if total is None else total.add_(p)
     return total.div_(len(flips))
 
 
-def _crop_forward(
+def _forward_crop(
     model: UNet, x: torch.Tensor, box: tuple[int, int, int, int], amp: torch.dtype | None, channels_last: bool
 ) -> torch.Tensor:
-    """``crop_probs`` without the mirrors: one forward of the crop, pasted into a background plane."""
+    """``predict_crop`` without the mirrors: one forward of the crop, pasted into a background plane."""
     n, _, h, w = x.shape
     top, bottom, ay, sy = _tile_1d(model, h, box[0], box[1])
     left, right, ax, sx = _tile_1d(model, w, box[2], box[3])
@@ -206,7 +189,7 @@ def _crop_forward(
 
 
 @torch.inference_mode()
-def slice_probs(
+def predict_slices(
     model: UNet,
     x: np.ndarray,
     tta: bool = False,
@@ -219,7 +202,7 @@ def slice_probs(
     """(N, C, h, w) normalized slices -> (N, K, h, w) float32 class probabilities; pixels where every
     channel is 0 (no brain) are background, whatever the network says.
 
-    ``crop``: run the network on the slices' brain box plus ``CROP_MARGIN`` only (``crop_probs``);
+    ``crop``: run the network on the slices' brain box plus ``CROP_MARGIN`` only (``predict_crop``);
     off: on the whole plane. ``precision``: autocast, ``autocast_dtype`` (auto: bf16 on CUDA and on
     CPUs with native bf16). ``channels_last``: on CPU and CUDA.
     """
@@ -232,13 +215,13 @@ def slice_probs(
         probs[:, 0] = 1.0
         return probs.numpy()
     amp = autocast_dtype(device, precision)
-    probs = crop_probs(model, xt, box, tta, amp, channels_last and device.type in ("cpu", "cuda"))
+    probs = predict_crop(model, xt, box, tta, amp, channels_last and device.type in ("cpu", "cuda"))
     probs[:, 0].masked_fill_(outside, 1.0)
     probs[:, 1:].masked_fill_(outside[:, None], 0.0)
     return probs.cpu().numpy()
 
 
-def segment(
+def predict_volume(
     model: UNet,
     slices,
     geometry: Geometry | dict,
@@ -246,7 +229,7 @@ def segment(
     *,
     only: Sequence[int] | None = None,
     tta: bool = False,
-    batch_size: int = 16,
+    batch_size: int,
     device: str | torch.device | None = None,
     precision: str = "auto",
     crop: bool = True,
@@ -259,7 +242,7 @@ def segment(
     truthy when it holds brain (e.g. the store's ``slice_brain`` counts); default: found from the
     slices. Slices without brain are background and never reach the network. ``only``: predict
     just these slice indices (the rest stay background). ``precision``, ``crop``, ``channels_last``:
-    see ``slice_probs`` (the defaults are the fast path; ``"fp32", False, False`` runs the whole
+    see ``predict_slices`` (the defaults are the fast path; ``"fp32", False, False`` runs the whole
     plane in fp32, as before cropping).
     """
     geometry = Geometry.from_dict(geometry) if isinstance(geometry, dict) else geometry
@@ -278,12 +261,12 @@ def segment(
         idx = todo[start : start + batch_size]
         batch = with_context(slices, idx, model.cfg.context)  # one contiguous read, numpy or Zarr
         classes[:, :, idx] = geometry.restore(
-            slice_probs(model, batch, tta, device, precision=precision, crop=crop, channels_last=channels_last)
+            predict_slices(model, batch, tta, device, precision=precision, crop=crop, channels_last=channels_last)
         )
     return to_labels(geometry, classes)
 
 
-def segment_case(
+def predict_case(
     model: UNet, case, profile: Profile | str, post: PostProcess | None = None, **kw
 ) -> tuple[np.ndarray, dict]:
     """A validated ``storage.nifti.Case`` -> ((X, Y, Z) BraTS labels on its grid, case attributes).
@@ -293,7 +276,7 @@ def segment_case(
     """
     profile = PROFILES[profile] if isinstance(profile, str) else profile
     slices, _, attrs = preprocess_case(case, profile, dtype=np.float32, grow=True)
-    labels = segment(model, slices, attrs["geometry"], attrs["slice_brain"], **kw)
+    labels = predict_volume(model, slices, attrs["geometry"], attrs["slice_brain"], **kw)
     if post is not None:
         labels = post.apply(labels, case.zooms)
     return labels, attrs

@@ -177,7 +177,7 @@ def train_step(
 
 @torch.no_grad()
 def validate(
-    model, store: SliceStore, cases: list[str], loss_fn, device, amp=None, channels_last=False, batch_size=16
+    model, store: SliceStore, cases: list[str], loss_fn, device, amp, channels_last: bool, batch_size: int
 ) -> dict:
     """Mean loss over the validation cases' brain slices, and per-case 3D Dice per region (WT/TC/ET)
     averaged over the cases, as the test is scored (both masks empty: 1; one empty: 0)."""

@@ -56,8 +56,9 @@ def serve(
     from storage.registry import Registry
     from tasks import served
     from tasks.runners import device_name
+    from unet.checkpoint import cached_model
     from unet.device import cores
-    from unet.predict import cached_model, slice_probs
+    from unet.predict import predict_slices
     from unet.preprocess import PROFILES
 
     device = device_name(prediction.device)
@@ -66,7 +67,7 @@ def serve(
     network, info = cached_model(registry_url, resolved, device)
     profile = PROFILES[info["profile"]]
     side = (profile.window or 240) // profile.factor
-    slice_probs(network, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
+    predict_slices(network, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
     served.SETTINGS.update(
         out=out,
         registry_url=registry_url,

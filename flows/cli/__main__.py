@@ -1,0 +1,5 @@
+"""``python -m flows.cli``: the ``brats`` program."""
+
+from flows.cli.main import entry
+
+entry()

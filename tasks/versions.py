@@ -1,0 +1,144 @@
+"""A model version's life in the registry: opened before training, trained (``tasks/train.py``),
+gathered into an ensemble, promoted to BEST.
+
+* ``open_version`` runs *before* training, so every retry of ``train_model`` writes into the same
+  version, and a restarted flow run finds the unfinished version (same store fingerprint, same
+  model and training run, status ``training``) and continues it. A fold of a cross-validation is a
+  version of its own, with the fold's split (``fold_split``).
+* ``register_ensemble``: the version made of a cross-validation's fold versions.
+* ``promote_if_best`` marks the version inference uses by default: the best mean validation (or
+  cross-validated) Dice.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+import prefect
+import torch
+import zarr
+
+from storage.registry import Registry
+from storage.split import make_folds
+from storage.store import SliceStore
+from tasks.stage import stage_task
+from unet.model import UNetConfig
+from unet.train import TrainConfig, run_definition
+
+
+def package_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "prefect": prefect.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+@stage_task("open-version")
+def open_version(
+    registry_url: str,
+    store_url: str,
+    network: UNetConfig,
+    training: TrainConfig,
+    fresh: bool = False,
+    fold: int | None = None,
+) -> tuple[str, int]:
+    """(version, attempt): the newest unfinished version of this very run, reopened (its attempt counted
+    in ``info.json``), or a new one (attempt 1). ``fold``: the version of fold ``fold`` of a
+    cross-validation in ``training.folds`` folds (it trains on the others and validates on it); a
+    complete one of the same run is reused (attempt 0: nothing to train) unless ``fresh``."""
+    store, registry = SliceStore(store_url), Registry(registry_url)
+    if not store.split.get("train"):
+        raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
+    want, model_cfg = run_definition(training), network.model_dump()
+    if not fresh:
+        same_run = [
+            info
+            for info in registry.versions()
+            if info.get("status") in ("training", "complete" if fold is not None else "training")
+            and info.get("store_fingerprint") == store.fingerprint
+            and info.get("model") == model_cfg
+            and info.get("fold") == fold
+            and run_definition(TrainConfig.model_validate(info.get("train_config", {}))) == want
+        ]
+        if same_run:  # the newest (version ids made in the same second do not sort by time)
+            info = max(same_run, key=lambda info: info.get("created", 0))
+            if info["status"] == "complete":
+                return info["version"], 0
+            attempt = info.get("attempts", 1) + 1
+            registry.update_info(info["version"], attempts=attempt)
+            return info["version"], attempt
+    version = registry.create(
+        {
+            "status": "training",
+            "model": model_cfg,
+            "profile": store.profile,
+            "store": store_url,
+            "store_fingerprint": store.fingerprint,
+            "split": store.split if fold is None else fold_split(store, training.folds, training.seed, fold),
+            "fold": fold,
+            "train_config": training.model_dump(),
+            "metrics": {},
+            "history": [],
+            "versions": package_versions(),
+            "attempts": 1,
+        }
+    )
+    return version, 1
+
+
+def fold_split(store: SliceStore, folds: int, seed: int, fold: int) -> dict[str, list[str]]:
+    """Fold ``fold`` of ``folds`` over the store's labelled cases outside its test split: train on the
+    other folds, validate on this one (``storage.split.make_folds``: by patient, by grade)."""
+    cases = store.split.get("train", []) + store.split.get("val", [])
+    parts = make_folds({c: store.attrs(c).get("grade") for c in cases}, folds, seed)
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold {fold} of {folds}: folds are numbered 0..{folds - 1}")
+    return {"train": sorted(c for i, part in enumerate(parts) if i != fold for c in part), "val": parts[fold]}
+
+
+@stage_task("register-ensemble")
+def register_ensemble(registry_url: str, members: list[str]) -> str:
+    """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no
+    weights of its own; it predicts with the mean of their probabilities (``unet.ensemble``)."""
+    registry = Registry(registry_url)
+    infos = [registry.info(m) for m in members]
+    first = infos[0]
+    return registry.create(
+        {
+            "status": "complete",
+            "kind": "ensemble",
+            "members": members,
+            "model": first["model"],
+            "profile": first["profile"],
+            "store": first["store"],
+            "store_fingerprint": first["store_fingerprint"],
+            "split": {
+                "train": sorted({c for i in infos for c in i["split"]["train"]}),
+                "val": [],
+                "folds": [i["split"]["val"] for i in infos],
+            },
+            "train_config": first["train_config"],
+            "metrics": {},
+            "versions": package_versions(),
+        }
+    )
+
+
+@stage_task("promote-if-best")
+def promote_if_best(registry_url: str, version: str) -> bool:
+    """Mark ``version`` best when its mean validation Dice beats the current best's."""
+    registry = Registry(registry_url)
+    score = lambda info: info.get("metrics", {}).get("dice_mean", -1.0)  # noqa: E731
+    current = registry.best()
+    try:
+        current_score = score(registry.info(current)) if current else None
+    except FileNotFoundError:  # BEST points at a version that was deleted
+        current_score = None
+    if current_score is None or score(registry.info(version)) > current_score:
+        registry.set_best(version)
+        return True
+    return False
