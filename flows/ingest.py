@@ -32,7 +32,7 @@ def ingest(
     """Raw BraTS folders -> normalized axial slices in a Zarr store, in parallel on Dask.
 
     Args:
-        cases_per_task: cases per Prefect task run (each run costs ~0.07 s on Dask); default: two runs per Dask
+        cases_per_task: cases per Prefect task run (each run has a fixed cost on Dask); default: two runs per Dask
             worker thread at least, 8 cases at most; 1: a run per case
         rehash: read and hash every file, even those whose size and modification time are as recorded
     """

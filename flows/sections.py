@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from storage.cases import NAMING_HELP, Naming
+from unet.device import DEVICE_HELP
 
 
 class Preprocessing(BaseModel):
@@ -57,7 +58,7 @@ class Prediction(BaseModel):
         description="apply the model's post-processing (chosen on its validation or out-of-fold cases); "
         "off: the network's raw output",
     )
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    device: str = Field("auto", description=DEVICE_HELP)
     batch_size: int = Field(16, ge=1, description="slices per forward pass")
 
 

@@ -6,13 +6,8 @@ Each case is a skull-stripped head phantom written exactly like a real BraTS fil
 
 Phantom model (all voxel work in float32 on the brain's bounding box only):
 
-* Brain: an egg-shaped ellipsoid, slightly rotated and rescaled per case, whose surface
-  is perturbed by smooth random fields (generated on a coarse grid and trilinearly
-  upsampled).  It covers only part of the field of view and ~80% of the axial slices.
-* Healthy tissue as soft (partial-volume) fractions of white matter (WM), grey matter
-  (GM) and CSF: a cortical GM ribbon under a thin CSF rim, sheet-like sulci (the zero
-  set of a random field), the interhemispheric fissure, two banana-shaped lateral
-  ventricles plus a third ventricle, and deep grey nuclei.
+* Brain and healthy tissue: ``storage.phantom`` (an irregular egg of white and grey matter,
+  sulci, ventricles, deep nuclei).
 * Tumour (inside the brain, either hemisphere): three nested irregular blobs (radius
   modulated by low-frequency noise, random stretch and rotation) give the labels
   0 background, 1 necrosis / non-enhancing core, 2 oedema, 4 enhancing tumour.
@@ -38,9 +33,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from storage.brats import GRADES, MODALITIES
+from storage.phantom import Head, Tissue, TumourPlan, make_head, make_tissue, plan_tumour, ramp, smooth_field
 
 BRATS_SHAPE: tuple[int, int, int] = (240, 240, 155)
 
@@ -58,214 +53,6 @@ def brats_affine(shape: Shape = BRATS_SHAPE) -> np.ndarray:
 BRATS_AFFINE = brats_affine
 
 
-# --------------------------------------------------------------------------- smooth fields
-
-
-def _upsample(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear upsampling (corners aligned) by separable lerps; ~10x faster than ndimage.zoom."""
-    out = coarse
-    for axis in reversed(range(coarse.ndim)):
-        m, n = out.shape[axis], shape[axis]
-        pos = np.linspace(0.0, m - 1.0, n, dtype=np.float32)
-        lo_idx = np.minimum(pos.astype(np.intp), max(m - 2, 0))
-        hi_idx = np.minimum(lo_idx + 1, m - 1)
-        weight = (pos - lo_idx).reshape([n if a == axis else 1 for a in range(out.ndim)])
-        lo = np.take(out, lo_idx, axis=axis)
-        hi = np.take(out, hi_idx, axis=axis)
-        hi -= lo
-        hi *= weight
-        lo += hi
-        out = lo
-    return out
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cell: float) -> np.ndarray:
-    """Zero-mean, roughly unit-variance random field with features about ``cell`` voxels wide."""
-    # White noise on a grid of spacing cell/3, blurred over ~1 cell there (so the field is smooth
-    # relative to the grid and trilinear upsampling leaves no visible facets), then upsampled.
-    spacing = min(cell, max(1.5, cell / 3.0))
-    coarse_shape = tuple(max(4, int(np.ceil(n / spacing)) + 1) for n in shape)
-    coarse = rng.standard_normal(coarse_shape, dtype=np.float32)
-    coarse = ndimage.gaussian_filter(coarse, cell / (2.0 * spacing), mode="wrap")
-    coarse -= coarse.mean()
-    coarse /= coarse.std() + 1e-6
-    return _upsample(coarse, shape)
-
-
-def _ramp(x: np.ndarray, width: float) -> np.ndarray:
-    """Soft step 0 -> 1 centred on x = 0 and ``width`` wide (a partial-volume edge), as a new array."""
-    y = x / np.float32(width)
-    y += 0.5
-    return np.clip(y, 0.0, 1.0, out=y)
-
-
-# --------------------------------------------------------------------------- geometry
-
-
-@dataclass(frozen=True)
-class _Head:
-    """Per-case brain geometry in voxel units (semi-axes, centre, in-plane rotation)."""
-
-    centre: np.ndarray  # (3,) voxel coordinates
-    semi: np.ndarray  # (3,) semi-axes in voxels
-    angle: float  # rotation about the z axis, radians
-    box: Box  # bounding box of the brain inside the volume
-
-    @property
-    def voxel(self) -> float:
-        """One voxel expressed in normalised brain units (for partial-volume ramps)."""
-        return float(1.0 / self.semi.mean())
-
-    def coords(self, box: Box) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Normalised, rotated coordinates (u: left-right, v: anterior-posterior, w: up) on ``box``,
-        as broadcastable arrays of shapes (X, Y, 1), (X, Y, 1), (1, 1, Z)."""
-        x, y, z = (np.arange(s.start, s.stop, dtype=np.float32) - c for s, c in zip(box, self.centre))
-        cos, sin = np.float32(np.cos(self.angle)), np.float32(np.sin(self.angle))
-        u = (cos * x[:, None] + sin * y[None, :])[:, :, None] / self.semi[0]
-        v = (-sin * x[:, None] + cos * y[None, :])[:, :, None] / self.semi[1]
-        w = (z / self.semi[2])[None, None, :]
-        return u.astype(np.float32), v.astype(np.float32), w.astype(np.float32)
-
-
-def _make_head(rng: np.random.Generator, shape: Shape) -> _Head:
-    size = np.asarray(shape, dtype=np.float64)
-    semi = size * np.array([0.29, 0.355, 0.395]) * rng.uniform(0.92, 1.05) * rng.uniform(0.97, 1.03, 3)
-    centre = size * np.array([0.5, 0.55, 0.495]) - 0.5 + rng.normal(0.0, 0.01, 3) * size
-    angle = float(np.deg2rad(rng.normal(0.0, 4.0)))
-    reach = semi * np.array([1.3, 1.25, 1.25])
-    # One empty voxel is always left at the volume border, even for an extreme draw.
-    lo = np.clip(np.floor(centre - reach), 1, size - 1).astype(int)
-    hi = np.clip(np.ceil(centre + reach) + 1, 1, size - 1).astype(int)
-    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
-    return _Head(centre=centre.astype(np.float32), semi=semi.astype(np.float32), angle=angle, box=box)
-
-
-@dataclass(frozen=True)
-class _TumourPlan:
-    """Where the tumour sits (normalised brain coordinates) and how big it is (voxels)."""
-
-    centre: np.ndarray  # (3,) normalised (u, v, w)
-    r_oedema: float
-    r_core: float
-    necrosis_ratio: float  # necrosis radius / core radius (0 for LGG)
-    grade: str
-
-
-def _plan_tumour(rng: np.random.Generator, head: _Head, grade: str) -> _TumourPlan:
-    side = rng.choice([-1.0, 1.0])
-    for _ in range(1000):
-        centre = np.array([side * rng.uniform(0.12, 0.6), rng.uniform(-0.6, 0.6), rng.uniform(-0.4, 0.55)])
-        if np.linalg.norm(centre) < 0.68:
-            break
-    scale = float(head.semi.mean()) / 75.0
-    if grade == "HGG":
-        r_oedema = rng.uniform(15.0, 32.0) * scale
-        r_core = max(r_oedema * rng.uniform(0.5, 0.78), 2.0)
-        necrosis_ratio = rng.uniform(0.35, 0.7)
-    else:
-        r_oedema = rng.uniform(14.0, 30.0) * scale
-        r_core = max(r_oedema * rng.uniform(0.35, 0.65), 2.0)
-        necrosis_ratio = 0.0
-    return _TumourPlan(centre.astype(np.float32), r_oedema, r_core, necrosis_ratio, grade)
-
-
-# --------------------------------------------------------------------------- healthy tissue
-
-
-@dataclass
-class _Tissue:
-    """Soft tissue fractions on the head box; wm = 1 - gm - csf inside the brain."""
-
-    brain: np.ndarray  # bool
-    gm: np.ndarray
-    csf: np.ndarray
-    cortical_csf: np.ndarray  # the sulcal / surface part of csf (hosts enhancing vessels)
-
-
-def _make_tissue(rng: np.random.Generator, head: _Head, tumour: _TumourPlan) -> _Tissue:
-    box = head.box
-    shape = tuple(s.stop - s.start for s in box)
-    scale = float(head.semi.mean()) / 75.0
-    px = head.voxel
-    u, v, w = head.coords(box)
-
-    # Egg-shaped ellipsoid: wider at the back, flatter underneath, bumpy surface.
-    egg_u = u / (1.0 + 0.07 * v)
-    egg_w = w / np.where(w < 0, 0.9, 1.0).astype(np.float32)
-    depth = np.sqrt(egg_u * egg_u + v * v + egg_w * egg_w)
-    depth *= np.clip(1.0 - 0.045 * _smooth_field(rng, shape, max(3.0, 14.0 * scale)), 0.9, 1.1)
-    depth *= np.clip(1.0 - 0.015 * _smooth_field(rng, shape, max(2.0, 6.0 * scale)), 0.96, 1.04)
-    brain = _largest_component(depth < 1.0)
-
-    # Cortex: a thin CSF rim over a GM ribbon, folded by sulci = CSF sheets along the zero set
-    # of a random field, each lined with GM on both sides, reaching ~20% deep.
-    folds = np.abs(_smooth_field(rng, shape, max(2.0, 8.0 * scale)))
-    cortex = _ramp(depth - 0.8, 4 * px)
-    rim = _ramp(depth - (1.0 - 1.2 * px), 1.2 * px)
-    sulci = _ramp(0.1 - folds, 0.1)
-    sulci *= cortex
-    gm = _ramp(0.5 - folds, 0.2)
-    gm *= cortex
-    np.maximum(gm, _ramp(depth - (1.0 - 5.0 * px), 1.5 * px), out=gm)
-    u_voxel = 1.0 / float(head.semi[0])
-    fissure = _ramp((0.3 + 0.9 * min(scale, 1.0)) * u_voxel - np.abs(u), u_voxel)
-    fissure = fissure * _ramp(np.maximum(w - 0.32, np.abs(v) - 0.55), 0.05)
-    csf = np.maximum(np.maximum(rim, sulci), fissure)
-    cortical_csf = csf.copy()
-
-    _add_deep_structures(rng, head, tumour, gm, csf)
-    gm *= 1.0 - csf
-    return _Tissue(brain=brain, gm=gm, csf=csf, cortical_csf=cortical_csf)
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Drop the occasional detached speck the surface noise can pinch off: one brain, one piece."""
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == np.argmax(sizes)
-
-
-def _add_deep_structures(
-    rng: np.random.Generator, head: _Head, tumour: _TumourPlan, gm: np.ndarray, csf: np.ndarray
-) -> None:
-    """Ventricles and deep grey nuclei, displaced away from the tumour (mass effect), in place."""
-    reach = head.semi * np.array([0.5, 0.8, 0.5])
-    lo = np.maximum(np.floor(head.centre - reach).astype(int), [s.start for s in head.box])
-    hi = np.minimum(np.ceil(head.centre + reach).astype(int) + 1, [s.stop for s in head.box])
-    sub = tuple(slice(a, b) for a, b in zip(lo, hi))
-    local = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(sub, head.box))
-    u, v, w = np.broadcast_arrays(*head.coords(sub))
-
-    # Mass effect: sample the template closer to the tumour centre -> structures pushed away.
-    du, dv, dw = u - tumour.centre[0], v - tumour.centre[1], w - tumour.centre[2]
-    sigma = 1.6 * tumour.r_oedema / float(head.semi.mean())
-    strength = rng.uniform(0.2, 0.45) if tumour.grade == "HGG" else rng.uniform(0.05, 0.2)
-    push = strength * np.exp(-(du * du + dv * dv + dw * dw) / (sigma * sigma))
-    u, v, w = u - push * du, v - push * dv, w - push * dw
-
-    atrophy = rng.uniform(0.8, 1.4)
-    edge = 0.15 / atrophy
-    ventricles = np.zeros(u.shape, np.float32)
-    for side in (-1.0, 1.0):
-        bend = 0.12 - 0.35 * v * v
-        spread = side * (0.06 + 0.15 * v * v) * atrophy
-        q = ((u - spread) / (0.06 * atrophy)) ** 2 + (v / 0.5) ** 2 + ((w - bend) / (0.08 * atrophy)) ** 2
-        np.maximum(ventricles, _ramp(1.0 - np.sqrt(q), edge), out=ventricles)
-    q = (u / (0.02 * atrophy)) ** 2 + (v / 0.14) ** 2 + ((w + 0.04) / 0.12) ** 2
-    np.maximum(ventricles, _ramp(1.0 - np.sqrt(q), 0.3), out=ventricles)
-
-    nuclei = np.zeros(u.shape, np.float32)
-    for side in (-1.0, 1.0):
-        q = ((u - side * 0.25) / 0.11) ** 2 + ((v + 0.02) / 0.2) ** 2 + ((w + 0.02) / 0.13) ** 2
-        np.maximum(nuclei, 0.65 * _ramp(1.0 - np.sqrt(q), 0.25), out=nuclei)
-
-    np.maximum(csf[local], ventricles, out=csf[local])
-    np.maximum(gm[local], nuclei, out=gm[local])
-
-
 # --------------------------------------------------------------------------- tumour
 
 
@@ -280,7 +67,7 @@ class _Tumour:
     necrosis: np.ndarray  # 0..1 necrotic centre (HGG only)
 
 
-def _make_tumour(rng: np.random.Generator, head: _Head, tissue: _Tissue, plan: _TumourPlan) -> _Tumour:
+def _make_tumour(rng: np.random.Generator, head: Head, tissue: Tissue, plan: TumourPlan) -> _Tumour:
     cos, sin = np.cos(head.angle), np.sin(head.angle)
     rotation = np.array([[cos, sin, 0.0], [-sin, cos, 0.0], [0.0, 0.0, 1.0]])
     centre = head.centre + rotation.T @ (plan.centre * head.semi)  # voxels
@@ -300,12 +87,12 @@ def _make_tumour(rng: np.random.Generator, head: _Head, tissue: _Tissue, plan: _
     def blob_radius(shift: np.ndarray, radius: float, wobble: float, cell: float) -> np.ndarray:
         local_xyz = (grid - shift) @ frame
         r = np.sqrt(np.einsum("...i,...i->...", local_xyz, local_xyz)) / radius
-        r *= np.clip(1.0 - wobble * _smooth_field(rng, shape, max(2.0, cell)), 0.65, None)
+        r *= np.clip(1.0 - wobble * smooth_field(rng, shape, max(2.0, cell)), 0.65, None)
         return r
 
     r_oedema = blob_radius(np.zeros(3, np.float32), plan.r_oedema, 0.3, 0.5 * plan.r_oedema)
     r_core = blob_radius(core_shift, plan.r_core, 0.18, 0.6 * plan.r_core)
-    rim_wobble = 1.0 - 0.25 * _smooth_field(rng, shape, max(2.0, 0.4 * plan.r_core))
+    rim_wobble = 1.0 - 0.25 * smooth_field(rng, shape, max(2.0, 0.4 * plan.r_core))
 
     brain = tissue.brain[local]
     gm = tissue.gm[local]
@@ -313,8 +100,8 @@ def _make_tumour(rng: np.random.Generator, head: _Head, tissue: _Tissue, plan: _
     # Oedema tracks white matter: shrinks into cortex, avoids CSF and the brain surface.
     oedema_radius = r_oedema + 0.35 * gm + 0.6 * csf
     px = 1.0 / plan.r_oedema
-    core = _ramp(1.0 - r_core, 1.5 / plan.r_core) * brain
-    oedema = np.maximum(_ramp(1.0 - oedema_radius, 6.0 * px), core) * brain
+    core = ramp(1.0 - r_core, 1.5 / plan.r_core) * brain
+    oedema = np.maximum(ramp(1.0 - oedema_radius, 6.0 * px), core) * brain
 
     seg = np.zeros(shape, np.int16)
     seg[(oedema_radius < 1.0) & brain] = 2
@@ -327,7 +114,7 @@ def _make_tumour(rng: np.random.Generator, head: _Head, tissue: _Tissue, plan: _
         necrosis_mask = core_mask & (necrosis_radius < plan.necrosis_ratio)
         if necrosis_mask.sum() >= core_mask.sum():  # HGG always keeps an enhancing rim
             necrosis_mask[:] = False
-        necrosis = _ramp(plan.necrosis_ratio - necrosis_radius, 1.5 / plan.r_core) * core
+        necrosis = ramp(plan.necrosis_ratio - necrosis_radius, 1.5 / plan.r_core) * core
         seg[core_mask] = 4
         seg[necrosis_mask] = 1
     else:
@@ -352,8 +139,8 @@ _LGG_CONTRAST = 0.65  # LGG lesion intensities sit this fraction of the way from
 
 def _render(
     rng: np.random.Generator,
-    head: _Head,
-    tissue: _Tissue,
+    head: Head,
+    tissue: Tissue,
     tumour: _Tumour,
     modality: str,
     texture: np.ndarray,
@@ -372,7 +159,7 @@ def _render(
     image += wm
     image *= 1.0 + rng.uniform(0.02, 0.05) * texture
     if modality == "t1ce":  # enhancing cortical vessels / dura in the sulcal CSF
-        vessels = _ramp(texture - 1.0, 0.5)
+        vessels = ramp(texture - 1.0, 0.5)
         vessels *= tissue.cortical_csf
         image += rng.uniform(400.0, 700.0) * vessels
 
@@ -389,7 +176,7 @@ def _render(
     return image
 
 
-def _bias_factors(rng: np.random.Generator, head: _Head) -> list[np.ndarray]:
+def _bias_factors(rng: np.random.Generator, head: Head) -> list[np.ndarray]:
     """Smooth multiplicative bias field, separable: exp of a random quadratic per axis (~ +/-15%)."""
     factors = []
     for axis, s in enumerate(head.box):
@@ -428,12 +215,12 @@ def make_case(rng: np.random.Generator, shape: Shape = BRATS_SHAPE, grade: str =
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be 3-D with every side >= 16, got {shape}")
 
-    head = _make_head(rng, shape)
-    plan = _plan_tumour(rng, head, grade)
-    tissue = _make_tissue(rng, head, plan)
+    head = make_head(rng, shape)
+    plan = plan_tumour(rng, head, grade)
+    tissue = make_tissue(rng, head, plan)
     tumour = _make_tumour(rng, head, tissue, plan)
     box_shape = tissue.brain.shape
-    texture = _smooth_field(rng, box_shape, max(2.0, 3.0 * float(head.semi.mean()) / 75.0))
+    texture = smooth_field(rng, box_shape, max(2.0, 3.0 * float(head.semi.mean()) / 75.0))
 
     case: dict[str, np.ndarray] = {}
     for modality in MODALITIES:
@@ -451,9 +238,9 @@ def _tissue_masks(rng: np.random.Generator, shape: Shape = BRATS_SHAPE, grade: s
     """Full-volume boolean masks (brain, wm, gm, csf: majority tissue) for a fresh case drawn
     from ``rng`` -- consumes ``rng`` exactly like :func:`make_case` up to the tissue step, so
     calling both with identically seeded generators describes the same case.  For tests."""
-    head = _make_head(rng, shape)
-    plan = _plan_tumour(rng, head, grade)
-    tissue = _make_tissue(rng, head, plan)
+    head = make_head(rng, shape)
+    plan = plan_tumour(rng, head, grade)
+    tissue = make_tissue(rng, head, plan)
     masks = {}
     wm = 1.0 - tissue.gm - tissue.csf
     for name, inside in (

@@ -10,7 +10,7 @@ Retried on transient I/O errors (``OSError``: a flaky disk or bucket), never on 
 metadata only; the arrays go straight from the worker to the store.
 
 ``ingest_cases``: a few cases in one task run, what the ingest flow maps over Dask. A task run on a
-Dask worker costs ~0.07 s of Prefect's own (its context is serialized and rebuilt for each run), a
+Dask worker costs Prefect a fixed amount (its context is serialized and rebuilt for each run), a
 quarter of a case's work; a batch pays it once (``batch_size``: two batches a worker thread at
 least, eight cases at most). Each case is still done on its own: an invalid one
 becomes a ``quarantined`` row with its reason (logged as an error) and the others go on; an
@@ -99,7 +99,7 @@ def ingest_cases(cases: list[CaseFiles], store_url: str, profile: str, dtype: st
     return rows
 
 
-MAX_CASES_PER_TASK = 8  # ~2 s of work a task run: Prefect's ~0.07 s a run is then a few per cent
+MAX_CASES_PER_TASK = 8  # ~2 s of work a task run: Prefect's own cost of a run is then a few per cent
 
 
 def batch_size(cases: int, threads: int) -> int:

@@ -17,7 +17,6 @@ from unet.metrics import (
     hd95,
     region_mask,
     sensitivity,
-    slice_dice,
     specificity,
     summarize,
 )
@@ -326,68 +325,6 @@ def test_summarize():
     assert set(all_nan) == {"mean", "median", "std", "min", "max"}
     assert all(math.isnan(v) for v in all_nan.values())
     assert summarize([]) == {}
-
-
-# --------------------------------------------------------------------------- slice_dice
-
-
-def test_slice_dice_class_space_global():
-    # batch of two 1x4 "slices"
-    truth = np.array([[[0, 1, 2, 3]], [[3, 3, 0, 0]]])
-    pred = np.array([[[0, 1, 1, 3]], [[3, 0, 0, 2]]])
-    res = slice_dice(pred, truth)
-    assert set(res) == {"WT", "TC", "ET"}
-    # WT truth {1,2,3,3,3} at 5 voxels, pred at 5 voxels, overlap 4 (index 1,2,3 of slice0, index 0 of slice1)
-    assert res["WT"] == pytest.approx(2 * 4 / 10)
-    # TC truth {1,3,3,3}=4 voxels; pred {1,1,3,3}=4; overlap: s0 idx1, s0 idx3, s1 idx0 -> 3
-    assert res["TC"] == pytest.approx(2 * 3 / 8)
-    # ET truth 3 voxels, pred 2 voxels, overlap 2 -> global, not a mean of per-slice Dice
-    assert res["ET"] == pytest.approx(2 * 2 / 5)
-
-
-def test_slice_dice_empty_and_duck_typed_tensor():
-    z = np.zeros((2, 3, 3), np.int64)
-    assert slice_dice(z, z) == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
-
-    class FakeTensor:
-        def __init__(self, a: np.ndarray) -> None:
-            self._a = a
-
-        def cpu(self) -> FakeTensor:
-            return self
-
-        def detach(self) -> FakeTensor:
-            return self
-
-        def numpy(self) -> np.ndarray:
-            return self._a
-
-    truth = np.array([[1, 3], [2, 0]])
-    res = slice_dice(FakeTensor(truth), FakeTensor(truth))
-    assert res == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
-    with pytest.raises(ValueError):
-        slice_dice(np.zeros((2, 2)), np.zeros((2, 3)))
-
-
-def test_slice_dice_real_torch_tensor_if_available():
-    torch = pytest.importorskip("torch")
-    pred = torch.tensor([[0, 3], [1, 2]])
-    truth = torch.tensor([[3, 3], [1, 0]])
-    res = slice_dice(pred, truth)
-    assert res["ET"] == pytest.approx(2 * 1 / 3)
-    assert res["WT"] == pytest.approx(2 * 2 / 6)
-
-
-def test_metrics_module_does_not_import_torch_or_prefect():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, unet.metrics; "
-        "bad = [m for m in ('torch', 'prefect') if m in sys.modules]; "
-        "sys.exit(1 if bad else 0)"
-    )
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 # --------------------------------------------------------------------------- HD95 against MONAI

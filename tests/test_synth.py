@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from storage import synth
+from storage import phantom, synth
 
 SMALL = (64, 64, 40)
 MEDIUM = (96, 96, 60)
@@ -153,7 +153,7 @@ def test_invalid_arguments() -> None:
 def test_upsample_matches_scipy_zoom() -> None:
     coarse = np.random.default_rng(0).standard_normal((5, 7, 4)).astype(np.float32)
     expected = ndimage.zoom(coarse, (13 / 5, 20 / 7, 9 / 4), order=1, grid_mode=False)
-    np.testing.assert_allclose(synth._upsample(coarse, (13, 20, 9)), expected, atol=1e-5)
+    np.testing.assert_allclose(phantom.upsample(coarse, (13, 20, 9)), expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- files

@@ -21,7 +21,8 @@ from unet.data import SliceDataset, make_loader
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import Callbacks, TrainConfig, fit, train_step, validate
+from unet.train import Callbacks, TrainConfig, fit, train_step
+from unet.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = UNetConfig(base_channels=4, depth=2, padding="same")

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """``auto``: CUDA, then MPS, then the CPU; any other name must exist on this machine."""

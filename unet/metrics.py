@@ -1,78 +1,17 @@
-"""BraTS evaluation metrics (numpy + scipy only).
+"""BraTS evaluation metrics (numpy + scipy only): Dice, HD95, sensitivity, specificity.
 
-Label conventions
------------------
-Volumes written for people (ground truth, exported predictions) use the BraTS
-labels ``0`` background, ``1`` NCR/NET (necrotic / non-enhancing core), ``2`` ED
-(peritumoural edema) and ``4`` ET (enhancing tumour).  The network predicts the
-classes ``0, 1, 2, 3`` where class ``3`` stands for label ``4``.
+Volumes are *label* volumes ({0, 1, 2, 4}; anything else is refused: a 3 almost always means network
+classes not mapped back); regions WT = {1, 2, 4}, TC = {1, 4}, ET = {4}. Empty masks follow the
+BraTS evaluation (CaPTk, the BraTS 2023 metrics) and nnU-Net's scripts: both empty -> Dice 1, HD95
+0, sensitivity 1; exactly one empty -> Dice 0, HD95 ``EMPTY_HD95`` (373.13 mm), sensitivity 0.
+Specificity is TN / (TN + FP) over the whole volume (1 when the truth covers it all).
 
-The evaluated regions are nested:
-
-* WT, whole tumour  = labels {1, 2, 4}  (classes {1, 2, 3})
-* TC, tumour core   = labels {1, 4}     (classes {1, 3})
-* ET, enhancing     = label  {4}        (class  {3})
-
-:func:`evaluate_case` and :func:`region_mask` work in *label* space and refuse
-any value outside {0, 1, 2, 4} (a ``3`` almost always means a class array that
-was not mapped back to labels).  :func:`slice_dice` works in *class* space.
-
-Conventions for empty masks
----------------------------
-"pred" is the prediction, "truth" the reference.  These follow the BraTS
-evaluation code (CaPTk / the BraTS 2023 metrics, which take sensitivity and
-specificity from MLCommons GaNDLF) and nnU-Net's BraTS scripts:
-
-==========================  =========  ===========  ===========  ===========
-case                        Dice       HD95 (mm)    sensitivity  specificity
-==========================  =========  ===========  ===========  ===========
-both empty                  1.0        0.0          1.0          TN/(TN+FP)
-truth empty, pred not       0.0        373.13       0.0          TN/(TN+FP)
-pred empty, truth not       0.0        373.13       0.0          1.0 (no FP)
-==========================  =========  ===========  ===========  ===========
-
-* sensitivity = TP / (TP + FN).  When the truth is empty (TP + FN = 0): 1.0 if
-  the prediction is empty too, otherwise 0.0 -- exactly what the BraTS/GaNDLF
-  code yields (it divides by ``TP + FN + tiny`` and then forces 1.0 when both
-  are empty).
-* specificity = TN / (TN + FP).  It is only undefined when the truth covers the
-  *whole* array (no negatives at all).  We then return 1.0 (there is no
-  negative voxel to get wrong); GaNDLF's formula would give 0.0 there.  This
-  cannot happen on a real brain volume.
-
-HD95 definition
----------------
-The 95th-percentile Hausdorff distance as the BraTS 2023+ metrics (DeepMind's ``surface-distance``
-``compute_robust_hausdorff``) and MONAI's ``compute_hausdorff_distance(percentile=95)`` define it:
-the larger of the two *directed* 95th percentiles. (MedPy's ``hd95`` differs: it takes one 95th
-percentile of both distance sets pooled, which is never larger.) ``tests/test_metrics.py`` checks
-it against MONAI and against a brute-force pairwise computation.
-
-1. The surface of a mask is ``mask AND NOT erosion(mask)``, eroded with the
-   connectivity-1 structuring element (6-neighbourhood in 3-D, i.e.
-   ``scipy.ndimage.generate_binary_structure(ndim, 1)``), and voxels outside the
-   array counting as background (``border_value=0``), so a mask touching the
-   edge of the volume has its surface there.
-2. ``d(A->B)``: for each surface voxel of A, the Euclidean distance in mm to
-   the nearest surface voxel of B, from
-   ``scipy.ndimage.distance_transform_edt(~surface_B, sampling=spacing)``;
-   likewise ``d(B->A)``.
-3. ``HD95 = max(percentile(d(A->B), 95), percentile(d(B->A), 95))`` with
-   numpy's default (linear) percentile interpolation.
-
-For speed, both masks are cropped to the bounding box of their union (plus a
-1-voxel margin) before the distance transforms.  This does not change the
-result: every surface voxel of either mask lies inside the box, the surface
-computation treats the outside as background either way, and the distance
-transform is exact Euclidean.  When a few stray voxels stretch the box over
-most of the volume, the distance transform of the box costs seconds, so
-``hd95(..., method="auto")`` then finds the very same nearest-surface distances
-with a ``scipy.spatial.cKDTree`` over the surface voxel coordinates (scaled by
-``spacing``) instead; ``method="edt"`` forces the distance transform.
-
-Distances are in the units of ``spacing`` (mm for NIfTI zooms); anisotropic
-spacing is supported.  All functions work on arrays of any dimension as long
-as ``len(spacing) == ndim``.
+HD95 is the larger of the two *directed* 95th percentiles of surface distances, as the BraTS 2023
+metrics (DeepMind's ``surface-distance``) and MONAI's ``compute_hausdorff_distance(percentile=95)``
+define it (MedPy pools both directions, which is never larger); the tests check it against MONAI and
+brute force. A surface is ``mask & ~erosion(mask)`` with 6-connectivity, the outside counting as
+background; distances come from ``distance_transform_edt`` with the voxel spacing, on the box around
+both masks (exact), or from a k-d tree over the surface voxels when stray voxels make that box large.
 """
 
 from __future__ import annotations
@@ -86,12 +25,11 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from storage.brats import CLASS_REGIONS, LABELS, REGIONS
+from storage.brats import LABELS, REGIONS
 
 __all__ = [
     "REGIONS",
     "LABELS",
-    "CLASS_REGIONS",
     "EMPTY_HD95",
     "region_mask",
     "dice",
@@ -100,7 +38,6 @@ __all__ = [
     "specificity",
     "evaluate_case",
     "summarize",
-    "slice_dice",
 ]
 
 #: HD95 (mm) reported when exactly one of the two masks is empty (BraTS convention).
@@ -230,17 +167,6 @@ def _hd95_impl(p: NDArray[np.bool_], t: NDArray[np.bool_], sp: tuple[float, ...]
     p, t = p[box], t[box]
     d_pt, d_tp = _directed_distances(_surface(p), _surface(t), sp, method)
     return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """numpy view of an array-like; torch tensors are duck-typed via ``.cpu()``."""
-    if hasattr(x, "cpu") and not isinstance(x, np.ndarray):
-        x = x.cpu()
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "numpy"):
-            x = x.numpy()
-    return np.asarray(x)
 
 
 # --------------------------------------------------------------------------- public API
@@ -394,23 +320,3 @@ def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
             "max": float(np.max(arr)),
         }
     return out
-
-
-def slice_dice(pred_classes: Any, truth_classes: Any) -> dict[str, float]:
-    """Global WT/TC/ET Dice over a whole batch of network *class* arrays.
-
-    Inputs hold classes 0..3 (class 3 = ET) with any, but equal, shape, e.g.
-    ``(N, H, W)`` for a batch of 2-D slices.  All voxels of the batch are
-    pooled (global Dice, not a mean of per-slice Dice); an empty region in
-    both gives 1.0.  numpy arrays and anything with ``.cpu()`` (torch tensors,
-    duck-typed; torch is not imported) are accepted.  Returns
-    ``{"WT": ..., "TC": ..., "ET": ...}``.
-    """
-    pred = _to_numpy(pred_classes)
-    truth = _to_numpy(truth_classes)
-    if pred.shape != truth.shape:
-        raise ValueError(f"shape mismatch: pred {pred.shape} vs truth {truth.shape}")
-    return {
-        region: _dice_from_counts(*_counts(np.isin(pred, members), np.isin(truth, members)))
-        for region, members in CLASS_REGIONS.items()
-    }

@@ -65,11 +65,9 @@ from unet.preprocess import PROFILES, Profile, preprocess_case
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,))
 
 
-# Pixels of context kept around the brain when cropping (at the network's grid, per side). Measured
-# with a trained full-profile U-Net (tests/data/models) on 4 real cases, worst Dice per region of the
-# cropped against the whole-plane segmentation, fp32 / bf16: margin 0: 0.974 / 0.973, 8: 0.991 /
-# 0.991, 16: 0.998 / 0.997, 32: 0.999 / 0.996 (bf16 alone costs ~0.002); the network ran on 38, 48,
-# 56 and 75 % of the plane's pixels. 16 keeps a wide berth from the 0.99 the tests ask for.
+# Pixels of context kept around the brain when cropping (at the network's grid, per side): enough that
+# a same-padding network's crop agrees with its whole plane (tests/test_predict_crop.py; the margins
+# measured are in the README's "Benchmarks").
 CROP_MARGIN = 16
 
 

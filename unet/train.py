@@ -1,21 +1,18 @@
 """Training loop for the U-Net on slices of the store: resumable, seeded, GPU-ready. No Prefect here.
 
-    data (unet.data) -> UNet (unet.model) -> cross-entropy (unet.model) -> AdamW + one-cycle schedule
-    -> validation every epoch (loss, slice Dice WT/TC/ET) -> checkpoint every epoch and every N steps
+    data (unet.data) -> augmentation (unet.augment) -> UNet (unet.model) -> loss (unet.loss)
+    -> AdamW + one-cycle schedule -> validation (per-case 3D Dice) -> checkpoints
 
-* Device: ``auto`` picks CUDA, then MPS, then CPU (``unet.device``). The step runs under bf16
-  autocast on CUDA (fp16 + ``GradScaler`` on GPUs without bf16) and on CPUs with native bf16
-  (AVX512-BF16, AMX: twice the fp32 step rate), with channels_last tensors.
-* The loss is computed on whole slices in both padding modes: ``UNet.predict`` mirror-pads the
-  input so that a valid-padding network's output covers the slice (the paper's overlap-tile).
-* Augmentation runs on the device (``unet.augment.apply_augment``) with parameters the workers drew.
+* Device and precision: ``unet.device`` (bf16 autocast on CUDA and on CPUs with native bf16,
+  channels_last). The loss is computed on whole slices in both padding modes (``UNet.predict``:
+  the paper's overlap-tile for valid padding).
 * Resuming: the checkpoint holds model, optimizer, scheduler, scaler, RNG, epoch and step; the data
   order and augmentation depend on (seed, epoch, position) only (``unet.data.EpochSampler``), so a
   run resumed at step s of epoch e sees the very batches an uninterrupted run would have seen and
   ends with the same weights.
 * Validation scores every validation case as the test is scored: per-case 3D Dice (WT/TC/ET, the
-  BraTS rules for empty masks) over all of its brain slices, on the store's grid, averaged over
-  cases; the best epoch is the one with the best mean of the three.
+  BraTS rules for empty masks) over all of its brain slices, averaged over cases; the weights kept
+  are the best epoch's, or the last (``keep``).
 """
 
 from __future__ import annotations
@@ -32,11 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from storage.store import SliceStore
 from unet.augment import AUGMENTATIONS, apply_augment
 from unet.checkpoint import rng_state, set_rng_state
-from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader, with_context
-from unet.device import autocast_dtype, pick_device
-from unet.loss import SegLoss, class_weights_from_counts, upsample_linear
-from unet.metrics import CLASS_REGIONS, dice
-from unet.model import UNet, UNetConfig, centre_slice
+from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader
+from unet.device import DEVICE_HELP, autocast_dtype, pick_device
+from unet.loss import SegLoss, class_weights_from_counts
+from unet.model import UNet, UNetConfig
+from unet.validate import validate
 
 
 class TrainConfig(BaseModel):
@@ -86,7 +83,7 @@ class TrainConfig(BaseModel):
     validate_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
     checkpoint_every: int = Field(200, ge=0, description="also checkpoint every N steps (0 = at epoch ends only)")
     workers: int = Field(4, ge=0, description="DataLoader worker processes")
-    device: str = Field("auto", description="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    device: str = Field("auto", description=DEVICE_HELP)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
         description="auto: bf16 autocast on CUDA (fp16 + scaler without bf16) and on CPUs with native bf16, else fp32",
@@ -173,43 +170,6 @@ def train_step(
     scaler.update()
     scheduler.step()
     return loss.detach()
-
-
-@torch.no_grad()
-def validate(
-    model, store: SliceStore, cases: list[str], loss_fn, device, amp, channels_last: bool, batch_size: int
-) -> dict:
-    """Mean loss over the validation cases' brain slices, and per-case 3D Dice per region (WT/TC/ET)
-    averaged over the cases, as the test is scored (both masks empty: 1; one empty: 0)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, n, per_case = 0.0, 0, {r: [] for r in CLASS_REGIONS}
-    for case in cases:
-        image, label = store.image(case), np.asarray(store.label(case)[:])
-        brain = np.flatnonzero(np.asarray(store.attrs(case)["slice_brain"]) > 0)
-        f = label.shape[-1] // image.shape[-1]  # labels on a finer grid (profile tp): scored there
-        pred = np.zeros_like(label)
-        for start in range(0, brain.size, batch_size):
-            idx = brain[start : start + batch_size]
-            x = with_context(image, idx, model.cfg.context)
-            x = torch.from_numpy(x.astype(np.float32)).to(device)
-            y = torch.from_numpy(label[idx]).to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model.predict(x)
-            loss_sum += float(loss_fn(logits, y)) * len(x)
-            n += len(x)
-            probs = upsample_linear(torch.softmax(logits.float(), 1), f)
-            outside = (centre_slice(x, model.cfg) == 0).all(1)  # no brain: background
-            outside = outside.repeat_interleave(f, -2).repeat_interleave(f, -1)
-            pred[idx] = probs.argmax(1).masked_fill(outside, 0).to("cpu", torch.uint8).numpy()
-        for r, members in CLASS_REGIONS.items():
-            per_case[r].append(dice(np.isin(pred, members), np.isin(label, members)))
-    model.train(was_training)
-    row = {"val_loss": loss_sum / max(n, 1), **{f"dice_{r}": float(np.mean(v)) for r, v in per_case.items()}}
-    row["dice_mean"] = float(np.mean([row[f"dice_{r}"] for r in CLASS_REGIONS]))
-    return row
 
 
 # ----------------------------------------------------------------------------- the loop
