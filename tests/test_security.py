@@ -218,10 +218,10 @@ def test_the_prefect_api_listens_on_loopback_by_default(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: launched.append(args))
     server = SubprocessASGIServer(port=4242)  # Prefect's own temporary API
     server._run_uvicorn_command()
-    ours = EphemeralAPI.command(4242)  # what flows/embedded.py starts for every `brats` command
+    ours = EphemeralAPI.command(4242)  # what flows/cli/embedded.py starts for every `brats` command
     assert ours == launched[0], "the temporary API must be launched exactly as Prefect launches it"
     assert ours[ours.index("--host") + 1] == "127.0.0.1"
-    embedded = (ROOT / "flows" / "embedded.py").read_text()
+    embedded = (ROOT / "flows" / "cli" / "embedded.py").read_text()
     assert "0.0.0.0" not in embedded
 
 
