@@ -138,7 +138,8 @@ def announced(path: str | Path, scan: Scan) -> dict | None:
 
 
 class Watcher:
-    """Poll an inbox; announce (``emit``) each complete, stable scan once per version of its files."""
+    """Look at an inbox; announce (``emit``) each complete scan once per version of its files, once it is
+    stable: the same at two looks (``brats watch`` looks again after ``settle`` quiet seconds)."""
 
     def __init__(
         self,
@@ -149,10 +150,11 @@ class Watcher:
     ):
         self.inbox = Path(inbox)
         if not self.inbox.is_dir():
-            raise FileNotFoundError(f"{self.inbox}: no such inbox folder")
+            raise FileNotFoundError(f"{self.inbox}: no such inbox folder (create it: mkdir -p {self.inbox})")
         self.state = Path(state) if state else state_path(self.inbox)
         self.naming, self.emit = naming, emit
         self.previous: dict[str, tuple] = {}  # case -> signature at the last poll
+        self.unsettled = False  # complete scans not announced yet: another look is due
         load_state(self.state)  # unreadable state: say so now, not at the first announcement
 
     def poll(self) -> list[Scan]:
@@ -168,6 +170,10 @@ class Watcher:
         if stable:
             self.emit(stable)  # raises when the API is down: tried again at the next poll
             record(self.state, stable, "watch")
+        done = {s.case.case_id for s in stable}
+        self.unsettled = any(
+            cid not in done and emitted.get(cid, {}).get("signature") != s.signature for cid, s in complete.items()
+        )
         return stable
 
     def baseline(self) -> int:

@@ -116,6 +116,37 @@ def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
     assert [e.resource.id for e in sent] == ["brats.scan.NEW_001", "brats.scan.NEW_002", "brats.scan.NEW_001"]
 
 
+def test_brats_watch_announces_a_scan_seconds_after_its_last_file(prefect_api, small_raw, tmp_path):
+    """File-system events, not a poll interval: a scan copied in file by file is announced about
+    ``settle`` seconds after its last file is written, once, and not while a modality is missing."""
+    import threading
+
+    from flows.cli.events import watch
+    from storage.inbox import load_state
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    looks = threading.Thread(target=watch, args=(str(inbox),), kwargs={"settle": 0.5, "interval": 60, "max_polls": 12})
+    looks.start()
+    time.sleep(1.0)  # the watcher is up
+    src = sources(small_raw)[0]
+    new_scan(src, inbox, "NEW_001", channels=("flair", "t1", "t1ce"))
+    time.sleep(1.5)
+    assert "NEW_001" not in load_state(inbox / STATE_NAME)  # t2 still missing: not complete
+    new_scan(src, inbox, "NEW_001", channels=("t2",))
+    written = time.monotonic()
+    while "NEW_001" not in load_state(inbox / STATE_NAME) and time.monotonic() - written < 10:
+        time.sleep(0.05)
+    seconds = time.monotonic() - written
+    for i in range(150):  # more file events, each a look, until the watcher has had its 12 looks
+        if not looks.is_alive():
+            break
+        (inbox / f"noise-{i}.txt").write_text("x")
+        time.sleep(0.2)
+    assert not looks.is_alive()
+    assert "NEW_001" in load_state(inbox / STATE_NAME) and seconds < 4, seconds  # settle + debounce, not 30 s
+
+
 def test_watcher_does_not_forget_a_scan_when_the_api_is_down(small_raw, tmp_path):
     inbox = tmp_path / "inbox"
     new_scan(sources(small_raw)[0], inbox, "NEW_001")
@@ -333,8 +364,9 @@ def stack(tmp_path_factory, small_raw):
         stop(procs[:1])
 
 
-TINY_NETWORK = {"base_channels": 4, "depth": 2}  # the deployment's padding "same" and norm "batch" are kept
+TINY_NETWORK = {"base_channels": 4, "depth": 2, "context": 0}  # the recipe's padding "same", norm "batch" kept
 TINY_TRAINING = {
+    "folds": 0,
     "epochs": 1,
     "batch_size": 4,
     "max_steps_per_epoch": 2,
@@ -416,21 +448,23 @@ def launched(stack, small_store, small_raw):
 
 @pytest.mark.slow
 def test_deployments_pools_and_triggers_are_on_the_server(stack):
-    deployments = {f"{d['name']}": d for d in stack.post("/deployments/filter", {})}
-    assert set(deployments) == {"nightly", "gpu", "after-train", "scans", "inbox", "default"}
-    pools = {d["name"]: d["work_pool_name"] for d in deployments.values()}
+    flows = {f["id"]: f["name"] for f in stack.post("/flows/filter", {})}
+    deployments = {f"{flows[d['flow_id']]}/{d['name']}": d for d in stack.post("/deployments/filter", {})}
+    pools = {name: d["work_pool_name"] for name, d in deployments.items()}
     assert pools == {
-        "nightly": "cpu",
-        "gpu": "gpu",
-        "after-train": "cpu",
-        "scans": "cpu",
-        "inbox": "cpu",
-        "default": "gpu",
+        "ingest/nightly": "cpu",
+        "train/gpu": "gpu",
+        "train/cpu": "cpu",
+        "evaluate/after-train": "cpu",
+        "infer/scans": "cpu",
+        "sweep/inbox": "cpu",
+        "pipeline/default": "gpu",
+        "pipeline/cpu": "cpu",
     }
     for d in deployments.values():
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
     # typed sections: the UI renders each as a group of fields, no free JSON
-    schema = deployments["default"]["parameter_openapi_schema"]
+    schema = deployments["pipeline/default"]["parameter_openapi_schema"]
     sections = {name: prop["$ref"].rsplit("/", 1)[-1] for name, prop in schema["properties"].items() if "$ref" in prop}
     assert sections == {
         "data": "Preprocessing",
@@ -442,13 +476,19 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
         "epochs" in schema["definitions"]["TrainConfig"]["properties"]
         and "description" in schema["definitions"]["TrainConfig"]["properties"]["epochs"]
     )
-    # defaults that suit the pool: the gpu pool trains the paper's base 64 on CUDA
-    train = deployments["gpu"]["parameters"]
-    assert train["network"]["base_channels"] == 64 and train["training"]["device"] == "cuda"
-    assert deployments["nightly"]["parameters"]["raw"] == [str(stack.data / "raw")]
-    assert [s["schedule"].get("cron") for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
-    assert [s["schedule"].get("interval") for s in deployments["inbox"]["schedules"]] == [1800]
-    assert deployments["scans"]["global_concurrency_limit"]["limit"] == 1
+    # each pool's recipe (flows/recipes.py); every deployment that ingests with the same data section
+    assert {n: d["parameters"].get("recipe") for n, d in deployments.items() if n.startswith(("train", "pipe"))} == {
+        "train/gpu": "gpu",
+        "train/cpu": "cpu",
+        "pipeline/default": "gpu",
+        "pipeline/cpu": "cpu",
+    }
+    data = [d["parameters"]["data"] for n, d in deployments.items() if n.startswith(("ingest", "pipeline"))]
+    assert data == [{"profile": "tp", "split_ratios": [0.7, 0.15, 0.15]}] * 3
+    assert deployments["ingest/nightly"]["parameters"]["raw"] == [str(stack.data / "raw")]
+    assert [s["schedule"].get("cron") for s in deployments["ingest/nightly"]["schedules"]] == ["0 2 * * *"]
+    assert [s["schedule"].get("interval") for s in deployments["sweep/inbox"]["schedules"]] == [1800]
+    assert deployments["infer/scans"]["global_concurrency_limit"]["limit"] == 1
 
     assert {p["name"]: p["type"] for p in stack.post("/work_pools/filter", {})}.items() >= {
         "cpu": "process",
@@ -461,19 +501,19 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
         "prefect.resource.id": "brats.scan.*"
     }
     (action,) = scan["actions"]
-    assert action["deployment_id"] == deployments["scans"]["id"]
+    assert action["deployment_id"] == deployments["infer/scans"]["id"]
     assert action["parameters"]["inputs"] == ["{{ event.payload.path }}"]  # rendered by the server per event
     trained = automations["evaluate what was trained"]
     assert (
         trained["trigger"]["expect"] == ["brats.model.trained"]
         and trained["trigger"]["match"]["brats.evaluate"] == "true"
     )
-    assert trained["actions"][0]["deployment_id"] == deployments["after-train"]["id"]
+    assert trained["actions"][0]["deployment_id"] == deployments["evaluate/after-train"]["id"]
     assert trained["actions"][0]["parameters"]["version"] == "{{ event.payload.version }}"
     crashed = automations["resume crashed training"]
     assert (
         crashed["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
-        and crashed["actions"][0]["deployment_id"] == deployments["gpu"]["id"]
+        and crashed["actions"][0]["deployment_id"] == deployments["train/gpu"]["id"]
     )
 
     ui = stack.http.get(stack.api.removesuffix("/api") + "/ui-settings").json()

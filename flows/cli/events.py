@@ -1,8 +1,9 @@
 """New scans announce themselves: ``brats watch`` and ``brats submit`` emit ``brats.scan.arrived``.
 
-    brats watch INBOX     poll INBOX; a case whose four modalities are all there and whose file sizes
-                          and mtimes did not change between two polls is complete: emit one event
-                          for it and note it in INBOX/.brats-watch.json (``storage.inbox``)
+    brats watch INBOX     watch INBOX (file-system events, ``watchfiles``; ``--polling`` on network
+                          file systems); a case whose four modalities are all there and whose file
+                          sizes and mtimes stayed the same for ``--settle`` seconds is complete: emit
+                          one event for it and note it in INBOX/.brats-watch.json (``storage.inbox``)
     brats submit PATH     emit the same event by hand for a case folder (or every case under a root),
                           noted there too, so the watcher does not announce it again
 
@@ -21,9 +22,11 @@ nothing, so without one they refuse at once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,49 +89,69 @@ def _now() -> str:
 
 def watch(
     inbox: str,
-    interval: float = 10.0,
+    settle: float = 1.0,
+    interval: float = 30.0,
     state: str | None = None,
     naming: Naming = "auto",
     max_polls: int = 0,
     baseline: bool = False,
     served: bool = False,
+    polling: bool = False,
 ) -> int:
-    """Watch an inbox; emit brats.scan.arrived for each complete new scan.
+    """Watch an inbox; emit brats.scan.arrived for each complete new scan, as soon as it settles.
 
     Args:
         inbox: inbox folder: <case>/ or {HGG,LGG}/<case>/
-        interval: seconds between polls (a scan is complete once unchanged across two)
+        settle: seconds a scan's files must stay unchanged (all four modalities there) before it is announced
+        interval: seconds between looks at the whole inbox when no file event comes (a safety net)
         state: state file (default: INBOX/.brats-watch.json)
         naming: file names: auto (per case), brats2019 (flair/t1/t1ce/t2) or brats2023 (t2f/t1n/t1c/t2w)
-        max_polls: stop after N polls (0: run until stopped, by Ctrl-C or one SIGTERM)
+        max_polls: stop after N looks (0: run until stopped, by Ctrl-C or one SIGTERM)
         baseline: record the scans already there as announced, without emitting (the sweep does them)
         served: send each scan to the `brats serve` processes (a warm model, seconds) instead of emitting the event
+        polling: poll the file system for changes instead of its change events (network file systems)
     """
+    import watchfiles
+
     watcher = Watcher(inbox, lambda scans: deliver(scans, "watch", naming, served), state, naming)
     if baseline:
         print(f"{_now()} baseline: {watcher.baseline()} scan(s) recorded in {watcher.state}", flush=True)
-    print(f"{_now()} watching {watcher.inbox} every {interval:g}s (state {watcher.state})", flush=True)
+    how = "polling its files" if polling else "file events"
+    print(f"{_now()} watching {watcher.inbox} ({how}; settled after {settle:g}s; state {watcher.state})", flush=True)
 
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    polls = 0
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
+    ours = {str(watcher.state), str(watcher.state) + ".tmp"}
+    changes = watchfiles.watch(
+        watcher.inbox,
+        watch_filter=lambda change, path: path not in ours,  # the state file is written in the inbox
+        debounce=100,
+        rust_timeout=max(50, int(settle * 1000)),
+        yield_on_timeout=True,  # quiet for `settle` seconds: time for another look at unsettled scans
+        force_polling=polling,
+        ignore_permission_denied=True,
+    )
+    polls, last = 0, 0.0
     try:
-        while True:
+        for changed in itertools.chain([set()], changes):
+            if not (changed or watcher.unsettled or time.monotonic() - last >= interval):
+                continue
+            last = time.monotonic()
             try:
                 for s in watcher.poll():
                     sent = "sent segment-scan" if served else f"emitted {EVENT}"
                     print(f"{_now()} {sent} {s.case.case_id} {s.path}", flush=True)
-            except Exception as e:  # the API or the inbox away for a moment: try again next poll
-                print(f"{_now()} poll failed, retrying: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            except Exception as e:  # the API or the inbox away for a moment: try again at the next look
+                print(f"{_now()} look failed, retrying: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             polls += 1
             if max_polls and polls >= max_polls:
                 return 0
-            time.sleep(interval)
     except KeyboardInterrupt:
         print(f"{_now()} stopped", flush=True)
-        return 0
+    return 0
 
 
 def submit(paths: list[str], naming: Naming = "auto", served: bool = False) -> int:
