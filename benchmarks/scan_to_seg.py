@@ -1,4 +1,4 @@
-"""Scan-to-segmentation benchmark: seconds from ``brats submit`` to ``<case>_seg.nii.gz`` on disk.
+"""Scan-to-segmentation benchmark: seconds from a new scan to ``<case>_seg.nii.gz`` on disk.
 
     python benchmarks/scan_to_seg.py --case DIR [--models M --model V] [--repeats 5]
 
@@ -6,7 +6,9 @@ What an operator runs, on this machine: a real ``prefect server start`` (tempora
 and before the clock, ``brats serve --out OUT`` (a task worker with the model loaded and run once).
 Each repeat copies the case under a new id into an inbox (a new scan, nothing cached on disk) and
 times ``brats submit <folder> --served`` (a new process: start-up included) until the segmentation
-and its record are written. For comparison, the cold path a deployment's flow run takes: ``brats
+and its record are written. Then the hands-off path: ``brats watch INBOX --served`` running, each
+repeat copies a case's four files into the watched inbox as a scanner would, and the clock runs from
+the last file written to the record (the watcher's settle time included). For comparison, the cold path a deployment's flow run takes: ``brats
 infer <folder>`` as a new process (imports, model load, prediction, write), timed the same way.
 
 The model: ``--models``/``--model`` (e.g. a trained ``tp`` version), else an untrained ``tp`` U-Net
@@ -98,7 +100,7 @@ def main() -> int:
             raise SystemExit(f"brats serve did not start: {ready!r} (see {tmp / 'server.log'})")
         print(ready.strip())
         time.sleep(1.0)  # the worker subscribes right after it says so
-        served, submit_only, cold = [], [], []
+        served, submit_only, watched, cold = [], [], [], []
         for r in range(args.repeats):
             folder = new_scan(args.case, inbox, f"{args.case.name}_s{r}")
             start = time.perf_counter()
@@ -107,6 +109,16 @@ def main() -> int:
             submit_only.append(time.perf_counter() - start)
             served.append(until_written(out, folder.name, start))
             print(f"served {r + 1}: submit {submit_only[-1]:.1f} s, segmentation written after {served[-1]:.1f} s")
+        watched_inbox = tmp / "watched"
+        watched_inbox.mkdir()
+        watch = [program("brats"), "watch", str(watched_inbox), "--served"]
+        procs.append(subprocess.Popen(watch, env=env, stdout=log, stderr=log))
+        time.sleep(3.0)  # the watcher's start-up (imports) is not a scan's wait
+        for r in range(args.repeats):
+            folder = new_scan(args.case, watched_inbox, f"{args.case.name}_w{r}")
+            start = time.perf_counter()  # the last file is written
+            watched.append(until_written(out, folder.name, start))
+            print(f"watched {r + 1}: segmentation written {watched[-1]:.1f} s after the last file")
         for r in range(args.cold):
             folder = new_scan(args.case, inbox, f"{args.case.name}_c{r}")
             start = time.perf_counter()
@@ -126,6 +138,7 @@ def main() -> int:
     median = statistics.median(served)
     print(f"  served (brats serve, warm): submit -> segmentation  median {median:5.1f} s  (target <= 10)")
     print(f"    of which `brats submit` itself                     median {statistics.median(submit_only):5.1f} s")
+    print(f"  watched (brats watch --served): last file -> segmentation  median {statistics.median(watched):5.1f} s")
     if cold:
         print(f"  cold (`brats infer`, a new process)                 median {statistics.median(cold):5.1f} s")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Create the work pools and the "gpu" concurrency limit, then deploy every flow of deploy/prefect.yaml.
+# Create the data folders, the work pools and the "gpu" concurrency limit, then deploy every flow of deploy/prefect.yaml.
 # Idempotent: run it again after changing the yaml or a pool template.
 #
 #   PREFECT_API_URL=http://prefect:4200/api BRATS_REPO=/opt/brats BRATS_DATA=/data BRATS_STORAGE=/data \
@@ -17,6 +17,11 @@ cd "$(dirname "$0")/.."
 : "${BRATS_STORAGE:=$BRATS_DATA}"
 export BRATS_REPO BRATS_DATA BRATS_STORAGE
 PREFECT="${PREFECT:-prefect}"
+export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
+
+# the folders the deployments read and write: raw/ (labelled cases, nightly ingestion), inbox/ (new
+# scans, `brats watch`), segmentations/ (what inference writes)
+mkdir -p "$BRATS_DATA/raw" "$BRATS_DATA/inbox" "$BRATS_DATA/segmentations" "$BRATS_STORAGE"
 GPU_TYPE="${BRATS_GPU_POOL_TYPE:-process}"
 
 "$PREFECT" work-pool create cpu --type process --overwrite

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from storage.shards import slice_reader
 from storage.store import SliceStore
 from unet.augment import AugmentConfig, augment_params
+from unet.device import cores
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,9 @@ def make_loader(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A ``DataLoader`` that keeps an accelerator fed: ``workers`` processes, prefetching, pinning."""
+    """A ``DataLoader`` that keeps an accelerator fed: ``workers`` processes (never more than the cores
+    this process may use), prefetching, pinning."""
+    workers = min(workers, cores())
     context = None
     if workers > 0:  # not fork: the caller may run threads (Prefect, zarr's event loop)
         context = multiprocessing.get_context(
