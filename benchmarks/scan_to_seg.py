@@ -8,8 +8,9 @@ Each repeat copies the case under a new id into an inbox (a new scan, nothing ca
 times ``brats submit <folder> --served`` (a new process: start-up included) until the segmentation
 and its record are written. Then the hands-off path: ``brats watch INBOX --served`` running, each
 repeat copies a case's four files into the watched inbox as a scanner would, and the clock runs from
-the last file written to the record (the watcher's settle time included). For comparison, the cold path a deployment's flow run takes: ``brats
-infer <folder>`` as a new process (imports, model load, prediction, write), timed the same way.
+the last file written to the record (the watcher's settle time included). For comparison, the cold
+path a deployment's flow run takes: ``brats infer <folder>`` as a new process (imports, model load,
+prediction, write), timed the same way.
 
 The model: ``--models``/``--model`` (e.g. a trained ``tp`` version), else an untrained ``tp`` U-Net
 of ``--base`` channels (the cost does not depend on the weights). Prints each time and the medians.
