@@ -48,8 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefect_server import prefect_server, program  # noqa: E402
-
+from benchmarks.prefect_server import prefect_server, program  # noqa: E402
 from flows.cli.memory import keep_freed_memory  # noqa: E402
 from storage.cases import discover  # noqa: E402
 from storage.synth import write_dataset  # noqa: E402

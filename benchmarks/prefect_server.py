@@ -18,11 +18,15 @@ def program(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def prefect_server(home: Path, log=subprocess.DEVNULL, timeout: float = 120) -> tuple[subprocess.Popen, str]:
-    """(the server process, its API URL); stop it with ``terminate()``."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def prefect_server(
+    home: Path, log=subprocess.DEVNULL, timeout: float = 120, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """(the server process, its API URL); stop it with ``terminate()``. ``port``: that one (a restart
+    of a server on its own home), else a free one."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     args = [program("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefect_server import prefect_server, program  # noqa: E402
+from benchmarks.prefect_server import prefect_server, program  # noqa: E402
 
 
 def untrained(models: Path, base: int) -> str:

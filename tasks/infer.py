@@ -67,6 +67,8 @@ def infer_case(
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
     with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
+        if (done := _earlier_record(case, out, how, files)) is not None:  # it finished while we predicted
+            return row(done, "skipped", time.perf_counter() - start)
         write_segmentation(written, scan.reference, seg_path)  # the input's grid and header
         record = {
             "case": case.case_id,

@@ -22,6 +22,13 @@ REAL = Path(os.environ.get("BRATS_REAL_DATA", ROOT / "tests" / "data"))  # one r
 SMALL = (64, 64, 40)  # small synthetic grid: fast, still brain + tumour on many slices
 
 
+def child_env(root: Path = ROOT, **extra: str) -> dict:
+    """The environment for a child Python process: this one's, with ``root`` put before its
+    PYTHONPATH (extended, not replaced: the packages it names stay importable) and ``extra``."""
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def rewrite_nifti(path, data, affine=None, dtype=None) -> None:
     """Rewrite a NIfTI file in place with new voxels (and optionally affine or dtype): a bad-input maker."""
     import nibabel as nib

@@ -26,6 +26,7 @@ import pytest
 from storage.cases import discover
 from storage.store import SliceStore
 from tasks.ingest import ingest_case
+from tests.conftest import child_env
 from tests.test_faults import ROOT, ingest_all, store_snapshot, synth_raw
 
 CASE = "BraTS19_RACE_0001_1"
@@ -56,7 +57,7 @@ print(n, errors)
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return child_env(OMP_NUM_THREADS="1")
 
 
 def _start_together(cmds: list[list[str]], go: Path, timeout: float = 120) -> list[subprocess.Popen]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from storage.store import SliceStore
+from tests.conftest import child_env
 from unet.augment import N_PARAMS, AugmentConfig, apply_augment, augment_params
 from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader, with_context
 
@@ -149,7 +149,7 @@ def test_workers_leave_when_the_trainer_is_killed(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env=child_env(root),
     )
     try:
         workers = [int(p) for p in proc.stdout.readline().split()]

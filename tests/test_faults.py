@@ -39,6 +39,7 @@ from storage.cases import discover
 from storage.store import SliceStore
 from storage.synth import write_dataset
 from tasks.ingest import ingest_case
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (48, 48, 24)
@@ -252,7 +253,7 @@ class Zygote:
     def __init__(self, tmp: Path):
         script = tmp / "zygote.py"
         script.write_text(ZYGOTE)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        env = child_env(OMP_NUM_THREADS="1")
         self.tmp, self.n = tmp, 0
         self.proc = subprocess.Popen(
             [sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT

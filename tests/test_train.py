@@ -16,6 +16,7 @@ import torch
 
 from storage.registry import Registry
 from storage.store import SliceStore
+from tests.conftest import child_env
 from unet.checkpoint import RegistryCheckpoint, rng_state, set_rng_state
 from unet.data import SliceDataset, make_loader
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
@@ -153,7 +154,7 @@ def test_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(smal
     script.write_text(
         textwrap.dedent(KILLED_RUN).replace("{model}", repr(TINY.__dict__)).replace("{cfg}", repr(SHORT.__dict__))
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(script), small_store, registry.root, version], env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 120

@@ -42,8 +42,8 @@ def serve(
 
     Args:
         out: output folder
-        model: model version, 'latest', or empty for the best (resolved again for every scan)
-        models: model registry: a local path or an fsspec URL
+        version: model version, 'latest', or empty for the best (resolved again for every scan)
+        registry_url: model registry: a local path or an fsspec URL
         et_label: label written for enhancing tumour: 4 (BraTS up to 2021) or 3 (2023+); empty: each input's own edition
         prediction: how scans are segmented
         limit: scans segmented at once (1 on a CPU: each gets every core; 2 on a GPU keeps it fed)
