@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.prefect_server import prefect_server, program  # noqa: E402
+from benchmarks.prefect_server import stop as stop_all  # noqa: E402
 from benchmarks.scan_to_seg import new_scan, untrained  # noqa: E402
 
 
@@ -184,13 +185,7 @@ def burst(
         time.sleep(1.0)  # the last file events
     finally:
         stop.set()
-        for p in [watcher, *servers, server]:
-            if p is not None and p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_all(watcher, *servers, server)
         log.close()
     latency = sorted((out / f"{c}.json").stat().st_mtime - t for c, t in dropped.items())
     report["p50_s"] = round(statistics.median(latency), 1)

@@ -41,3 +41,14 @@ def prefect_server(
             time.sleep(0.2)
     server.kill()
     raise SystemExit(f"prefect server start did not answer within {timeout:.0f} s")
+
+
+def stop(*processes: subprocess.Popen | None, timeout: float = 20) -> None:
+    """Ask each process still running to stop (SIGTERM), in order; kill what has not after ``timeout``."""
+    for p in processes:
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.prefect_server import prefect_server, program  # noqa: E402
+from benchmarks.prefect_server import prefect_server, program, stop  # noqa: E402
 
 
 def untrained(models: Path, base: int) -> str:
@@ -128,12 +128,7 @@ def main() -> int:
             cold.append(until_written(out, folder.name, start))
             print(f"cold `brats infer` {r + 1}: {cold[-1]:.1f} s")
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(*reversed(procs))
         log.close()
     print(f"\ncase {args.case.name}, model {version or 'best'} of {models}")
     median = statistics.median(served)

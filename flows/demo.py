@@ -1,8 +1,9 @@
 """Flow ``demo`` (``brats demo``): the whole story on this machine, with nothing to set up.
 
 Synthesizes a small BraTS-like dataset and a few "new" scans, runs the pipeline on the embedded
-defaults (ephemeral Prefect API, Dask LocalCluster, local store), segments the new scans with the
-model it just trained, and prints the held-out Dice and where everything is.
+defaults (ephemeral Prefect API, Dask LocalCluster, local store) with the ``cpu`` recipe made small
+(one model instead of a 5-fold ensemble, a few short epochs), segments the new scans with the model
+it just trained, and prints the held-out Dice and where everything is.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from prefect import flow
 
 from flows.infer import infer
 from flows.pipeline import pipeline
+from flows.recipes import recipe
 from flows.sections import Preprocessing
 from storage.synth import BRATS_SHAPE, write_dataset
-from unet.model import UNetConfig
-from unet.train import TrainConfig
 
 
 @flow(name="demo", log_prints=True)
@@ -49,21 +49,15 @@ def demo(
     print(f"synthetic data ready in {work} ({time.perf_counter() - start:.0f} s)")
 
     registry_url = str(work / "models")
+    cpu = recipe("cpu")
     result = pipeline(
         raw=[str(work / "raw")],
         store_url=str(work / "slices.zarr"),
         registry_url=registry_url,
         data=Preprocessing(profile="tp"),
-        network=UNetConfig(base_channels=base_channels, depth=4, padding="same", norm="batch"),
-        training=TrainConfig(
-            epochs=epochs,
-            batch_size=8,
-            lr=3e-3,
-            max_steps_per_epoch=40,
-            oversample_tumour=3.0,
-            class_weight_power=0.5,
-            seed=seed,
-            workers=1,
+        network=cpu.network.model_copy(update={"base_channels": base_channels}),
+        training=cpu.training.model_copy(
+            update=dict(folds=0, epochs=epochs, max_steps_per_epoch=40, validate_every=1, seed=seed, device="auto")
         ),
     )
     version = result["train"]["version"]

@@ -33,7 +33,8 @@ from scipy import ndimage
 from storage.brats import REGIONS
 from unet.metrics import dice, hd95
 
-MIN_ISLAND_ML = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # candidates, gentlest first; 1 ml = 1000 voxels at 1 mm
+# candidates, gentlest first; 1 ml = 1000 voxels at 1 mm
+MIN_ISLAND_ML = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 ET_MIN_ML = (0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 DICE_TIE = 0.002  # a mean Dice this close to the best counts as the best
 _FULL = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: islands touching by a corner are one
