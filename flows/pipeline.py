@@ -79,13 +79,14 @@ def _summary(runs: dict, result):
 
 def _dice(result: dict) -> str:
     metrics = result.get("metrics", result)  # a training's result holds them under "metrics"
-    return ", ".join(f"{k} {metrics.get(f'dice_{k}', float('nan')):.3f}" for k in ("WT", "TC", "ET"))
+    return " ".join(f"{k} {metrics.get(f'dice_{k}', float('nan')):.3f}" for k in ("WT", "TC", "ET"))
 
 
 _OUTCOME = {
     "ingest": lambda r: (
-        f"{r['ingested']} ingested, {r['skipped']} skipped, {r['quarantined']} quarantined; split {r['split']}"
+        f"{r['ingested']} ingested, {r['skipped']} skipped, {r['quarantined']} quarantined; split "
+        f"{'/'.join(map(str, r['split'].values()))} ({'/'.join(r['split'])})"
     ),
-    "train": lambda r: f"`{r['version']}`, {'cross-validated' if r.get('folds') else 'validation'} Dice {_dice(r)}",
+    "train": lambda r: f"{r['version']}: {'cross-validated' if r.get('folds') else 'validation'} Dice {_dice(r)}",
     "evaluate": lambda r: f"{r['cases']} {r['split']} case(s), Dice {_dice(r)}",
 }
