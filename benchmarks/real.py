@@ -66,12 +66,13 @@ def fold_table(per_fold: list[dict]) -> str:
 
 
 def misses(rows: list[dict]) -> list[str]:
-    """The failures the targets name: a whole tumour below 0.6, an enhancing tumour of 1 ml or more missed."""
+    """The failures the targets name: a whole tumour below 0.6, an enhancing tumour of 1 ml or more
+    missed (Dice under 0.05: a few voxels of overlap are not a found tumour)."""
     out = [f"{r['case']}: WT Dice {r['dice_WT']:.2f}" for r in rows if r["dice_WT"] < 0.6]
     out += [
-        f"{r['case']}: ET of {r['truth_ET_ml']} ml missed"
+        f"{r['case']}: ET of {r['truth_ET_ml']} ml missed (Dice {r['dice_ET']:.3f})"
         for r in rows
-        if r.get("truth_ET_ml", 0) >= 1 and r["dice_ET"] == 0
+        if r.get("truth_ET_ml", 0) >= 1 and r["dice_ET"] < 0.05
     ]
     return out
 
