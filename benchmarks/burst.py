@@ -36,6 +36,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,7 +93,7 @@ def burst(
     out.mkdir()
     log = open(work / "processes.log", "w")
     server, api = prefect_server(home, log)
-    port = int(api.split(":")[2].split("/")[0])
+    port = urlsplit(api).port
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -117,7 +118,7 @@ def burst(
     watching = threading.Thread(target=records_written, args=(out, stop, counts), daemon=True)
     watching.start()
     servers, watcher = [], None
-    report: dict = {"scans": scans, "restarted_server": False, "killed_while_segmenting": None, "serve_restarts": 0}
+    report: dict = {"scans": scans, "restarted_server": False, "killed_while_segmenting": False, "serve_restarts": 0}
     try:
         servers = [start_serve(), start_serve()]
         watcher = subprocess.Popen(brats + ["watch", str(inbox), "--served"], env=env, stdout=log, stderr=log)
@@ -140,7 +141,7 @@ def burst(
                 raise RuntimeError(f"only {n} of {scans} written after {timeout:.0f} s")
             if n != last_done:
                 last_done, last_change = n, time.perf_counter()
-            if report["killed_while_segmenting"] is None and running_scans(api) >= 2:
+            if not report["killed_while_segmenting"] and running_scans(api) >= 2:
                 say(f"{n} written: killing a brats serve while both are segmenting")
                 servers[0].send_signal(signal.SIGKILL)
                 servers[0].wait()
@@ -148,8 +149,7 @@ def burst(
                 report["killed_while_segmenting"] = True
             if not report["restarted_server"] and n >= scans // 2:
                 say(f"{n} written: stopping the server")
-                server.terminate()
-                server.wait(timeout=60)
+                stop_all(server, timeout=60)
                 time.sleep(2.0)
                 server, _ = prefect_server(home, log, port=port)
                 report["restarted_server"] = True

@@ -32,10 +32,11 @@ def scans_only(case: CaseFiles) -> CaseFiles:
     return replace(case, files={k: v for k, v in case.files.items() if k != "seg"})
 
 
-def _earlier_record(case: CaseFiles, out: str, how: dict, files: dict[str, bytes]) -> dict | None:
-    """The record of a finished earlier run made as ``how`` says on these same bytes, else None."""
+def _earlier_record(case: CaseFiles, out: str, how: dict, sha256: dict[str, str]) -> dict | None:
+    """The record of a finished earlier run made as ``how`` says on the same bytes (``sha256``: each
+    input file's digest), else None."""
     done = finished(out, case.case_id, how)
-    return done[0] if done is not None and done[0].get("sha256") == digests(files) else None
+    return done[0] if done is not None and done[0].get("sha256") == sha256 else None
 
 
 @stage_task("infer-case", "infer-{case.case_id}")
@@ -56,7 +57,7 @@ def infer_case(
     case = scans_only(case)
     how = made_with(version, tta, et_label or case.et_label, postprocess)
     files = read_files(case)  # each file read once: hashed for the skip check, and decoded if not done
-    done = _earlier_record(case, out, how, files)
+    done = _earlier_record(case, out, how, digests(files))
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
     scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
@@ -67,7 +68,7 @@ def infer_case(
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
     with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
-        if (done := _earlier_record(case, out, how, files)) is not None:  # it finished while we predicted
+        if (done := _earlier_record(case, out, how, scan.sha256)) is not None:  # finished while we predicted
             return row(done, "skipped", time.perf_counter() - start)
         write_segmentation(written, scan.reference, seg_path)  # the input's grid and header
         record = {

@@ -124,10 +124,12 @@ def watch(
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
-    ours = {str(watcher.state), str(watcher.state) + ".tmp"}
+    state = str(watcher.state)
     changes = watchfiles.watch(
         watcher.inbox,
-        watch_filter=lambda change, path: path not in ours,  # the state file is written in the inbox
+        # hidden names are never scans: among them the state file (.brats-watch.json) and its
+        # temporary copy, written here after each announcement (rsync-style renames end visible)
+        watch_filter=lambda change, path: path != state and not Path(path).name.startswith("."),
         debounce=100,
         rust_timeout=max(50, int(settle * 1000)),
         yield_on_timeout=True,  # quiet for `settle` seconds: time for another look at unsettled scans
