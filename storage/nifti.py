@@ -24,10 +24,11 @@ import numpy as np
 from storage.brats import ET_LABEL, MODALITIES
 from storage.cases import CaseFiles, InvalidCase
 
-try:  # ISA-L inflates gzip ~2.5x faster than zlib; optional
+try:  # ISA-L (de)compresses gzip several times faster than zlib; optional
+    from isal.igzip import compress as _gzip
     from isal.igzip import decompress as _gunzip
 except ImportError:  # pragma: no cover
-    _gunzip = gzip.decompress
+    _gunzip, _gzip = gzip.decompress, gzip.compress
 MAX_DIM = 1024  # larger is not a brain MRI; refuse before allocating
 AFFINE_ATOL = 1e-3
 
@@ -211,7 +212,7 @@ def write_segmentation(labels: np.ndarray, reference: nib.Nifti1Image, out: str 
     img = nib.Nifti1Image(labels.astype(np.uint8), reference.affine, header)
     img.set_qform(reference.get_qform(), code=int(reference.header["qform_code"]))
     img.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
-    return atomic_write_bytes(out, img.to_bytes() if not out.name.endswith(".gz") else gzip.compress(img.to_bytes(), 6))
+    return atomic_write_bytes(out, img.to_bytes() if not out.name.endswith(".gz") else _gzip(img.to_bytes()))
 
 
 def _umask() -> int:

@@ -12,8 +12,9 @@ the command), and nothing is pickled between them. Dask's own INFO lines (``dist
 scheduler, nanny, worker start and stop) stay out of the console, in this process and in any
 worker processes it starts; warnings still show.
 
-Prediction (``predict_runner``): a few cases at once on threads of the flow's process, so the model is
-loaded once; ``case_threads`` shares torch's threads between them, ``device_name`` checks the device.
+Prediction (``predict_runner``): ``BRATS_CASES_AT_ONCE`` cases at once (default 2) on threads of the
+flow's process, so the model is loaded once; ``case_threads`` shares torch's threads between them,
+``device_name`` checks the device.
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ def cluster_threads() -> int:
     return max(1, sum(client.nthreads().values())) if client is not None else 1
 
 
-# Cases predicted at once: one decodes, preprocesses or writes (one core, numpy) while the other
-# predicts (torch, the remaining cores). More buys nothing on CPU; on a GPU it keeps it fed.
-CASES_AT_ONCE = 2
+# Cases predicted at once (``BRATS_CASES_AT_ONCE``, default 2): one decodes, preprocesses or writes
+# (one core, numpy) while the other predicts (torch). On a GPU more keep it fed.
+CASES_AT_ONCE = max(1, int(os.environ.get("BRATS_CASES_AT_ONCE", 2)))
 
 
 def predict_runner() -> ThreadPoolTaskRunner:

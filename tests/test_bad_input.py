@@ -263,7 +263,7 @@ def test_every_bad_input_beside_good_cases_through_the_ingest_and_infer_flows(pr
     from flows.ingest import ingest
     from storage.store import SliceStore
     from tasks.runners import dask_runner
-    from tests.test_faults import register_model
+    from tests.helpers import register_model
 
     roots, good, bad = _catalogue(tmp_path)
 

@@ -26,8 +26,8 @@ import pytest
 from storage.cases import discover
 from storage.store import SliceStore
 from tasks.ingest import ingest_case
-from tests.conftest import child_env
-from tests.test_faults import ROOT, ingest_all, store_snapshot, synth_raw
+from tests.conftest import ROOT, child_env
+from tests.helpers import ingest_all, store_snapshot, synth_raw
 
 CASE = "BraTS19_RACE_0001_1"
 SHAPE_IMG, SHAPE_LAB = (8, 4, 64, 64), (8, 64, 64)
@@ -119,7 +119,7 @@ def test_two_writers_of_one_case_never_leave_a_mixed_case(tmp_path):
 INGEST = """
 import sys, time, os
 from storage.cases import discover
-from tests.test_faults import ingest_all
+from tests.helpers import ingest_all
 raw, url, order, go, i = sys.argv[1:6]
 open(f"{go}.ready{i}", "w").close()
 while not os.path.exists(go):

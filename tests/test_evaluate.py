@@ -13,7 +13,7 @@ from storage.cases import discover
 from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.ingest import ingest_case
-from tests.test_infer import register
+from tests.helpers import register_model
 from unet.metrics import REGIONS
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +28,7 @@ def test_evaluate_reports_metrics_artifacts_and_saves_them_with_the_model(prefec
     models = tmp_path / "models"
     store = SliceStore(small_store)
     test_cases = store.split["test"]
-    version = register(models)
+    version = register_model(models)
     registry = Registry(str(models))
     registry.update_info(version, split={"train": store.split["train"] + test_cases[:1]})  # a leak to warn about
 
@@ -73,7 +73,7 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
     ingest_case.fn(case, url, "full")
     store.publish(split={"train": [], "val": [], "test": [case.case_id]})
     models = tmp_path / "models"
-    register(models)
+    register_model(models)
     params = dict(store_url=url, registry_url=str(models))
 
     _, first = run(params)
@@ -94,7 +94,7 @@ def test_missing_seg_falls_back_to_the_store_label_with_the_same_metrics(prefect
 
 
 def test_a_model_of_another_profile_is_refused(prefect_api, small_store, tmp_path):
-    register(tmp_path / "models", profile="tp")
+    register_model(tmp_path / "models", profile="tp")
     state, _ = run(dict(store_url=small_store, registry_url=str(tmp_path / "models")))
     assert state.is_failed() and "profile 'tp'" in state.message
     with pytest.raises(ValueError, match="no split 'holdout'"):

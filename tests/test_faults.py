@@ -1,4 +1,4 @@
-"""Fault injection: kill -9 at random points, transient I/O errors; nothing half-done is ever visible.
+"""Fault injection: kill -9 at random points; nothing half-done is ever visible.
 
 * Ingestion killed (SIGKILL) at 12 points — 8 chosen at random among the files the store writes
   (just before or just after the k-th), 4 at random times — then rerun: every case readers can see
@@ -9,18 +9,15 @@
 * Inference killed mid-write (half the bytes in the temp file; written but not renamed; renamed
   but the record not yet written) and at random times: no partial NIfTI at any output path, a
   record never without its segmentation, and the rerun completes with a clean run's outputs.
-* Transient ``OSError`` on the store's write and on the segmentation's write: retried by Prefect,
-  then whole; invalid data in inference: not retried.
 
 Kill trials run ``tasks.ingest.ingest_case.fn`` / ``tasks.infer.infer_case.fn`` (no Prefect: the
 storage layer is what is under test) in children forked from one "zygote" process, so the imports
-(Prefect, torch) are paid once, not per trial. Training killed mid-epoch: ``tests/test_train.py``.
+(Prefect, torch) are paid once, not per trial. Training killed mid-epoch: ``tests/test_train.py``;
+transient I/O errors: ``tests/test_retries.py``.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import random
@@ -30,56 +27,25 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import zarr
 
-from storage.cases import discover
 from storage.store import SliceStore
-from storage.synth import write_dataset
-from tasks.ingest import ingest_case
 from tests.conftest import child_env
+from tests.helpers import (
+    case_snapshot,
+    infer_snapshot,
+    ingest_all,
+    register_model,
+    segmentation_snapshot,
+    store_snapshot,
+    synth_raw,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (48, 48, 24)
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def synth_raw(root: Path, cases: int = 3, seed: int = 11, with_seg: bool = True) -> Path:
-    write_dataset(root, cases=cases, seed=seed, shape=SHAPE, with_seg=with_seg)
-    return root
-
-
-def ingest_all(raw, url: str, profile: str = "full", reverse: bool = False) -> None:
-    """What the ingest flow does to the store, without Prefect: every case, then split + fingerprint."""
-    store = SliceStore(url, mode="a")
-    store.claim_profile(profile)
-    cases = discover(raw).cases
-    for case in reversed(cases) if reverse else cases:
-        ingest_case.fn(case, url, profile)
-    store.publish()
-
-
-def _sha(a) -> str:
-    a = np.ascontiguousarray(a[:])
-    return f"{a.dtype}{a.shape}" + hashlib.sha256(a.tobytes()).hexdigest()
-
-
-def case_snapshot(store: SliceStore, case_id: str) -> dict:
-    """A case's attrs and array checksums; not its source files' stamps, which say when those files were
-    last written as seen at ingestion (none for files written under 2 s before), not what the case holds."""
-    label = store.label(case_id)
-    attrs = {k: v for k, v in store.attrs(case_id).items() if k != "stamps"}
-    return {"attrs": attrs, "image": _sha(store.image(case_id)), "label": label and _sha(label)}
-
-
-def store_snapshot(url: str) -> dict:
-    """Everything a reader of the store gets: root attrs and, per complete case, attrs + array checksums."""
-    store = SliceStore(url)
-    return {"root": dict(store.root.attrs), "cases": {c: case_snapshot(store, c) for c in store.case_ids()}}
+# ----------------------------------------------------------------------------- what a kill leaves
 
 
 def half_written(url: str) -> list[str]:
@@ -98,46 +64,13 @@ def assert_visible_cases_whole(url: str, clean: dict) -> None:
         assert case_snapshot(store, case_id) == clean["cases"][case_id], f"{case_id} is visible but not whole"
 
 
-def register_model(root: Path, seed: int = 0, profile: str = "full") -> str:
-    import torch
-
-    from storage.registry import Registry
-    from unet.checkpoint import save_model
-    from unet.model import UNet, UNetConfig
-
-    registry = Registry(str(root))
-    version = registry.create({"profile": profile, "status": "complete"})
-    torch.manual_seed(seed)
-    save_model(registry, version, UNet(UNetConfig(base_channels=4, depth=2, padding="same")))
-    registry.set_best(version)
-    return version
-
-
-def infer_all(raw, out: str, models: str, version: str) -> list[str]:
-    from tasks.infer import infer_case
-
-    return [infer_case.fn(case, out, models, version, "cpu", False, 16)["status"] for case in discover(raw).cases]
-
-
-def infer_snapshot(out: Path) -> dict:
-    """Per case: the segmentation's voxels and header grid, and the record less its timing."""
-    snap = {}
-    for seg in sorted(out.glob("*_seg.nii.gz")):
-        img = nib.load(seg)
-        snap[seg.name] = (hashlib.sha256(np.asanyarray(img.dataobj).tobytes()).hexdigest(), img.affine.tolist())
-    for record in sorted(out.glob("*.json")):
-        done = {k: v for k, v in json.loads(record.read_text()).items() if k != "seconds"}
-        snap[record.name] = {**done, "segmentation": Path(done["segmentation"]).relative_to(out).as_posix()}
-    return snap
-
-
 # ----------------------------------------------------------------------------- the zygote
 
 ZYGOTE = r'''
 import json, os, signal, sys, threading, traceback
 import torch                      # every import before any fork: a trial costs a fork, not 7 s
 import tasks.infer, tasks.ingest, zarr.storage._local
-from tests.test_faults import infer_all, ingest_all
+from tests.helpers import infer_all, ingest_all
 
 
 def die():
@@ -390,7 +323,7 @@ def test_inference_killed_mid_write_leaves_no_partial_output_and_the_rerun_compl
         for path in outputs:  # every file at an output path is whole, and the clean run's
             if path.name.endswith("_seg.nii.gz"):
                 try:
-                    got = infer_snapshot_one(path)
+                    got = segmentation_snapshot(path)
                 except Exception as e:
                     pytest.fail(f"{trial}: a partial NIfTI at the output path {path.name}: {type(e).__name__}: {e}")
                 assert got == reference[path.name], (trial, path.name)
@@ -404,99 +337,3 @@ def test_inference_killed_mid_write_leaves_no_partial_output_and_the_rerun_compl
         assert rerun["exit"] == 0 and rerun["statuses"].count("skipped") == sum(p.suffix == ".json" for p in outputs)
         assert infer_snapshot(out) == reference, trial
     assert leftovers >= 3  # the "mid"/"before" kills did die with a temp file open: they hit the write
-
-
-def infer_snapshot_one(seg: Path):
-    img = nib.load(seg)
-    return (hashlib.sha256(np.asanyarray(img.dataobj).tobytes()).hexdigest(), img.affine.tolist())
-
-
-# ----------------------------------------------------------------------------- transient I/O errors
-
-
-PREFECT_TASK_LOG = pytest.mark.filterwarnings(
-    "ignore:Logger 'prefect.task_runs' attempted to send logs"
-)  # a task run outside a flow
-
-
-@PREFECT_TASK_LOG
-def test_oserror_writing_the_store_is_retried_and_the_case_lands_whole(prefect_api, tmp_path, monkeypatch):
-    import zarr.storage._local as local
-
-    raw = synth_raw(tmp_path / "raw", cases=1)
-    case = discover(raw).cases[0]
-    clean_url = str(tmp_path / "clean.zarr")
-    ingest_case.fn(case, clean_url, "full")
-    url = str(tmp_path / "s.zarr")
-    SliceStore(url, mode="a")
-
-    real, faults = local._put, []
-
-    def full_disk(path, value, exclusive=False):
-        if "/image/c" in str(path) and not faults:  # the image shard: the group exists, half a case on disk
-            faults.append(path)
-            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
-        return real(path, value, exclusive=exclusive)
-
-    monkeypatch.setattr(local, "_put", full_disk)
-    state = ingest_case(case, url, "full", return_state=True)
-    assert faults and state.is_completed(), state
-    assert state.result()["status"] == "ingested"
-    store = SliceStore(url)
-    assert store.case_ids() == [case.case_id]
-    assert case_snapshot(store, case.case_id) == case_snapshot(SliceStore(clean_url), case.case_id)
-
-
-@PREFECT_TASK_LOG
-def test_oserror_writing_a_segmentation_is_retried_and_leaves_no_temp_file(prefect_api, tmp_path, monkeypatch):
-    import tasks.infer
-
-    raw = synth_raw(tmp_path / "raw", cases=1, with_seg=False)
-    case = discover(raw).cases[0]
-    models = tmp_path / "models"
-    version = register_model(models)
-    out = tmp_path / "out"
-
-    real_fsync, faults = os.fsync, []
-
-    def failing_fsync(fd):
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        if "_seg.nii.gz." in name and name.endswith(".part") and not faults:
-            faults.append(fd)
-            raise OSError(errno.EIO, "Input/output error (injected)")
-        return real_fsync(fd)
-
-    reads = []
-    real_read = tasks.infer.read_case
-    monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    state = tasks.infer.infer_case(case, str(out), str(models), version, "cpu", False, 16, return_state=True)
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    assert faults and state.is_completed(), state
-    assert len(reads) == 2  # failed once, then did it all again
-    assert sorted(p.name for p in out.iterdir()) == [
-        f"{case.case_id}.json",
-        f"{case.case_id}_seg.nii.gz",
-    ]  # temp file removed
-    assert np.asanyarray(nib.load(out / f"{case.case_id}_seg.nii.gz").dataobj).shape == SHAPE
-
-
-@PREFECT_TASK_LOG
-def test_invalid_scan_in_inference_is_not_retried(prefect_api, tmp_path, monkeypatch):
-    import tasks.infer
-
-    raw = synth_raw(tmp_path / "raw", cases=1, with_seg=False)
-    case = discover(raw).cases[0]
-    t2 = Path(case.files["t2"])
-    t2.write_bytes(t2.read_bytes()[:-500])
-    models = tmp_path / "models"
-    version = register_model(models)
-    reads = []
-    real_read = tasks.infer.read_case
-    monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
-    state = tasks.infer.infer_case(
-        case, str(tmp_path / "out"), str(models), version, "cpu", False, 16, return_state=True
-    )
-    assert state.is_failed() and f"{t2.name}: truncated" in state.message
-    assert len(reads) == 1
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

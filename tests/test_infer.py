@@ -9,23 +9,10 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from prefect.artifacts import Artifact
 
 from flows.infer import infer
-from storage.registry import Registry
-from unet.checkpoint import save_model
-from unet.model import UNet, UNetConfig
-
-
-def register(root, profile="full", padding="same", seed=0) -> str:
-    """An untrained tiny model as the registry's best version."""
-    registry = Registry(str(root))
-    version = registry.create({"profile": profile, "status": "complete"})
-    torch.manual_seed(seed)
-    save_model(registry, version, UNet(UNetConfig(base_channels=4, depth=2, padding=padding)))
-    registry.set_best(version)
-    return version
+from tests.helpers import register_model
 
 
 def run(params: dict):
@@ -34,7 +21,7 @@ def run(params: dict):
 
 
 def test_real_case_segmentation_lines_up_with_the_input(prefect_api, real_case, tmp_path):
-    version = register(tmp_path / "models", profile="tp", padding="valid")
+    version = register_model(tmp_path / "models", profile="tp", padding="valid")
     out = tmp_path / "out"
     params = dict(inputs=[str(real_case)], out=str(out), registry_url=str(tmp_path / "models"))
     umask = os.umask(0o022)
@@ -87,7 +74,7 @@ def test_a_bad_scan_fails_alone_and_a_new_model_redoes_the_rest(prefect_api, sma
     for c in cases:
         (c / f"{c.name}_seg.nii.gz").unlink()  # new scans come without a segmentation
     models, out = tmp_path / "models", tmp_path / "out"
-    first = register(models)
+    first = register_model(models)
 
     params = dict(inputs=[str(raw)], out=str(out), registry_url=str(models))
     state, summary = run(params)
@@ -101,7 +88,7 @@ def test_a_bad_scan_fails_alone_and_a_new_model_redoes_the_rest(prefect_api, sma
     assert "Failed" in Artifact.get("infer-summary").data
 
     shutil.rmtree(bad)
-    second = register(models, seed=1)  # now the best: everything is redone with it
+    second = register_model(models, seed=1)  # now the best: everything is redone with it
     state, summary = run(params)
     assert state.is_completed() and summary["written"] == len(good) and summary["skipped"] == 0
     assert {json.loads((out / f"{c}.json").read_text())["model_version"] for c in good} == {second} != {first}

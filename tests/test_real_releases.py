@@ -265,7 +265,7 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
     and affine, uses its edition's ET label (or the one asked for), and the same anatomy stored in
     another voxel order gets the very same segmentation."""
     from flows.infer import infer
-    from tests.test_infer import register
+    from tests.helpers import register_model
 
     inbox = tmp_path / "inbox"
     scans = {c: img for c, img in real.items() if c != "seg"}
@@ -282,7 +282,7 @@ def test_inference_writes_every_release_on_its_own_grid_with_its_own_et_label(pr
     )
     write(inbox, "BraTS19_HALF_1", {c: half_mm(img) for c, img in scans.items()})
     models = tmp_path / "models"
-    register(models, profile="tp", padding="same", seed=4)
+    register_model(models, profile="tp", padding="same", seed=4)
 
     out = tmp_path / "out"
     state = infer([str(inbox)], str(out), registry_url=str(models), return_state=True)

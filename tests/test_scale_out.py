@@ -9,8 +9,6 @@ nothing in the code knows about S3.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,28 +22,9 @@ from flows.sections import Preprocessing
 from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.runners import dask_runner
+from tests.helpers import free_port, stop
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM each process group, then SIGKILL what is still there after a grace period."""
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
 from flows.cli.events import submit
 from storage.registry import Registry
-from tests.test_infer import register
+from tests.helpers import register_model
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def task_runs(name: str) -> list:
 
 def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alone(prefect_api, small_raw, tmp_path):
     models, out, inbox = tmp_path / "models", tmp_path / "out", tmp_path / "inbox"
-    first = register(models)
+    first = register_model(models)
     for src in sorted((small_raw / "HGG").iterdir())[:2]:
         shutil.copytree(src, inbox / src.name)
     cases = sorted(p.name for p in inbox.iterdir())
@@ -75,7 +75,7 @@ def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alon
         (done,) = task_runs(f"segment-{cases[0]}")
         assert done.state.is_completed()
 
-        second = register(models, seed=1)  # a new best: the next scan uses it, in the same process
+        second = register_model(models, seed=1)  # a new best: the next scan uses it, in the same process
         assert Registry(str(models)).best() == second
         assert submit([str(inbox / cases[1])], served=True) == 0
         assert written(out, cases[1])["model_version"] == second

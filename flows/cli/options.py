@@ -64,7 +64,7 @@ def _argument(prop: dict) -> dict:
 
 def _help(prop: dict) -> str:
     text = prop.get("description", "")
-    if "default" in prop:
+    if "default" in prop and "(default:" not in text:  # a description may say its default itself
         default = prop["default"]
         text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
     return text.replace("%", "%%")
