@@ -42,7 +42,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "cpu": Recipe(
         data=Preprocessing(profile="tp", split_ratios=(1.0, 0.0, 0.0)),
-        network=UNetConfig(base_channels=16, depth=4, padding="same", norm="batch", context=1),
+        network=UNetConfig(base_channels=16, depth=4, padding="same", norm="batch", context=1, deep_supervision=True),
         training=TrainConfig(
             **_STRONG_2D,
             folds=5,
@@ -57,7 +57,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "gpu": Recipe(
         data=Preprocessing(profile="full", split_ratios=(1.0, 0.0, 0.0)),
-        network=UNetConfig(base_channels=64, depth=4, padding="same", norm="batch", context=1),
+        network=UNetConfig(base_channels=64, depth=4, padding="same", norm="batch", context=1, deep_supervision=True),
         training=TrainConfig(
             **_STRONG_2D,
             folds=5,
