@@ -39,7 +39,7 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
     store, models, new = str(work / "slices.zarr"), str(work / "models"), str(work / "new")
     shape = ["--shape", "48", "48", "24"] if tiny else []
     if tiny:
-        train = ["--base-channels", "4", "--depth", "2", "--context", "0", "--epochs", "1"]
+        train = ["--base-channels", "4", "--depth", "2", "--no-deep-supervision", "--context", "0", "--epochs", "1"]
         train += ["--max-steps-per-epoch", "3", "--batch-size", "4", "--workers", "0", "--validate-every", "1"]
         step = ["--base", "4", "--depth", "2", "--size", "48", "--batch", "2", "--steps", "1", "--warmup", "0"]
         step += ["--paddings", "same", "--workers", "1", "--cores", "1", "--cases", "2", "--loader-windows", "1"]
@@ -63,7 +63,7 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
     return [
         ("synth", [*brats, "synth", str(work / "raw"), "--cases", "4" if tiny else "10", *shape], ""),
         ("synth new scans", [*brats, "synth", new, "--cases", cases, "--no-seg", "--prefix", "NEW", *shape], ""),
-        ("ingest", [*brats, "ingest", str(work / "raw"), "--store", store], r"'ingested': (\d+ case)"),
+        ("ingest", [*brats, "ingest", str(work / "raw"), "--store", store], r"'ingested': (\d+)"),
         (
             "train flow",
             [*brats, "train", "--store", store, "--registry", models, "--recipe", "gpu", "--folds", "0"]
@@ -103,6 +103,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="brats-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the figures are read from the runs' INFO lines
     env.setdefault("PREFECT_HOME", str(work / "prefect-home"))
     env.pop("PREFECT_API_URL", None)
 

@@ -36,7 +36,7 @@ def test_the_gpu_check_runs_every_step_in_its_tiny_configuration(tmp_path):
         "batch inference",
     }
     assert all(result == "ok" for _, result, _ in rows.values())
-    assert rows["ingest"][2] == "4 case" and re.fullmatch(r"[\d.]+ slices/s", rows["train flow"][2])
+    assert rows["ingest"][2] == "4" and re.fullmatch(r"[\d.]+ slices/s", rows["train flow"][2])
     assert 0.0 <= float(rows["evaluate flow"][2]) <= 1.0 and float(rows["batch inference"][2]) > 0
     assert rows["train step + loader"][2].startswith("same")
     assert len(list((work / "out").glob("*_seg.nii.gz"))) == 2  # the infer flow's segmentations
