@@ -32,25 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.scan_to_seg import untrained  # noqa: E402
+from flows.recipes import recipe  # noqa: E402
 from storage.cases import discover  # noqa: E402
-
-
-def untrained_model(registry_url: Path) -> str:
-    """The cpu recipe's network, untrained (seed 0), as the best version of a new registry."""
-    import torch
-
-    from flows.recipes import recipe
-    from storage.registry import Registry
-    from unet.checkpoint import save_model
-    from unet.model import UNet
-
-    cpu = recipe("cpu")
-    registry = Registry(str(registry_url))
-    version = registry.create({"profile": cpu.data.profile, "status": "complete"})
-    torch.manual_seed(0)
-    save_model(registry, version, UNet(cpu.network))
-    registry.set_best(version)
-    return version
 
 
 def case_folder(raws: list[str], n: int, into: Path) -> list[str]:
@@ -108,7 +92,8 @@ def main() -> None:
 
             registry, version = args.registry, Registry(args.registry).resolve(args.version)
         else:
-            registry, version = str(tmp / "models"), untrained_model(tmp / "models")
+            network = recipe("cpu").network.model_dump()  # profile tp, as the cpu recipe's
+            registry, version = str(tmp / "models"), untrained(tmp / "models", **network)
         print(f"{len(ids)} real volumes, model {version} in {registry}, {os.cpu_count()} cores")
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         names = list(runs)

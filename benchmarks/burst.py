@@ -87,7 +87,7 @@ def burst(
     """Run the burst in ``work``; a report of what happened and what was found at the end."""
     if models is None:
         models = work / "models"
-        version = untrained(models, 16)
+        version = untrained(models, base_channels=16)
     inbox, out, home = work / "inbox", work / "out", work / "prefect"
     inbox.mkdir(parents=True)
     out.mkdir()

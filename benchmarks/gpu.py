@@ -32,10 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def benchmark(name: str) -> list[str]:
+    """The command line of another script of benchmarks/."""
+    return [sys.executable, str(ROOT / "benchmarks" / name)]
+
+
 def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[str, list[str], str]]:
     """(name, argv, regex of the figure in its output) per step."""
     brats = [sys.executable, "-m", "flows.cli"]
-    bench = lambda name: [sys.executable, str(ROOT / "benchmarks" / name)]  # noqa: E731
     store, models, new = str(work / "slices.zarr"), str(work / "models"), str(work / "new")
     shape = ["--shape", "48", "48", "24"] if tiny else []
     if tiny:
@@ -45,20 +49,7 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
         step += ["--paddings", "same", "--workers", "1", "--cores", "1", "--cases", "2", "--loader-windows", "1"]
     else:
         train = ["--epochs", "3", "--max-steps-per-epoch", "60"]
-        step = [
-            "--base",
-            "64",
-            "--size",
-            "240",
-            "--batch",
-            "32",
-            "--paddings",
-            "same",
-            "--workers",
-            "14",
-            "--cores",
-            "14",
-        ]
+        step = "--base 64 --size 240 --batch 32 --paddings same --workers 14 --cores 14".split()
     cases = "2" if tiny else "10"
     return [
         ("synth", [*brats, "synth", str(work / "raw"), "--cases", "4" if tiny else "10", *shape], ""),
@@ -82,12 +73,12 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
         ),
         (
             "train step + loader",
-            [*bench("train.py"), "--device", device, "--data", str(work / "bench"), *step],
+            [*benchmark("train.py"), "--device", device, "--data", str(work / "bench"), *step],
             r"\n(same\s+\d+\s.*)",
         ),
         (
             "batch inference",
-            [*bench("batch_infer.py"), raw or new, "--cases", cases, "--repeats", "1", "--registry", models],
+            [*benchmark("batch_infer.py"), raw or new, "--cases", cases, "--repeats", "1", "--registry", models],
             r"\| overlap \|.*\| ([\d.]+) \| [\d.]+\.\.",
         ),
     ]

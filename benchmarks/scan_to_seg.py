@@ -34,7 +34,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.prefect_server import prefect_server, program, stop  # noqa: E402
 
 
-def untrained(models: Path, base: int) -> str:
+def untrained(models: Path, **network) -> str:
+    """An untrained U-Net (``UNetConfig(**network)``, seed 0, profile tp) as the best version of
+    ``models``: the cost of a prediction does not depend on the weights."""
     import torch
 
     from storage.registry import Registry
@@ -44,7 +46,7 @@ def untrained(models: Path, base: int) -> str:
     registry = Registry(str(models))
     version = registry.create({"profile": "tp", "status": "complete"})
     torch.manual_seed(0)
-    save_model(registry, version, UNet(UNetConfig(base_channels=base)))
+    save_model(registry, version, UNet(UNetConfig(**network)))
     registry.set_best(version)
     return version
 
@@ -79,7 +81,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="brats-scan2seg-"))
     models = args.models or tmp / "models"
-    version = args.model or (None if args.models else untrained(models, args.base))
+    version = args.model or (None if args.models else untrained(models, base_channels=args.base))
     log = open(tmp / "server.log", "w")
     server, api = prefect_server(tmp / "prefect", log)
     procs = [server]
