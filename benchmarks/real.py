@@ -84,9 +84,9 @@ def parse_changes(text: str) -> dict:
 def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> dict:
     """Train the recipe with ``changes`` (fields of its network or training); the CV record or test scores."""
     from flows.evaluate import evaluate
-    from flows.sections import Prediction
     from flows.train import train
     from storage.registry import Registry
+    from unet.predict import Prediction
 
     unknown = set(changes) - set(type(recipe.network).model_fields) - set(type(recipe.training).model_fields)
     if unknown:

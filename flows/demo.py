@@ -17,8 +17,8 @@ from prefect import flow
 from flows.infer import infer
 from flows.pipeline import pipeline
 from flows.recipes import recipe
-from flows.sections import Preprocessing
 from storage.synth import BRATS_SHAPE, write_dataset
+from unet.preprocess import Preprocessing
 
 
 @flow(name="demo", log_prints=True)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 from prefect.utilities.annotations import unmapped
 
-from flows.sections import Prediction, documented, sections
+from flows.sections import documented, sections
 from storage.registry import DEFAULT_ROOT, Registry
 from storage.store import SliceStore
 from tasks import report
@@ -25,6 +25,7 @@ from tasks.evaluate import NIFTI_TRUTH, evaluate_stored_case, overlay_case
 from tasks.runners import case_threads, device_name, predict_runner
 from tasks.stage import gather
 from unet.metrics import REGIONS, summarize
+from unet.predict import Prediction
 
 
 def split_cases(store: SliceStore, split: str) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from flows.sections import Prediction, documented, sections
+from flows.sections import documented, sections
 from storage.cases import Naming, discover
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks import report
@@ -20,6 +20,7 @@ from tasks.artifacts import RunProgress
 from tasks.infer import infer_case
 from tasks.runners import case_threads, device_name, predict_runner
 from tasks.stage import gather
+from unet.predict import Prediction
 
 
 @flow(name="infer", task_runner=predict_runner(), log_prints=True)

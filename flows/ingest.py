@@ -10,7 +10,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.states import Failed
 
-from flows.sections import Preprocessing, documented, sections
+from flows.sections import documented, sections
 from storage.cases import discover
 from storage.store import SliceStore
 from tasks import report
@@ -18,6 +18,7 @@ from tasks.artifacts import RunProgress
 from tasks.ingest import batch_size, batches, ingest_cases, unchanged
 from tasks.runners import cluster_threads, dask_runner
 from tasks.stage import gather
+from unet.preprocess import Preprocessing
 
 
 @flow(name="ingest", task_runner=dask_runner(), log_prints=True)

@@ -11,12 +11,14 @@ from prefect.states import Failed
 
 from flows.evaluate import evaluate
 from flows.ingest import ingest
-from flows.sections import Prediction, Preprocessing, documented, sections
+from flows.sections import documented, sections
 from flows.train import train
 from storage.registry import DEFAULT_ROOT
 from storage.store import SliceStore
 from tasks import report
 from unet.model import UNetConfig
+from unet.predict import Prediction
+from unet.preprocess import Preprocessing
 from unet.train import TrainConfig
 
 

@@ -2,8 +2,10 @@
 resolves the sections it uses.
 
 * Sections (pydantic models, shown as typed groups of the run form in the Prefect UI and as option
-  groups of ``brats COMMAND --help``): ``Preprocessing`` (``data``), ``unet.model.UNetConfig``
-  (``network``), ``unet.train.TrainConfig`` (``training``), ``Prediction`` (``prediction``).
+  groups of ``brats COMMAND --help``), each defined beside the code it configures:
+  ``unet.preprocess.Preprocessing`` (``data``), ``unet.model.UNetConfig`` (``network``),
+  ``unet.train.TrainConfig`` (``training``), ``unet.predict.Prediction`` (``prediction``); the
+  named sets of them are ``flows.recipes``.
 * ``PARAMETERS``: the description of every parameter several flows take (``store_url``,
   ``registry_url``, ``version``, …); ``@documented`` adds them to a flow's docstring, where Prefect
   and the command line read descriptions.
@@ -23,44 +25,11 @@ resolves the sections it uses.
 from __future__ import annotations
 
 import inspect
-from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from storage.cases import NAMING_HELP, Naming
-from unet.device import DEVICE_HELP
-
-
-class Preprocessing(BaseModel):
-    """How raw scans become slices, and how cases are split by patient."""
-
-    profile: Literal["full", "tp"] = Field(
-        "full",
-        description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96",
-    )
-    naming: Naming = Field("auto", description=NAMING_HELP)
-    dtype: Literal["float16", "float32"] = Field("float16", description="slice dtype in the store")
-    split_ratios: tuple[float, float, float] = Field(
-        (0.7, 0.15, 0.15), description="train/val/test shares of the labelled cases, by patient"
-    )
-    split_seed: int = Field(0, description="seed of the deterministic split")
-
-
-class Prediction(BaseModel):
-    """How scans are segmented (the same for evaluation, inference and the inbox sweep)."""
-
-    tta: bool = Field(
-        True,
-        description="mirror test-time augmentation: the mean with the left-right mirror (2x the compute)",
-    )
-    postprocess: bool = Field(
-        True,
-        description="apply the model's post-processing (chosen on its validation or out-of-fold cases); "
-        "off: the network's raw output",
-    )
-    device: str = Field("auto", description=DEVICE_HELP)
-    batch_size: int = Field(16, ge=1, description="slices per forward pass")
-
+from flows.recipes import recipe as named
+from storage.cases import NAMING_HELP
 
 PARAMETERS = {
     "raw": "raw roots in any BraTS layout ({HGG,LGG}/<case>/, <case>/) or case folders",
@@ -95,8 +64,6 @@ def sections(recipe: str | None = None, **given: BaseModel) -> list[BaseModel]:
     """The sections, in the order given, each completed from the recipe and this run's deployment."""
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
-
-    from flows.recipes import recipe as named
 
     chosen = named(recipe).model_dump() if recipe else {}
     layers = {name: dict(chosen.get(name) or {}) for name in given}

@@ -16,12 +16,13 @@ from prefect import flow, get_run_logger
 from prefect.states import Failed
 
 from flows.infer import infer
-from flows.sections import Prediction, documented, sections
+from flows.sections import documented, sections
 from storage.cases import Naming
 from storage.inbox import announced, is_done, scan_inbox, state_path
 from storage.outputs import made_with
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks import report
+from unet.predict import Prediction
 
 STATUSES = ("pending", "done", "arriving", "announced", "incomplete")
 

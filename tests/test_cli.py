@@ -27,8 +27,9 @@ def fields(model) -> set[str]:
 
 
 def test_every_field_of_every_section_is_an_option_of_its_command(capsys):
-    from flows.sections import Prediction, Preprocessing
     from unet.model import UNetConfig
+    from unet.predict import Prediction
+    from unet.preprocess import Preprocessing
     from unet.train import TrainConfig
 
     expected = {

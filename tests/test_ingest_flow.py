@@ -12,11 +12,11 @@ import pytest
 from prefect.artifacts import Artifact
 
 from flows.ingest import ingest
-from flows.sections import Preprocessing
 from storage.store import SliceStore
 from storage.synth import make_case, write_case
 from tasks.runners import dask_runner
 from tests.conftest import SMALL
+from unet.preprocess import Preprocessing
 
 
 def _run(params: dict):

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from flows.ingest import ingest
-from flows.sections import Preprocessing
 from storage.registry import Registry
 from storage.store import SliceStore
 from tasks.runners import dask_runner
 from tests.helpers import free_port, stop
+from unet.preprocess import Preprocessing
 
 BIN = Path(sys.executable).parent
 

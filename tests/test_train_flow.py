@@ -200,7 +200,7 @@ def test_a_device_that_is_not_there_fails_the_run_at_once_with_nothing_registere
 
 def test_the_pipeline_run_has_its_own_summary_linking_each_stage(prefect_api, small_raw, tmp_path):
     from flows.pipeline import pipeline
-    from flows.sections import Preprocessing
+    from unet.preprocess import Preprocessing
 
     state = pipeline(
         [str(small_raw)],

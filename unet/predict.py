@@ -50,16 +50,34 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 
 from storage.brats import LABELS, REGIONS
 from unet.data import with_context
-from unet.device import autocast_dtype
+from unet.device import DEVICE_HELP, autocast_dtype
 from unet.geometry import Geometry, to_labels
 from unet.model import UNet, centre_slice, mirror_pad
 from unet.postprocess import PostProcess
 
 # Mirror TTA over the flips training augments with: none and left-right (H is the L-R axis). An
 from unet.preprocess import PROFILES, Profile, preprocess_case
+
+
+class Prediction(BaseModel):
+    """How scans are segmented (the same for evaluation, inference and the inbox sweep)."""
+
+    tta: bool = Field(
+        True,
+        description="mirror test-time augmentation: the mean with the left-right mirror (2x the compute)",
+    )
+    postprocess: bool = Field(
+        True,
+        description="apply the model's post-processing (chosen on its validation or out-of-fold cases); "
+        "off: the network's raw output",
+    )
+    device: str = Field("auto", description=DEVICE_HELP)
+    batch_size: int = Field(16, ge=1, description="slices per forward pass")
+
 
 # anterior-posterior mirror is an anatomy the network never saw, and would only add noise.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,))

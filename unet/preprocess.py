@@ -16,11 +16,13 @@ How the slices lie on the scan's own grid is ``unet.geometry``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from storage.brats import BRATS_TO_CLASS, LABELS, MODALITIES
-from storage.cases import InvalidCase
+from storage.cases import NAMING_HELP, InvalidCase, Naming
 from unet.geometry import Geometry, geometry_of
 
 
@@ -32,6 +34,21 @@ class Profile:
 
 
 PROFILES = {"full": Profile("full", None, 1), "tp": Profile("tp", 192, 2)}
+
+
+class Preprocessing(BaseModel):
+    """How raw scans become slices, and how cases are split by patient."""
+
+    profile: Literal["full", "tp"] = Field(
+        "full",
+        description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96",
+    )
+    naming: Naming = Field("auto", description=NAMING_HELP)
+    dtype: Literal["float16", "float32"] = Field("float16", description="slice dtype in the store")
+    split_ratios: tuple[float, float, float] = Field(
+        (0.7, 0.15, 0.15), description="train/val/test shares of the labelled cases, by patient"
+    )
+    split_seed: int = Field(0, description="seed of the deterministic split")
 
 
 def brain_mask(volumes) -> np.ndarray:

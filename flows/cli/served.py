@@ -26,8 +26,8 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from flows.sections import Prediction
 from storage.registry import DEFAULT_ROOT
+from unet.predict import Prediction
 
 
 def serve(
