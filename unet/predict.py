@@ -14,26 +14,18 @@ One code path for evaluation and inference::
       -> argmax, reorient -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
       -> PostProcess (below), chosen on the validation cases and kept with the model
 
-Cropping: the background around the brain is exactly 0 and is labelled background whatever the
-network says, so only the brain's bounding box needs the network. A batch is cropped to the box
-holding the brain of all its slices, widened by ``CROP_MARGIN`` pixels a side, moved onto the
-network's pooling grid (offset and size multiples of ``2**depth``, as the whole plane would be
-pooled) and grown to a size the network takes. In valid mode the crop's context comes from the
-same mirror-padded plane ``UNet.predict`` uses, so the crop predicts what the whole plane would
-(up to float rounding); in same mode the zero padding of each convolution at the crop's edge differs from the
-zero-input context the whole plane has there, and the margin keeps that difference away from the
-brain (``tests/test_predict_crop.py``: Dice >= 0.99 per region against the whole plane, with a
-trained model on real cases). On real BraTS 240x240 scans the network runs on 53-59 % of the
-brain slices' pixels (``CROP_MARGIN``).
+Cropping: background is exactly 0 and labelled background whatever the network says, so a batch
+runs on its slices' brain box only, widened by ``CROP_MARGIN`` pixels a side and laid on the
+network's pooling grid, so it predicts what the whole plane would: exactly in valid mode (the same
+mirror padding as ``UNet.predict``), and within the margin's reach of the zero padding in same mode
+(``tests/test_predict_crop.py``: Dice >= 0.99 per region against the whole plane on real cases).
 
 Precision: ``autocast_dtype(device, precision)`` as in training (``auto``: bf16 on CUDA GPUs that
 have it, else fp16, and on CPUs with native bf16; fp32 elsewhere); channels_last on CPU and CUDA;
 the probabilities in float32.
 
-Slices are 2D and independent, so predicting any subset of slices gives what the whole volume
-would give there (``predict_volume(..., only=[z])`` predicts one slice for a figure): up to float
-rounding in valid mode, and in same mode up to the crop's edge effects, since the crop is the
-batch's.
+Slices are 2D and independent: predicting a subset (``predict_volume(..., only=[z])``) gives what
+the whole volume gives there, up to float rounding and, in same mode, the crop's edge.
 
 Post-processing (``unet.postprocess``), chosen on the validation or out-of-fold cases and kept
 with the model version, is applied by the caller (``predict_case``'s ``post``).

@@ -48,6 +48,8 @@ class Command:
         return getattr(importlib.import_module(module), name)
 
 
+RAW = dict(positional=("raw",), flags={"split_ratios": "--split"})  # what the commands that read raw folders take
+
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "synth": Command(
         "flows.demo:synth",
@@ -56,12 +58,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         flags={"with_seg": "--seg"},
         api=False,
     ),
-    "ingest": Command(
-        "flows.ingest:ingest",
-        "raw BraTS folders -> normalized slices in a Zarr store (Dask)",
-        positional=("raw",),
-        flags={"split_ratios": "--split"},
-    ),
+    "ingest": Command("flows.ingest:ingest", "raw BraTS folders -> normalized slices in a Zarr store (Dask)", **RAW),
     "train": Command("flows.train:train", "train the U-Net on a slice store; registers a model version"),
     "models": {
         "list": Command(
@@ -80,12 +77,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "segment new scans: <out>/<case>_seg.nii.gz on the input grid + <case>.json",
         positional=("inputs",),
     ),
-    "pipeline": Command(
-        "flows.pipeline:pipeline",
-        "ingest -> train -> evaluate on existing raw data",
-        positional=("raw",),
-        flags={"split_ratios": "--split"},
-    ),
+    "pipeline": Command("flows.pipeline:pipeline", "ingest -> train -> evaluate on existing raw data", **RAW),
     "demo": Command("flows.demo:demo", "synthetic data -> ingest -> train -> evaluate -> infer, all on this machine"),
     "watch": Command(
         "flows.cli.events:watch",
