@@ -50,8 +50,6 @@ from unet.device import DEVICE_HELP, autocast_dtype
 from unet.geometry import Geometry, to_labels
 from unet.model import UNet, centre_slice, mirror_pad
 from unet.postprocess import PostProcess
-
-# Mirror TTA over the flips training augments with: none and left-right (H is the L-R axis). An
 from unet.preprocess import PROFILES, Profile, preprocess_case
 
 
@@ -71,6 +69,7 @@ class Prediction(BaseModel):
     batch_size: int = Field(16, ge=1, description="slices per forward pass")
 
 
+# Mirror TTA over the flips training augments with: none and left-right (H is the L-R axis). An
 # anterior-posterior mirror is an anatomy the network never saw, and would only add noise.
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,))
 
