@@ -119,6 +119,12 @@ def main() -> int:
     p.add_argument("--recipe", default="cpu", help="paper, cpu or gpu (flows.recipes)")
     p.add_argument("--work", default="runs/real", help="store, registry and results go here")
     p.add_argument("--seed", type=int, default=0, help="training seed (the folds too)")
+    p.add_argument(
+        "--by",
+        choices=("patient", "site"),
+        default="patient",
+        help="folds by patient, or by site: leave-one-institution-out (each institution of the BraTS ids whole)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="change a field of the recipe")
     p.add_argument(
         "--ablation", nargs="+", metavar="NAME:FIELD=JSON,…", help="variants of the recipe, on the same folds"
@@ -130,7 +136,7 @@ def main() -> int:
     from flows.recipes import recipe as named
 
     recipe = named(args.recipe)
-    base = parse_changes(",".join(args.set))
+    base = {"fold_by": args.by, **parse_changes(",".join(args.set))}
     variants = [
         (name, {**base, **parse_changes(text)}) for name, _, text in (v.partition(":") for v in args.ablation or [])
     ]

@@ -2,7 +2,9 @@
 
 * ``make_split``: train / val / test shares of the labelled cases (stored in the slice store).
 * ``make_folds``: K folds of the cases for cross-validation; fold i validates the model trained on
-  the others, so every case is scored once by a model that never saw it.
+  the others, so every case is scored once by a model that never saw it. ``by="site"`` keeps each
+  institution in one fold (leave-one-institution-out, small sites pooled): the model that scores a
+  case never saw a scan from its hospital, as a new hospital's scans will meet it.
 
 Both work on *patients*, not cases: the scans of one patient (``patient_of``: BraTS ids carry the
 institution and patient, and a time point) always land together, so a model is never validated on
@@ -23,6 +25,14 @@ _TIMEPOINT = (
     re.compile(r"^(?:Brats|BraTS)1[7-9]_(?P<patient>[A-Za-z0-9]+_[A-Za-z0-9]+)_\d+$"),
     re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$"),
 )
+
+
+def site_of(case_id: str) -> str:
+    """The institution a case comes from, read from its BraTS id (``Brats18_TCIA01_131_1`` -> ``TCIA01``,
+    ``Brats18_2013_11_1`` -> ``2013``); an id without one (BraTS 2021+, other names) is a site of its own
+    patient."""
+    patient = patient_of(case_id)
+    return patient.split("_", 1)[0] if patient != case_id and "_" in patient else patient
 
 
 def patient_of(case_id: str) -> str:
@@ -83,10 +93,15 @@ def make_split(
     return {n: sorted(c for patient in v for c in patient) for n, v in split.items()}
 
 
-def make_folds(grades: dict[str, str | None], k: int, seed: int = 0) -> list[list[str]]:
+def make_folds(grades: dict[str, str | None], k: int, seed: int = 0, by: str = "patient") -> list[list[str]]:
     """``k`` folds of the cases ({case id: grade or None}) by patient, stratified by grade: each grade's
     patients in hash order are dealt to the folds in turn, continuing where the last grade stopped, so
-    fold sizes differ by one patient at most. Raises ValueError with fewer patients than folds."""
+    fold sizes differ by one patient at most. ``by="site"``: ``site_folds``. Raises ValueError with
+    fewer patients (or sites) than folds."""
+    if by == "site":
+        return site_folds(list(grades), k)
+    if by != "patient":
+        raise ValueError(f"folds by {by!r}: choose patient or site")
     by_grade = _patients_by_grade(grades, seed)
     patients = [p for grade in sorted(by_grade) for p in by_grade[grade]]
     if k < 2 or len(patients) < k:
@@ -94,4 +109,19 @@ def make_folds(grades: dict[str, str | None], k: int, seed: int = 0) -> list[lis
     folds: list[list[str]] = [[] for _ in range(k)]
     for i, cases in enumerate(patients):
         folds[i % k] += cases
+    return [sorted(f) for f in folds]
+
+
+def site_folds(cases: list[str], k: int) -> list[list[str]]:
+    """``k`` folds with every institution (``site_of``) whole in one fold: sites, largest first (ties by
+    name), each go to the fold with the fewest cases so far (ties: the lower fold), so the big sites
+    are folds of their own and the small ones are pooled. Deterministic: no seed is needed."""
+    sites: dict[str, list[str]] = {}
+    for case_id in sorted(cases):
+        sites.setdefault(site_of(case_id), []).append(case_id)
+    if k < 2 or len(sites) < k:
+        raise ValueError(f"{k} folds by site need at least 2 folds and {k} sites; there are {len(sites)}")
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for site in sorted(sites, key=lambda s: (-len(sites[s]), s)):
+        min(folds, key=len).extend(sites[site])  # min() takes the first of equals: the lower fold
     return [sorted(f) for f in folds]

@@ -78,7 +78,7 @@ def open_version(
             "profile": store.profile,
             "store": store_url,
             "store_fingerprint": store.fingerprint,
-            "split": store.split if fold is None else fold_split(store, training.folds, training.seed, fold),
+            "split": store.split if fold is None else fold_split(store, training, fold),
             "fold": fold,
             "train_config": training.model_dump(),
             "metrics": {},
@@ -90,11 +90,12 @@ def open_version(
     return version, 1
 
 
-def fold_split(store: SliceStore, folds: int, seed: int, fold: int) -> dict[str, list[str]]:
-    """Fold ``fold`` of ``folds`` over the store's labelled cases outside its test split: train on the
-    other folds, validate on this one (``storage.split.make_folds``: by patient, by grade)."""
-    cases = store.split.get("train", []) + store.split.get("val", [])
-    parts = make_folds({c: store.attrs(c).get("grade") for c in cases}, folds, seed)
+def fold_split(store: SliceStore, training: TrainConfig, fold: int) -> dict[str, list[str]]:
+    """Fold ``fold`` of ``training.folds`` over the store's labelled cases outside its test split: train
+    on the other folds, validate on this one (``storage.split.make_folds``: by patient, stratified by
+    grade, or by site as ``training.fold_by`` says)."""
+    cases, folds = store.split.get("train", []) + store.split.get("val", []), training.folds
+    parts = make_folds({c: store.attrs(c).get("grade") for c in cases}, folds, training.seed, training.fold_by)
     if not 0 <= fold < folds:
         raise ValueError(f"fold {fold} of {folds}: folds are numbered 0..{folds - 1}")
     return {"train": sorted(c for i, part in enumerate(parts) if i != fold for c in part), "val": parts[fold]}

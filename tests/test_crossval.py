@@ -38,15 +38,16 @@ def one_thread():
 def test_folds_are_disjoint_deterministic_and_cover_the_cases_outside_the_test_split(small_store):
     store = SliceStore(small_store)
     cases = sorted(store.split["train"] + store.split["val"])
-    folds = [fold_split(store, 3, 0, i) for i in range(3)]
-    assert folds == [fold_split(store, 3, 0, i) for i in range(3)]
+    three = TrainConfig(folds=3)
+    folds = [fold_split(store, three, i) for i in range(3)]
+    assert folds == [fold_split(store, three, i) for i in range(3)]
     assert sorted(c for f in folds for c in f["val"]) == cases  # every case validated exactly once
     for f in folds:
         assert sorted(f["train"] + f["val"]) == cases and not set(f["train"]) & set(f["val"])
         assert not {patient_of(c) for c in f["train"]} & {patient_of(c) for c in f["val"]}
         assert not set(f["train"] + f["val"]) & set(store.split["test"])  # the test split stays held out
     with pytest.raises(ValueError, match="fold 3 of 3"):
-        fold_split(store, 3, 0, 3)
+        fold_split(store, three, 3)
 
 
 def test_brats_train_folds_registers_an_ensemble_scored_out_of_fold(prefect_api, small_store, tmp_path, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.split import make_folds, make_split, patient_of
+from storage.split import make_folds, make_split, patient_of, site_of
 
 
 def test_split_is_deterministic_stratified_and_by_patient():
@@ -65,3 +65,23 @@ def test_folds_are_deterministic_stratified_and_patient_disjoint():
     assert make_folds(grades, 5, seed=1) != folds
     with pytest.raises(ValueError, match="3 folds need"):
         make_folds({"a": None, "b": None}, 3)
+
+
+REAL_IDS = [f"Brats18_2013_{i}_1" for i in (2, 3, 4, 5, 11)] + [f"Brats18_CBICA_A{c}_1" for c in "BCDE"]
+REAL_IDS += [f"Brats18_TCIA01_{i}_1" for i in (131, 147, 180, 425)] + [f"Brats18_TCIA02_{i}_1" for i in (1, 2, 3)]
+REAL_IDS += [f"Brats18_TCIA10_{i}_1" for i in (628, 637, 639)] + ["Brats18_TCIA03_121_1", "Brats18_TCIA13_623_1"]
+
+
+def test_site_folds_keep_each_institution_whole_and_are_deterministic():
+    assert site_of("Brats18_TCIA01_131_1") == "TCIA01" and site_of("BraTS19_2013_11_1") == "2013"
+    assert site_of("BraTS-GLI-00000-001") == "BraTS-GLI-00000"  # no institution in the id: the patient
+    grades = {c: "HGG" for c in REAL_IDS}
+    folds = make_folds(grades, 5, by="site")
+    assert folds == make_folds(dict(reversed(grades.items())), 5, seed=7, by="site")  # order and seed do not matter
+    assert sorted(c for f in folds for c in f) == sorted(REAL_IDS)
+    sites = [{site_of(c) for c in f} for f in folds]
+    for i, a in enumerate(sites):  # site-disjoint: no institution in two folds
+        assert all(not a & b for b in sites[i + 1 :])
+    assert sites == [{"2013"}, {"CBICA"}, {"TCIA01"}, {"TCIA02", "TCIA03"}, {"TCIA10", "TCIA13"}]
+    with pytest.raises(ValueError, match="8 folds by site need .* 8 sites; there are 7"):
+        make_folds(grades, 8, by="site")

@@ -77,6 +77,11 @@ class TrainConfig(BaseModel):
         description="K-fold cross-validation: K models by patient folds, registered as their ensemble; "
         "0: one model on the store's split",
     )
+    fold_by: Literal["patient", "site"] = Field(
+        "patient",
+        description="how cases are cut into folds: by patient (stratified by grade), or by site "
+        "(leave-one-institution-out: each institution of the BraTS ids whole in one fold, small ones pooled)",
+    )
     keep: Literal["best", "last"] = Field(
         "best", description="the weights kept: the epoch with the best validation Dice, or the last epoch"
     )
