@@ -1,5 +1,6 @@
 #!/bin/sh
-# Create the data folders, the work pools and the "gpu" concurrency limit, then deploy every flow of deploy/prefect.yaml.
+# Create the data folders, the work pools and the "gpu" concurrency limit, then deploy every flow of deploy/prefect.yaml
+# and write each named recipe's sections into the parameters of the deployments that name it.
 # Idempotent: run it again after changing the yaml or a pool template.
 #
 #   PREFECT_API_URL=http://prefect:4200/api BRATS_REPO=/opt/brats BRATS_DATA=/data BRATS_STORAGE=/data \
@@ -33,3 +34,6 @@ fi
 # task runs tagged "gpu" (the train-model task): one at a time across all workers
 "$PREFECT" concurrency-limit create gpu "${BRATS_GPU_SLOTS:-1}"
 "$PREFECT" --no-prompt deploy --all --prefect-file deploy/prefect.yaml
+# a deployment that names a recipe gets its sections written into its parameters, so the UI's run
+# form shows and submits the recipe (flows/cli/deployments.py)
+"${PYTHON:-python}" -m flows.cli.deployments

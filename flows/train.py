@@ -40,7 +40,7 @@ from storage.registry import DEFAULT_ROOT, Registry
 from tasks import report
 from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
 from tasks.train import train_model
-from tasks.versions import open_version, promote_if_best, register_ensemble
+from tasks.versions import open_version, plan_folds, promote_if_best, register_ensemble
 from unet.device import pick_device
 from unet.model import UNetConfig
 from unet.train import TrainConfig
@@ -102,6 +102,8 @@ def _cross_validate(
 ) -> dict:
     log = get_run_logger()
     start = time.perf_counter()
+    for i, cases in enumerate(plan_folds(store_url, training)):
+        log.info("fold %d (by %s) validates %d case(s): %s", i, training.fold_by, len(cases), ", ".join(cases))
     members = _run_folds(store_url, registry_url, network, training, fresh)
     version = register_ensemble(registry_url, members)
     cv = cross_validation(store_url, registry_url, version)

@@ -101,6 +101,16 @@ def fold_split(store: SliceStore, training: TrainConfig, fold: int) -> dict[str,
     return {"train": sorted(c for i, part in enumerate(parts) if i != fold for c in part), "val": parts[fold]}
 
 
+@stage_task("plan-folds")
+def plan_folds(store_url: str, training: TrainConfig) -> list[list[str]]:
+    """The validation cases of each fold, checked before any fold starts: a missing store, no train
+    split or fewer patients (sites) than folds fail here once, not in K fold runs."""
+    store = SliceStore(store_url)
+    if not store.split.get("train"):
+        raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
+    return [fold_split(store, training, i)["val"] for i in range(training.folds)]
+
+
 @stage_task("register-ensemble")
 def register_ensemble(registry_url: str, members: list[str]) -> str:
     """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no

@@ -10,6 +10,7 @@ and leaves the done one alone.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.recipes import recipe
 from storage.inbox import STATE_NAME
 from storage.registry import Registry
 from tests.helpers import case_folders, new_scan
@@ -154,7 +156,7 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
         "pipeline/cpu": "cpu",
     }
     data = [d["parameters"]["data"] for n, d in deployments.items() if n.startswith(("ingest", "pipeline"))]
-    assert data == [{"profile": "tp", "split_ratios": [0.7, 0.15, 0.15]}] * 3
+    assert [(d["profile"], d["split_ratios"]) for d in data] == [("tp", [0.7, 0.15, 0.15])] * 3
     assert deployments["ingest/nightly"]["parameters"]["raw"] == [str(stack.data / "raw")]
     assert [s["schedule"].get("cron") for s in deployments["ingest/nightly"]["schedules"]] == ["0 2 * * *"]
     assert [s["schedule"].get("interval") for s in deployments["sweep/inbox"]["schedules"]] == [1800]
@@ -192,6 +194,31 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
 
     assert httpx.post(f"{stack.api}/deployments/filter", json={}).status_code == 401  # no credentials, no API
     assert httpx.get(f"{stack.api}/health").status_code == 200  # except the health check
+
+
+@pytest.mark.slow
+def test_a_run_submitted_from_the_ui_form_unchanged_runs_the_recipe(stack, tmp_path):
+    """The UI's form shows a deployment's parameters over the schema's defaults and submits every field.
+    Submitted so (only the store changed, to one that does not exist, so the run stops right after
+    saying what it would train), train/cpu uses exactly the cpu recipe's network and training."""
+    deployment = stack.deployment("train/cpu")
+    schema = deployment["parameter_openapi_schema"]["properties"]
+    form = {name: deployment["parameters"].get(name, prop.get("default")) for name, prop in schema.items()}
+    assert form["training"]["folds"] == recipe("cpu").training.folds  # the form shows the recipe, not 0
+    form["store_url"] = str(tmp_path / "absent.zarr")
+    run = stack.run("train/cpu", form)
+    ended = stack.until(
+        "the end of the form's run",
+        lambda: (
+            (r := stack.get(f"/flow_runs/{run}"))["state_type"] in ("FAILED", "COMPLETED", "CRASHED") and r["state"]
+        ),
+    )
+    assert ended["type"] == "FAILED" and "absent.zarr: no slice store here" in ended["message"], ended
+    logs = stack.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run]}}})
+    (line,) = [log["message"] for log in logs if log["message"].startswith("sections used: ")]
+    used = ast.literal_eval(line.removeprefix("sections used: "))
+    cpu = recipe("cpu")
+    assert used == {"network": cpu.network.model_dump(), "training": cpu.training.model_dump()}
 
 
 @pytest.mark.slow
