@@ -17,8 +17,9 @@ from prefect.states import Failed
 from prefect.utilities.annotations import unmapped
 
 from flows.sections import documented, sections
-from storage.registry import DEFAULT_ROOT, Registry
+from storage.registry import DEFAULT_ROOT
 from storage.store import SliceStore
+from storage.versions import ModelVersion
 from tasks import report
 from tasks.artifacts import RunProgress
 from tasks.evaluate import NIFTI_TRUTH, evaluate_stored_case, overlay_case
@@ -58,16 +59,15 @@ def evaluate(
     log = get_run_logger()
     (prediction,) = sections(prediction=prediction)
     shown = report.used(prediction=prediction)
-    registry = Registry(registry_url)
-    version = registry.resolve(version)
-    info = registry.info(version)
+    model = ModelVersion.resolve(registry_url, version)
+    version, info = model.version, model.info
     store = SliceStore(store_url)
-    if info["profile"] != store.profile:
+    if info.profile != store.profile:
         raise ValueError(
-            f"model {version} was trained on profile {info['profile']!r}, {store_url} holds {store.profile!r}"
+            f"model {version} was trained on profile {info.profile!r}, {store_url} holds {store.profile!r}"
         )
     cases = split_cases(store, split)
-    overlap = sorted(set(info.get("split", {}).get("train", [])) & set(cases))
+    overlap = sorted(set(info.split.get("train", [])) & set(cases))
     if overlap:
         log.warning(
             "%d of %d evaluated cases were training cases of %s: metrics are optimistic (%s)",
@@ -80,7 +80,7 @@ def evaluate(
     log.info("model %s on %s: %d %s case(s) of %s", version, device, len(cases), split, store_url)
 
     run = dict(store_url=store_url, registry_url=registry_url, version=version, device=device, tta=prediction.tta)
-    post = info.get("postprocess") if prediction.postprocess else None
+    post = info.postprocess if prediction.postprocess else None
     with case_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
         futures = evaluate_stored_case.map(cases, batch_size=prediction.batch_size, postprocess=unmapped(post), **run)
         rows, failed = gather(futures, cases, progress)
@@ -101,7 +101,7 @@ def evaluate(
         "summary": {k: v for k, v in summary.items() if k != "seconds"},
         "per_case": rows,
     }
-    _save(registry, version, record, figures)
+    _save(model, record, figures)
     result = {
         "version": version,
         "split": split,
@@ -117,14 +117,15 @@ def evaluate(
     return result
 
 
-def _save(registry: Registry, version: str, record: dict, figures: dict) -> None:
-    """The evaluation, kept with the model version: info.json "evaluation", evaluation.json, PNGs."""
+def _save(model: ModelVersion, record: dict, figures: dict) -> None:
+    """The evaluation, kept with the model version: its info's ``evaluation``, evaluation.json, PNGs."""
+    registry, version = model.registry, model.version
     record["figures"] = {
         name: {"case": case, "file": registry.put(version, f"evaluation-{record['split']}-{name}.png", png)}
         for name, (case, png) in figures.items()
     }
     registry.put(version, "evaluation.json", json.dumps(record, indent=2).encode())
-    registry.update_info(version, evaluation=record)
+    model.record_evaluation(record)
 
 
 def _overlays(rows: list[dict], run: dict) -> dict[str, tuple[str, bytes]]:

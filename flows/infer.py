@@ -14,7 +14,8 @@ from prefect.states import Failed
 
 from flows.sections import documented, sections
 from storage.cases import Naming, discover
-from storage.registry import DEFAULT_ROOT, Registry
+from storage.registry import DEFAULT_ROOT
+from storage.versions import ModelVersion
 from tasks import report
 from tasks.artifacts import RunProgress
 from tasks.infer import infer_case
@@ -42,9 +43,8 @@ def infer(
     log = get_run_logger()
     (prediction,) = sections(prediction=prediction)
     shown = report.used(prediction=prediction)
-    registry = Registry(registry_url)
-    version = registry.resolve(version)
-    profile = registry.info(version)["profile"]
+    model = ModelVersion.resolve(registry_url, version)
+    version, profile = model.version, model.info.profile
     found = discover(*inputs, naming=naming)
     device = device_name(prediction.device)
     log.info("model %s (profile %s) on %s: %d case(s) -> %s", version, profile, device, len(found.cases), out)

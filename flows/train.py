@@ -36,7 +36,8 @@ from prefect.events import emit_event
 from prefect.runtime import deployment, flow_run
 
 from flows.sections import documented, sections
-from storage.registry import DEFAULT_ROOT, Registry
+from storage.registry import DEFAULT_ROOT
+from storage.versions import ModelVersion
 from tasks import report
 from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
 from tasks.train import train_model
@@ -79,7 +80,7 @@ def train(
         log.info("fold %d: version %s is already trained; reused", fold, version)
         return {"version": version, "fold": fold, "reused": True}
     if attempt > MAX_ATTEMPTS:
-        Registry(registry_url).update_info(version, status="abandoned")
+        ModelVersion(registry_url, version).abandon()
         raise ValueError(
             f"{version}: attempt {attempt} after {attempt - 1} that did not finish; abandoned, start afresh"
         )
@@ -117,7 +118,7 @@ def _cross_validate(
         "postprocess": cv["postprocess"],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    Registry(registry_url).update_info(version, seconds=summary["seconds"])
+    ModelVersion(registry_url, version).record_seconds(summary["seconds"])
     report.cross_validation(version, cv, training.folds, shown)
     best = promote_if_best(registry_url, version)
     log.info("%s: cross-validated Dice %s%s", version, metrics, " — now BEST" if best else "")

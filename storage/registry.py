@@ -4,10 +4,11 @@
 
     <root>/
       BEST                     the version inference uses by default
-      <version>/info.json      config, store fingerprint, profile, metrics, package versions, status
+      <version>/info.json      what the version is and how it scored (storage/versions.py: VersionInfo)
       <version>/<files>        weights.pt, checkpoint.pt, plots, … (bytes written by the caller)
 
-Versions sort by creation time (``v20261125-101500-3f2a``). The registry stores bytes and JSON
+``storage/versions.py`` owns what info.json says (``VersionInfo``, ``ModelVersion``); this module reads
+and writes it as JSON. Versions sort by creation time (``v20261125-101500-3f2a``). The registry stores bytes and JSON
 only: serializing tensors is the caller's job (``unet/checkpoint.py``), and nothing is unpickled.
 Every file is written to a temporary name and renamed, so a reader never sees half a file.
 """
@@ -27,6 +28,8 @@ DEFAULT_ROOT = os.environ.get("BRATS_MODELS", "runs/models")  # local path or fs
 
 
 class Registry:
+    INFO = "info.json"
+
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
         self.fs, self.path = url_to_fs(self.root)  # credentials: fsspec's own env vars (FSSPEC_S3_KEY, …)
@@ -64,9 +67,13 @@ class Registry:
 
     # ------------------------------------------------------------ versions
 
+    @staticmethod
+    def new_id() -> str:
+        return f"{VERSION_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
     def create(self, info: dict[str, Any]) -> str:
-        """A new version with its info.json; returns the version id."""
-        version = f"{VERSION_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        """A new version with this raw info.json (``storage.versions.ModelVersion.open`` for a typed one)."""
+        version = self.new_id()
         self.put(
             version,
             "info.json",
@@ -75,7 +82,8 @@ class Registry:
         return version
 
     def info(self, version: str) -> dict[str, Any]:
-        return json.loads(self.get(version, "info.json"))
+        """The raw info.json (``storage.versions.ModelVersion.info`` reads it typed)."""
+        return json.loads(self.get(version, self.INFO))
 
     def update_info(self, version: str, **fields: Any) -> dict[str, Any]:
         info = {**self.info(version), **fields}

@@ -21,6 +21,7 @@ from storage.cases import InvalidCase
 from storage.nifti import read_labels
 from storage.registry import Registry
 from storage.store import SliceStore
+from storage.versions import ModelVersion, Score
 from tasks.figures import overlay_png
 from tasks.stage import stage_task
 from unet.checkpoint import cached_model, load_model
@@ -124,13 +125,13 @@ def predict_out_of_fold(
     store, registry = SliceStore(store_url), Registry(registry_url)
     model, info = load_model(registry, version, device)
     rows = []
-    for case_id in info["split"]["val"]:
+    for case_id in info.split["val"]:
         pred = predict_stored_case(store, case_id, model, tta, batch_size)
         registry.put(version, OUT_OF_FOLD.format(case=case_id), _npz(pred))
         truth, source = ground_truth(store, case_id)
         metrics = evaluate_case(pred, truth, store.attrs(case_id)["zooms"])
-        rows.append({"case": case_id, "fold": info["fold"], **_brief(metrics), "truth": source})
-    registry.update_info(version, out_of_fold=rows)
+        rows.append({"case": case_id, "fold": info.fold, **_brief(metrics), "truth": source})
+    ModelVersion(registry, version).record_out_of_fold(rows)
     return rows
 
 
@@ -159,16 +160,23 @@ def choose_postprocess(
     apply it from there."""
     store, registry = SliceStore(store_url), Registry(registry_url)
     model, info = load_model(registry, version, device)
-    cases = []
-    for case_id in info["split"]["val"]:
+    cases, ids = [], info.split["val"]
+    for case_id in ids:
         truth, _ = ground_truth(store, case_id)
         cases.append(
             (predict_stored_case(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"])
         )
-    return _record_choice(registry, version, cases, "validation")
+    choice = _choose(version, cases, "validation")
+    post = PostProcess.from_dict(choice["postprocess"])
+    rows = [{"case": c, **_brief(evaluate_case(post.apply(p, z), t, z))} for c, (p, t, z) in zip(ids, cases)]
+    ModelVersion(registry, version).record_postprocess(
+        choice["postprocess"], choice["record"], Score.of("validation", rows) if rows else None
+    )
+    return choice["summary"]
 
 
-def _record_choice(registry: Registry, version: str, cases: list, on: str) -> dict:
+def _choose(version: str, cases: list, on: str) -> dict:
+    """The post-processing chosen on ``cases``, its record for the version, and a summary."""
     post, tried = best_postprocess(cases)
     (dice_before, hd_before), (dice_after, hd_after) = scores(cases, PostProcess()), scores(cases, post)
     choice = {
@@ -180,7 +188,6 @@ def _record_choice(registry: Registry, version: str, cases: list, on: str) -> di
         "mean_hd95_after": round(hd_after, 3),
         "tried": tried,
     }
-    registry.update_info(version, postprocess=post.to_dict(), postprocess_choice=choice)
     get_run_logger().info(
         "%s: post-processing %s chosen on %d %s case(s): mean Dice %.4f -> %.4f, HD95 %.1f -> %.1f mm",
         version,
@@ -192,7 +199,8 @@ def _record_choice(registry: Registry, version: str, cases: list, on: str) -> di
         hd_before,
         hd_after,
     )
-    return {"postprocess": post.to_dict(), **{k: v for k, v in choice.items() if k.startswith("mean_")}}
+    summary = {"postprocess": post.to_dict(), **{k: v for k, v in choice.items() if k.startswith("mean_")}}
+    return {"postprocess": post.to_dict(), "record": choice, "summary": summary}
 
 
 @stage_task("cross-validation", "cross-validation-{version}")
@@ -202,17 +210,18 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
     saw it), then every case scored with it (``cv.per_case``), per fold and pooled (mean, median,
     worst); the pooled means become the version's ``metrics``."""
     store, registry = SliceStore(store_url), Registry(registry_url)
-    info = registry.info(version)
+    ensemble = ModelVersion(registry, version)
+    members = ensemble.info.members
     cases, folds = [], []
-    for fold, member in enumerate(info["members"]):
-        for case_id in registry.info(member)["split"]["val"]:
+    for fold, member in enumerate(members):
+        for case_id in ModelVersion(registry, member).info.split["val"]:
             with np.load(io.BytesIO(registry.get(member, OUT_OF_FOLD.format(case=case_id)))) as f:
                 pred = f["labels"]
             truth, _ = ground_truth(store, case_id)
             cases.append((pred, truth, store.attrs(case_id)["zooms"]))
             folds.append((case_id, fold))
-    choice = _record_choice(registry, version, cases, "out-of-fold")
-    post = PostProcess.from_dict(choice["postprocess"])
+    chosen = _choose(version, cases, "out-of-fold")
+    choice, post = chosen["summary"], PostProcess.from_dict(chosen["postprocess"])
     rows = []
     for (case_id, fold), (pred, truth, zooms) in zip(folds, cases):
         raw = evaluate_case(pred, truth, zooms)
@@ -229,13 +238,14 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
     summary = summarize([{k: v for k, v in r.items() if k != "fold"} for r in rows])
     per_fold = [
         {"fold": f, "cases": len(part), **{k: round(float(np.mean([r[k] for r in part])), 4) for k in _MEANS}}
-        for f in range(len(info["members"]))
+        for f in range(len(members))
         if (part := [r for r in rows if r["fold"] == f])
     ]
     metrics = {k: round(summary[k]["mean"], 4) for k in _MEANS}
     metrics["dice_mean"] = round(float(np.mean([metrics[f"dice_{r}"] for r in REGIONS])), 4)
     cv = {"per_case": rows, "per_fold": per_fold, "summary": summary, "postprocess": choice}
-    registry.update_info(version, metrics=metrics, cv=cv)
+    ensemble.record_postprocess(chosen["postprocess"], chosen["record"])
+    ensemble.record_cv(metrics, cv)
     return {"metrics": metrics, "per_fold": per_fold, "per_case": rows, "postprocess": choice}
 
 

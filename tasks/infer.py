@@ -62,8 +62,8 @@ def infer_case(
         return row(done, "skipped", time.perf_counter() - start)
     scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
     model, info = cached_model(registry_url, version, device)
-    post = PostProcess.from_dict(info.get("postprocess")) if postprocess else None
-    labels, attrs = predict_case(model, scan, info["profile"], post, tta=tta, batch_size=batch_size)
+    post = PostProcess.from_dict(info.postprocess) if postprocess else None
+    labels, attrs = predict_case(model, scan, info.profile, post, tta=tta, batch_size=batch_size)
     seg_path, record_path = outputs(out, case.case_id)
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
@@ -74,7 +74,7 @@ def infer_case(
         record = {
             "case": case.case_id,
             **how,
-            "profile": info["profile"],
+            "profile": info.profile,
             "postprocess": post and post.to_dict(),
             "segmentation": str(seg_path),
             "inputs": case.files,

@@ -13,7 +13,7 @@ import numpy as np
 from prefect import get_run_logger
 from pydantic import BaseModel
 
-from storage.registry import Registry
+from storage.versions import ModelVersion
 from tasks.artifacts import key, markdown, png_markdown, table
 from unet.metrics import REGIONS
 
@@ -48,12 +48,12 @@ def ingest(store_url: str, summary: dict, rows: list[dict], quarantine: list[dic
 
 def train(registry_url: str, version: str, summary: dict, sections: list[str]) -> None:
     """The training's epoch table and summary: validation Dice, post-processing, curves, validation slices."""
-    registry = Registry(registry_url)
-    info = registry.info(version)
-    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in info["history"]]
+    model = ModelVersion(registry_url, version)
+    registry, info = model.registry, model.info
+    rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in info.history]
     table(rows, "train-epochs", f"Loss and validation Dice per epoch of {version}")
-    m, files, post = summary["metrics"], summary["files"], info.get("postprocess_choice")
-    fold = info.get("fold")
+    m, files, post = summary["metrics"], summary["files"], info.postprocess_choice
+    fold = info.fold
     resumed = summary["resumed_from"]
     lines = [
         f"# Training → `{version}`" + (f" (fold {fold} of a cross-validation)" if fold is not None else ""),
@@ -66,12 +66,12 @@ def train(registry_url: str, version: str, summary: dict, sections: list[str]) -
         "",
     ]
     if post:
-        lines += [_choice_line(info["postprocess"], post), ""]
+        lines += [_choice_line(info.postprocess, post), ""]
     lines += [
         *sections,
         f"## Files in `{registry.root}/{version}/`",
         "",
-        *[f"- `{name}`" for name in ("info.json", "weights.pt", "checkpoint.pt", *files)],
+        *[f"- `{name}`" for name in (registry.INFO, "weights.pt", "checkpoint.pt", *files)],
         "",
         "## Curves",
         "",

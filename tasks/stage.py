@@ -44,6 +44,17 @@ def stage_task(
     )
 
 
+def run_logger():
+    """The run's logger inside a flow or task run; outside one (a task's ``.fn`` called directly), Prefect's."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("brats")
+
+
 def gather(
     futures: Sequence, items: Sequence, progress=None, weight: Callable[[Any], int] = lambda item: 1
 ) -> tuple[list[Any], list[tuple[Any, str]]]:

@@ -15,6 +15,7 @@ import numpy as np
 from prefect import get_run_logger
 
 from storage.registry import Registry
+from storage.versions import ModelVersion
 from tasks.artifacts import RunProgress
 from tasks.figures import curves_png, overlay_png
 from tasks.stage import stage_task
@@ -40,8 +41,8 @@ def is_retriable(task, task_run, state) -> bool:
 class _Report(Callbacks):
     """Per-epoch log lines and info.json progress; a progress artifact and terminal bar."""
 
-    def __init__(self, registry: Registry, version: str, epochs: int):
-        self.registry, self.version, self.epochs = registry, version, epochs
+    def __init__(self, version: ModelVersion, epochs: int):
+        self.model_version, self.version, self.epochs = version, version.version, epochs
         self.log = get_run_logger()
         self.progress, self.pending, self.every = None, 0, 1
 
@@ -83,7 +84,7 @@ class _Report(Callbacks):
             validated,
             row["slices_per_s"],
         )
-        self.registry.update_info(self.version, epochs_done=row["epoch"], last_epoch=row)
+        self.model_version.record_epoch(row)
 
     def close(self):
         if self.progress is not None:
@@ -95,9 +96,9 @@ class _Report(Callbacks):
 @stage_task("train-model", "train-{version}", delay=10, retry_if=is_retriable, tags={"gpu"})
 def train_model(store_url: str, registry_url: str, version: str, network: UNetConfig, training: TrainConfig) -> dict:
     start = time.perf_counter()
-    registry = Registry(registry_url)
-    report = _Report(registry, version, training.epochs)
-    split = registry.info(version)["split"]  # the store's, or a cross-validation fold's
+    registry, mv = Registry(registry_url), ModelVersion(registry_url, version)
+    report = _Report(mv, training.epochs)
+    split = mv.info.split  # the store's, or a cross-validation fold's
     try:
         result = fit(store_url, network, training, RegistryCheckpoint(registry, version), report, split)
     finally:
@@ -106,15 +107,13 @@ def train_model(store_url: str, registry_url: str, version: str, network: UNetCo
     model = UNet(network)
     model.load_state_dict(result.best_state)  # the epoch with the best validation Dice
     save_model(registry, version, model)
-    files = _figures(registry, version, model, result, store_url)
+    files = _figures(registry, version, model, result, store_url, split["val"])
     metrics = {
         "best_epoch": result.best["epoch"],
         **{k: result.best[k] for k in ("dice_WT", "dice_TC", "dice_ET", "dice_mean", "val_loss")},
         "final_train_loss": result.history[-1]["train_loss"],
     }
-    registry.update_info(
-        version, status="complete", metrics=metrics, history=result.history, files=files, device=result.device
-    )
+    mv.record_training(metrics, result.history, files, result.device)
     summary = {
         "version": version,
         "registry": registry_url,
@@ -131,12 +130,12 @@ def train_model(store_url: str, registry_url: str, version: str, network: UNetCo
     return summary
 
 
-def _figures(registry: Registry, version: str, model: UNet, result, store_url: str) -> dict[str, str]:
+def _figures(registry: Registry, version: str, model: UNet, result, store_url: str, cases: list[str]) -> dict[str, str]:
     """Loss/Dice curves, and the kept model's segmentation of the validation slices with the most tumour
     (one per case first) as inference makes it there (TTA, background outside the brain), beside the
     truth; saved with the model."""
     files = {"curves.png": registry.put(version, "curves.png", curves_png(result.history))}
-    val = SliceDataset(store_url, registry.info(version)["split"]["val"], context=model.cfg.context)
+    val = SliceDataset(store_url, cases, context=model.cfg.context)
     order = sorted(range(len(val)), key=lambda i: -val.refs[i].tumour)
     firsts, cases = [], set()
     for i in order:  # the largest tumour slice of each case, then the next largest overall

@@ -6,8 +6,8 @@ gathered into an ensemble, promoted to BEST.
   model and training run, status ``training``) and continues it. A fold of a cross-validation is a
   version of its own, with the fold's split (``fold_split``).
 * ``register_ensemble``: the version made of a cross-validation's fold versions.
-* ``promote_if_best`` marks the version inference uses by default: the best mean validation (or
-  cross-validated) Dice.
+* ``promote_if_best`` marks the version inference uses by default, when it beats the current one
+  like for like (``storage.versions.promotion``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import zarr
 from storage.registry import Registry
 from storage.split import make_folds
 from storage.store import SliceStore
-from tasks.stage import stage_task
+from storage.versions import ModelVersion, listed, promotion
+from tasks.stage import run_logger, stage_task
 from unet.model import UNetConfig
 from unet.train import TrainConfig, run_definition
 
@@ -50,44 +51,38 @@ def open_version(
     in ``info.json``), or a new one (attempt 1). ``fold``: the version of fold ``fold`` of a
     cross-validation in ``training.folds`` folds (it trains on the others and validates on it); a
     complete one of the same run is reused (attempt 0: nothing to train) unless ``fresh``."""
-    store, registry = SliceStore(store_url), Registry(registry_url)
+    store = SliceStore(store_url)
     if not store.split.get("train"):
         raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
     want, model_cfg = run_definition(training), network.model_dump()
     if not fresh:
         same_run = [
             info
-            for info in registry.versions()
-            if info.get("status") in ("training", "complete" if fold is not None else "training")
-            and info.get("store_fingerprint") == store.fingerprint
-            and info.get("model") == model_cfg
-            and info.get("fold") == fold
-            and run_definition(TrainConfig.model_validate(info.get("train_config", {}))) == want
+            for info in listed(registry_url)
+            if info.status in ("training", "complete" if fold is not None else "training")
+            and info.store_fingerprint == store.fingerprint
+            and info.model == model_cfg
+            and info.fold == fold
+            and run_definition(TrainConfig.model_validate(info.train_config)) == want
         ]
         if same_run:  # the newest (version ids made in the same second do not sort by time)
-            info = max(same_run, key=lambda info: info.get("created", 0))
-            if info["status"] == "complete":
-                return info["version"], 0
-            attempt = info.get("attempts", 1) + 1
-            registry.update_info(info["version"], attempts=attempt)
-            return info["version"], attempt
-    version = registry.create(
-        {
-            "status": "training",
-            "model": model_cfg,
-            "profile": store.profile,
-            "store": store_url,
-            "store_fingerprint": store.fingerprint,
-            "split": store.split if fold is None else fold_split(store, training, fold),
-            "fold": fold,
-            "train_config": training.model_dump(),
-            "metrics": {},
-            "history": [],
-            "versions": package_versions(),
-            "attempts": 1,
-        }
+            info = max(same_run, key=lambda info: info.created)
+            if info.status == "complete":
+                return info.version, 0
+            return info.version, ModelVersion(registry_url, info.version).reopen()
+    opened = ModelVersion.open(
+        registry_url,
+        status="training",
+        model=model_cfg,
+        profile=store.profile,
+        store=store_url,
+        store_fingerprint=store.fingerprint,
+        split=store.split if fold is None else fold_split(store, training, fold),
+        fold=fold,
+        train_config=training.model_dump(),
+        packages=package_versions(),
     )
-    return version, 1
+    return opened.version, 1
 
 
 def fold_split(store: SliceStore, training: TrainConfig, fold: int) -> dict[str, list[str]]:
@@ -115,41 +110,38 @@ def plan_folds(store_url: str, training: TrainConfig) -> list[list[str]]:
 def register_ensemble(registry_url: str, members: list[str]) -> str:
     """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no
     weights of its own; it predicts with the mean of their probabilities (``unet.ensemble``)."""
-    registry = Registry(registry_url)
-    infos = [registry.info(m) for m in members]
+    infos = [ModelVersion(registry_url, m).info for m in members]
     first = infos[0]
-    return registry.create(
-        {
-            "status": "complete",
-            "kind": "ensemble",
-            "members": members,
-            "model": first["model"],
-            "profile": first["profile"],
-            "store": first["store"],
-            "store_fingerprint": first["store_fingerprint"],
-            "split": {
-                "train": sorted({c for i in infos for c in i["split"]["train"]}),
-                "val": [],
-                "folds": [i["split"]["val"] for i in infos],
-            },
-            "train_config": first["train_config"],
-            "metrics": {},
-            "versions": package_versions(),
-        }
-    )
+    return ModelVersion.open(
+        registry_url,
+        kind="ensemble",
+        members=members,
+        model=first.model,
+        profile=first.profile,
+        store=first.store,
+        store_fingerprint=first.store_fingerprint,
+        split={
+            "train": sorted({c for i in infos for c in i.split["train"]}),
+            "val": [],
+            "folds": [i.split["val"] for i in infos],
+        },
+        train_config=first.train_config,
+        packages=package_versions(),
+    ).version
 
 
 @stage_task("promote-if-best")
 def promote_if_best(registry_url: str, version: str) -> bool:
-    """Mark ``version`` best when its mean validation Dice beats the current best's."""
+    """Mark ``version`` BEST when it beats the current BEST like for like (``storage.versions.promotion``:
+    per-case Dice on the cases both were scored on without training on them, above a floor)."""
     registry = Registry(registry_url)
-    score = lambda info: info.get("metrics", {}).get("dice_mean", -1.0)  # noqa: E731
-    current = registry.best()
+    candidate, current = ModelVersion(registry, version), registry.best()
     try:
-        current_score = score(registry.info(current)) if current else None
+        best = ModelVersion(registry, current).info if current else None
     except FileNotFoundError:  # BEST points at a version that was deleted
-        current_score = None
-    if current_score is None or score(registry.info(version)) > current_score:
-        registry.set_best(version)
-        return True
-    return False
+        best = None
+    promote, why = promotion(candidate.info, best)
+    run_logger().info("%s %s: %s", version, "promoted to BEST" if promote else "not promoted", why)
+    if promote:
+        candidate.promote()
+    return promote

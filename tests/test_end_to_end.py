@@ -1,7 +1,7 @@
 """The whole pipeline through the ``brats`` command: ingest -> short train -> evaluate -> infer.
 
-Small synthetic data and a tiny network, so it runs in the normal suite; the numbers it produces
-mean nothing, the plumbing between the stages is what is checked.
+Small synthetic data and a small network trained briefly, so it runs in the normal suite; the
+plumbing between the stages is checked, and that the model learned (far above an untrained one).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def brats(capsys, *argv: str) -> dict:
 
 
 @pytest.mark.slow
-def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
+def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("BRATS_BEST_FLOOR", "0.3")  # 40 s of training on 3 tiny cases: a lower bar for BEST
     store, models, out = tmp_path / "slices.zarr", tmp_path / "models", tmp_path / "out"
     new = tmp_path / "new"
     write_dataset(new, cases=2, seed=99, shape=SMALL, with_seg=False, prefix="BraTS19_NEW")
@@ -37,30 +38,10 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
     ingested = brats(capsys, "ingest", small_raw, "--store", store, "--workers", "1", "--split", "0.5", "0.25", "0.25")
     assert ingested["ingested"] == 6
 
-    trained = brats(
-        capsys,
-        "train",
-        "--store",
-        store,
-        "--registry",
-        models,
-        "--base-channels",
-        "4",
-        "--depth",
-        "2",
-        "--padding",
-        "same",
-        "--epochs",
-        "2",
-        "--batch-size",
-        "8",
-        "--max-steps-per-epoch",
-        "4",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-    )
+    # the cpu recipe, one small model: enough steps to learn the synthetic tumours
+    train = ["train", "--store", store, "--registry", models, "--recipe", "cpu", "--folds", "0", "--epochs", "15"]
+    train += ["--base-channels", "8", "--depth", "3", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    trained = brats(capsys, *train)
     registry = Registry(str(models))
     version = registry.best()
     assert version is not None and trained["best"] is True
@@ -70,7 +51,7 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys):
     test_cases = SliceStore(str(store)).split["test"]
     assert evaluated["version"] == version and evaluated["cases"] == len(test_cases)
     assert evaluated["train_overlap"] == 0 and evaluated["truth_from_store_label"] == 0
-    assert all(0 <= evaluated[f"dice_{r}"] <= 1 for r in ("WT", "TC", "ET"))
+    assert evaluated["dice_WT"] >= 0.3  # it learned: 45 steps of it score about 0.06 here
     assert [r["case"] for r in registry.info(version)["evaluation"]["per_case"]] == sorted(test_cases)
 
     inferred = brats(capsys, "infer", new, "--out", out, "--registry", models, "--tta")

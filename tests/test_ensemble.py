@@ -53,7 +53,7 @@ def test_an_ensemble_version_loads_as_one_model(tmp_path):
         versions.append(version)
     ensemble = registry.create({"profile": "tp", "status": "complete", "members": versions, "model": {}})
     model, info = load_model(registry, ensemble)
-    assert isinstance(model, Ensemble) and len(model.members) == 3 and info["members"] == versions
+    assert isinstance(model, Ensemble) and len(model.members) == 3 and info.members == versions
     x = torch.randn(1, 4, 32, 32)
     with torch.no_grad():
         expected = sum(torch.softmax(load_model(registry, v)[0].predict(x), 1) for v in versions) / 3

@@ -100,3 +100,17 @@ def test_every_flows_module_defines_a_flow_or_shared_parameters():
         and not defines_flow(ast.parse(path.read_text()))
     ]
     assert others == []
+
+
+def test_a_model_versions_info_has_one_owner():
+    """Only ``storage/`` reads or writes a version's info.json: everything above goes through
+    ``storage.versions`` (typed ``VersionInfo``, ``ModelVersion``'s lifecycle), never string keys."""
+    raw = ("update_info(", "registry.create(", ".info(", '"info.json"', 'info["', "info.get(")
+    offenders = [
+        f"{name}: {needle}"
+        for name, path in MODULES.items()
+        if floor(name) > LAYERS["storage"]
+        for needle in raw
+        if needle in path.read_text().replace("log.info(", "").replace("logger().info(", "")
+    ]
+    assert offenders == []

@@ -1,7 +1,7 @@
 """Model weights in and out of the registry. Loading never unpickles code: ``weights_only=True``.
 
-A version's ``info.json`` (see ``storage/registry.py``) carries ``model`` (the ``UNetConfig``
-fields) and ``profile`` (the store's preprocessing profile), which is all inference needs; an
+A version's info (``storage.versions.VersionInfo``) carries ``model`` (the ``UNetConfig`` fields)
+and ``profile`` (the store's preprocessing profile), which is all inference needs; an
 ensemble version names its ``members`` (versions of their own) instead of holding weights.
 A training run also keeps its full state (``checkpoint.pt``) there, to resume after a kill.
 ``cached_model`` loads a version once per process, for every thread that predicts with it.
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from storage.registry import Registry
+from storage.versions import ModelVersion, VersionInfo
 from unet.ensemble import Ensemble
 from unet.model import UNet, UNetConfig
 
@@ -35,24 +36,23 @@ def from_bytes(data: bytes, device: str | torch.device = "cpu"):
 
 
 def save_model(registry: Registry, version: str, model: UNet) -> str:
-    """Write the weights (on CPU) and the model config of a version; returns the weights URL."""
+    """Write the weights (on CPU) and the network's config of a version; returns the weights URL."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     url = registry.put(version, WEIGHTS, to_bytes(state))
-    registry.update_info(version, model=model.cfg.model_dump())
+    ModelVersion(registry, version).record_model(model.cfg.model_dump())
     return url
 
 
 def load_model(
     registry: Registry, version: str | None = None, device: str | torch.device = "cpu"
-) -> tuple[UNet | Ensemble, dict]:
-    """The model of a version (default: the best) in eval mode, with the version's info. An ensemble
-    version (``members`` in its info: the models of a cross-validation) loads as one ``Ensemble``."""
-    version = registry.resolve(version)
-    info = registry.info(version)
-    if members := info.get("members"):
-        return Ensemble([load_model(registry, m, device)[0] for m in members]).to(device).eval(), info
-    model = UNet(UNetConfig(**info["model"]))
-    model.load_state_dict(from_bytes(registry.get(version, WEIGHTS), device))
+) -> tuple[UNet | Ensemble, VersionInfo]:
+    """The model of a version (None: the best) in eval mode, with the version's info. An ensemble version
+    (``members`` in its info: the models of a cross-validation) loads as one ``Ensemble``."""
+    info = ModelVersion.resolve(registry, version).info
+    if info.members:
+        return Ensemble([load_model(registry, m, device)[0] for m in info.members]).to(device).eval(), info
+    model = UNet(UNetConfig(**info.model))
+    model.load_state_dict(from_bytes(registry.get(info.version, WEIGHTS), device))
     return model.to(device).eval(), info
 
 
@@ -61,7 +61,7 @@ def load_model(
 _loading = threading.Lock()
 
 
-def cached_model(registry_url: str, version: str, device: str) -> tuple[UNet, dict]:
+def cached_model(registry_url: str, version: str, device: str) -> tuple[UNet, VersionInfo]:
     """``load_model`` once per process for (registry root, version, device); the model is shared
     read-only by every thread that predicts with it. Pass a resolved version, not "best"."""
     with _loading:  # two threads asking at once load it once
@@ -69,7 +69,7 @@ def cached_model(registry_url: str, version: str, device: str) -> tuple[UNet, di
 
 
 @lru_cache(maxsize=4)
-def _load(registry_url: str, version: str, device: str) -> tuple[UNet, dict]:
+def _load(registry_url: str, version: str, device: str) -> tuple[UNet, VersionInfo]:
     return load_model(Registry(registry_url), version, device)
 
 

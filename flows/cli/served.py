@@ -65,7 +65,7 @@ def serve(
     torch.set_num_threads(max(1, cores() // limit))
     resolved = Registry(registry_url).resolve(version)
     network, info = cached_model(registry_url, resolved, device)
-    profile = PROFILES[info["profile"]]
+    profile = PROFILES[info.profile]
     side = (profile.window or 240) // profile.factor
     predict_slices(network, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
     served.SETTINGS.update(
@@ -81,7 +81,7 @@ def serve(
         },
     )
     print(
-        f"{time.strftime('%H:%M:%S')} serving segment-scan: model {resolved} ({info['profile']}) on {device} -> {out}",
+        f"{time.strftime('%H:%M:%S')} serving segment-scan: model {resolved} ({info.profile}) on {device} -> {out}",
         flush=True,
     )
     # a served task run has no flow run: its logs stay on this console (the UI has its state and table)
