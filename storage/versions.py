@@ -40,6 +40,8 @@ FLOOR = 0.5  # the least mean Dice (WT, TC, ET) on held-out cases a version need
 def floor() -> float:
     """``FLOOR``, or ``$BRATS_BEST_FLOOR`` where set (0: any version that beats BEST)."""
     return float(os.environ.get("BRATS_BEST_FLOOR", FLOOR))
+
+
 MIN_SHARED = 3  # the fewest cases two versions must both have been scored on to be compared
 
 
