@@ -18,7 +18,7 @@ from storage.registry import DEFAULT_ROOT
 from storage.versions import ModelVersion
 from tasks import report
 from tasks.artifacts import RunProgress
-from tasks.infer import infer_case
+from tasks.infer import announce_reviews, infer_case
 from tasks.runners import case_threads, device_name, predict_runner
 from tasks.stage import gather
 from unet.predict import Prediction
@@ -68,6 +68,8 @@ def infer(
     failures = [str(p) for p in found.problems] + [reason for _, reason in failed]
 
     rows.sort(key=lambda r: r["case"])
+    announce_reviews(rows, out)
+    flagged = [r["case"] for r in rows if r["review"]]
     summary = {
         "out": out,
         "version": version,
@@ -77,7 +79,11 @@ def infer(
         "written": sum(r["status"] == "written" for r in rows),
         "skipped": sum(r["status"] == "skipped" for r in rows),
         "failed": len(failures),
+        "review": len(flagged),  # the quality estimate's flag (unet.quality): look at these first
+        "review_cases": flagged,
     }
+    if flagged:
+        log.warning("%d of %d segmentation(s) to review: %s", len(flagged), len(rows), ", ".join(flagged))
     report.infer(out, summary, rows, failures, shown)
     if failures:
         return Failed(message=f"{len(failures)} scan(s) failed: " + "; ".join(failures), data=summary)

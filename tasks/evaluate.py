@@ -24,11 +24,13 @@ from storage.store import SliceStore
 from storage.versions import ModelVersion, Score
 from tasks.figures import overlay_png
 from tasks.stage import stage_task
+from unet import quality
 from unet.checkpoint import cached_model, load_model
 from unet.geometry import Geometry, to_labels
 from unet.metrics import REGIONS, evaluate_case, summarize
 from unet.postprocess import PostProcess, best_postprocess, scores
-from unet.predict import predict_slices, predict_volume
+from unet.predict import predict_slices, predict_volume, volumes_ml
+from unet.quality import Evidence
 
 NIFTI_TRUTH = "original seg"
 
@@ -55,12 +57,14 @@ def ground_truth(store: SliceStore, case_id: str) -> tuple[np.ndarray, str]:
     return to_labels(geometry, geometry.restore(one_hot)), f"store label ({why})"
 
 
-def predict_stored_case(store: SliceStore, case_id: str, model, tta: bool, batch_size: int) -> np.ndarray:
-    """The model's labels for a stored case on its original grid, before post-processing."""
+def predict_stored_case(
+    store: SliceStore, case_id: str, model, tta: bool, batch_size: int, evidence: Evidence | None = None
+) -> np.ndarray:
+    """The model's labels for a stored case on its original grid, before post-processing; ``evidence``
+    gathers what its quality estimate is built from (``unet.quality``)."""
     attrs = store.attrs(case_id)
-    return predict_volume(
-        model, store.image(case_id), attrs["geometry"], attrs["slice_brain"], tta=tta, batch_size=batch_size
-    )
+    slices, geometry, brain = store.image(case_id), attrs["geometry"], attrs["slice_brain"]
+    return predict_volume(model, slices, geometry, brain, tta=tta, batch_size=batch_size, evidence=evidence)
 
 
 @stage_task("evaluate-case", "evaluate-{case_id}")
@@ -79,16 +83,23 @@ def evaluate_stored_case(
     start = time.perf_counter()
     store = SliceStore(store_url)
     attrs = store.attrs(case_id)
-    model, _ = cached_model(registry_url, version, device)
+    model, info = cached_model(registry_url, version, device)
+    evidence = Evidence()
     pred = PostProcess.from_dict(postprocess).apply(
-        predict_stored_case(store, case_id, model, tta, batch_size), attrs["zooms"]
+        predict_stored_case(store, case_id, model, tta, batch_size, evidence), attrs["zooms"]
     )
     truth, source = ground_truth(store, case_id)
     metrics = evaluate_case(pred, truth, attrs["zooms"])
+    features = evidence.features()
+    est = quality.estimate(features, info.quality)
+    reasons = quality.review(est, features, volumes_ml(pred, attrs["zooms"]), info.quality)
     return {
         "case": case_id,
         "grade": attrs.get("grade") or "",
         **{k: round(v, 4) for k, v in metrics.items()},
+        **{f"est_{r}": v for r, v in est.items()},
+        "review": bool(reasons),
+        "review_reasons": reasons,
         "truth": source,
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -126,11 +137,13 @@ def predict_out_of_fold(
     model, info = load_model(registry, version, device)
     rows = []
     for case_id in info.split["val"]:
-        pred = predict_stored_case(store, case_id, model, tta, batch_size)
+        evidence = Evidence()
+        pred = predict_stored_case(store, case_id, model, tta, batch_size, evidence)
         registry.put(version, OUT_OF_FOLD.format(case=case_id), _npz(pred))
         truth, source = ground_truth(store, case_id)
         metrics = evaluate_case(pred, truth, store.attrs(case_id)["zooms"])
-        rows.append({"case": case_id, "fold": info.fold, **_brief(metrics), "truth": source})
+        row = {"case": case_id, "fold": info.fold, **_brief(metrics), "truth": source}
+        rows.append({**row, "features": evidence.features()})
     ModelVersion(registry, version).record_out_of_fold(rows)
     return rows
 
@@ -160,19 +173,45 @@ def choose_postprocess(
     apply it from there."""
     store, registry = SliceStore(store_url), Registry(registry_url)
     model, info = load_model(registry, version, device)
-    cases, ids = [], info.split["val"]
+    cases, ids, features = [], info.split["val"], []
     for case_id in ids:
         truth, _ = ground_truth(store, case_id)
-        cases.append(
-            (predict_stored_case(store, case_id, model, tta, batch_size), truth, store.attrs(case_id)["zooms"])
-        )
+        evidence = Evidence()
+        pred = predict_stored_case(store, case_id, model, tta, batch_size, evidence)
+        cases.append((pred, truth, store.attrs(case_id)["zooms"]))
+        features.append(evidence.features())
     choice = _choose(version, cases, "validation")
     post = PostProcess.from_dict(choice["postprocess"])
     rows = [{"case": c, **_brief(evaluate_case(post.apply(p, z), t, z))} for c, (p, t, z) in zip(ids, cases)]
-    ModelVersion(registry, version).record_postprocess(
-        choice["postprocess"], choice["record"], Score.of("validation", rows) if rows else None
-    )
+    for row, f, (pred, truth, zooms) in zip(rows, features, cases):
+        row.update(
+            features=f, truth_WT_ml=_ml(truth, (1, 2, 4), zooms), volumes_ml=volumes_ml(post.apply(pred, zooms), zooms)
+        )
+    version_ = ModelVersion(registry, version)
+    version_.record_postprocess(choice["postprocess"], choice["record"], Score.of("validation", rows) if rows else None)
+    if rows:
+        version_.record_quality(_calibrate(rows, "validation"))
     return choice["summary"]
+
+
+def _calibrate(rows: list[dict], on: str) -> dict:
+    """The quality estimate's calibration on these held-out cases (rows with ``features``, Dice,
+    ``truth_WT_ml`` and ``volumes_ml``), and how its leave-one-out estimates track their Dice."""
+    cases = [
+        {
+            "features": r["features"],
+            "dice": {k: r[f"dice_{k}"] for k in REGIONS},
+            "WT_ml": r["truth_WT_ml"],
+            "volumes_ml": r["volumes_ml"],
+        }
+        for r in rows
+    ]
+    held = quality.held_out(cases)
+    for row, h in zip(rows, held):
+        row.update({f"est_{k}": v for k, v in h["quality"].items()}, review=bool(h["reasons"]))
+    calibration = {**quality.fit(cases), "on": on, "held_out": quality.agreement(cases, held)}
+    get_run_logger().info("%s: quality estimate calibrated on %d %s case(s): %s", on, len(cases), on, calibration)
+    return calibration
 
 
 def _choose(version: str, cases: list, on: str) -> dict:
@@ -222,20 +261,24 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
             folds.append((case_id, fold))
     chosen = _choose(version, cases, "out-of-fold")
     choice, post = chosen["summary"], PostProcess.from_dict(chosen["postprocess"])
+    features = {r["case"]: r.get("features") for m in members for r in ModelVersion(registry, m).info.out_of_fold}
     rows = []
     for (case_id, fold), (pred, truth, zooms) in zip(folds, cases):
-        raw = evaluate_case(pred, truth, zooms)
+        raw, final = evaluate_case(pred, truth, zooms), post.apply(pred, zooms)
         rows.append(
             {
                 "case": case_id,
                 "fold": fold,
-                **_brief(evaluate_case(post.apply(pred, zooms), truth, zooms)),
+                **_brief(evaluate_case(final, truth, zooms)),
                 **{f"raw_{k}": v for k, v in _brief(raw).items() if k.startswith(("dice", "hd95"))},
                 "truth_WT_ml": _ml(truth, (1, 2, 4), zooms),
                 "truth_ET_ml": _ml(truth, (4,), zooms),
+                "volumes_ml": volumes_ml(final, zooms),
+                "features": features.get(case_id),
             }
         )
-    summary = summarize([{k: v for k, v in r.items() if k != "fold"} for r in rows])
+    calibration = _calibrate(rows, "out-of-fold") if all(r["features"] for r in rows) else None
+    summary = summarize([{k: v for k, v in r.items() if k not in ("fold", "review")} for r in rows])
     per_fold = [
         {"fold": f, "cases": len(part), **{k: round(float(np.mean([r[k] for r in part])), 4) for k in _MEANS}}
         for f in range(len(members))
@@ -246,6 +289,8 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
     cv = {"per_case": rows, "per_fold": per_fold, "summary": summary, "postprocess": choice}
     ensemble.record_postprocess(chosen["postprocess"], chosen["record"])
     ensemble.record_cv(metrics, cv)
+    if calibration is not None:
+        ensemble.record_quality(calibration)
     return {"metrics": metrics, "per_fold": per_fold, "per_case": rows, "postprocess": choice}
 
 

@@ -84,3 +84,19 @@ def overlay_png(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, t
         frameon=False,
     )
     return _png(fig)
+
+
+def scan_png(flair: np.ndarray, t1ce: np.ndarray, classes: np.ndarray, title: str) -> bytes:
+    """A written segmentation over its scan: FLAIR and T1ce (H, W) of one slice, each with the
+    network classes 0..3 (H, W) drawn over it."""
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.9), squeeze=False)
+    for ax, (name, gray) in zip(axes[0], (("FLAIR", flair), ("T1ce", t1ce))):
+        gray = np.asarray(gray, dtype=np.float32)
+        brain = gray[gray != 0]
+        lo, hi = np.percentile(brain, [1, 99]) if brain.size else (0.0, 1.0)
+        ax.imshow(gray, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+        ax.imshow(np.ma.masked_equal(classes, 0), cmap=_CMAP, vmin=0, vmax=3, alpha=0.45, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)

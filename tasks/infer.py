@@ -22,9 +22,11 @@ from storage.cases import CaseFiles
 from storage.nifti import atomic_write_bytes, digests, read_case, read_files, write_segmentation
 from storage.outputs import finished, made_with, outputs, writing
 from tasks.stage import stage_task
+from unet import quality
 from unet.checkpoint import cached_model
 from unet.postprocess import PostProcess
 from unet.predict import predict_case, volumes_ml
+from unet.quality import Evidence
 
 
 def scans_only(case: CaseFiles) -> CaseFiles:
@@ -63,7 +65,11 @@ def infer_case(
     scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
     model, info = cached_model(registry_url, version, device)
     post = PostProcess.from_dict(info.postprocess) if postprocess else None
-    labels, attrs = predict_case(model, scan, info.profile, post, tta=tta, batch_size=batch_size)
+    evidence = Evidence()
+    labels, attrs = predict_case(model, scan, info.profile, post, tta=tta, batch_size=batch_size, evidence=evidence)
+    volumes, features = volumes_ml(labels, scan.zooms), evidence.features()
+    estimated = quality.estimate(features, info.quality)
+    reasons = quality.review(estimated, features, volumes, info.quality)
     seg_path, record_path = outputs(out, case.case_id)
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
@@ -82,19 +88,53 @@ def infer_case(
             "shape": attrs["shape"],
             "zooms": attrs["zooms"],
             "geometry": attrs["geometry"],
-            "volumes_ml": volumes_ml(labels, scan.zooms),
+            "volumes_ml": volumes,
+            "quality": estimated,  # estimated Dice per region (unet.quality), calibrated out of fold
+            "review": bool(reasons),
+            "review_reasons": reasons,
+            "quality_features": features,
             "seconds": round(time.perf_counter() - start, 2),
         }
         atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
     return row(record, "written", record["seconds"])
 
 
+REVIEW_EVENT = "brats.segmentation.review"
+
+
+def announce_reviews(rows: list[dict], out: str) -> list[str]:
+    """Emit ``brats.segmentation.review`` for each segmentation written now and flagged for review (an
+    automation may notify someone: deploy/prefect.yaml); returns their cases."""
+    from prefect.events import emit_event
+
+    flagged = [r for r in rows if r["review"] and r["status"] == "written"]
+    for r in flagged:
+        emit_event(
+            REVIEW_EVENT,
+            resource={"prefect.resource.id": f"brats.segmentation.{r['case']}", "prefect.resource.name": r["case"]},
+            payload={
+                "case": r["case"],
+                "out": out,
+                "segmentation": r["segmentation"],
+                "model_version": r["model"],
+                "quality": {k: r[f"est_{k}"] for k in ("WT", "TC", "ET")},
+                "reasons": r["review_reasons"],
+            },
+        )
+    return [r["case"] for r in flagged]
+
+
 def row(record: dict, status: str, seconds: float) -> dict:
     """One line of the cases table."""
-    v = record["volumes_ml"]
+    v, q = record["volumes_ml"], record.get("quality") or {}
     return {
         "case": record["case"],
         "status": status,
+        "review": record.get("review", False),
+        "est_WT": q.get("WT"),
+        "est_TC": q.get("TC"),
+        "est_ET": q.get("ET"),
+        "review_reasons": record.get("review_reasons", []),
         "WT_ml": v["WT"],
         "TC_ml": v["TC"],
         "ET_ml": v["ET"],

@@ -9,12 +9,17 @@ server's local ``file://`` path, and an ``s3://`` one needs credentials.
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
 from prefect import get_run_logger
 from pydantic import BaseModel
 
+from storage.outputs import outputs
 from storage.versions import ModelVersion
 from tasks.artifacts import key, markdown, png_markdown, table
+from tasks.figures import scan_png
 from unet.metrics import REGIONS
 
 METRICS = {"dice": "Dice", "hd95": "HD95 (mm)"}  # the per-case table; sensitivity and specificity stay in the record
@@ -177,16 +182,42 @@ def evaluate(rows: list[dict], summary: dict, figures: dict, record: dict, resul
 
 
 def infer(out: str, summary: dict, rows: list[dict], failures: list[str], sections: list[str]) -> None:
+    """The cases to review first (the quality estimate's flag), then the rest; each with its estimated
+    Dice and volumes, and as many pictures as ``PICTURES`` (flagged first) of the segmentation over
+    its FLAIR and T1ce slice with the most tumour."""
+    rows = sorted(rows, key=lambda r: (not r["review"], r["est_WT"] if r["est_WT"] is not None else 1, r["case"]))
     if rows:
-        table(rows, "infer-cases", "Segmented scans with tumour volumes (ml)")
+        table(rows, "infer-cases", "Segmented scans, the ones to review first: estimated Dice, volumes (ml)")
     lines = [f"# Inference → `{out}`", "", *_facts(summary), ""]
+    flagged = [r for r in rows if r["review"]]
     if rows:
-        lines += ["| case | WT ml | TC ml | ET ml | status |", "|---|---:|---:|---:|---|"]
-        lines += [
-            f"| {r['case']} | {r['WT_ml']:.1f} | {r['TC_ml']:.1f} | {r['ET_ml']:.1f} | {r['status']} |" for r in rows
-        ]
+        lines += [f"## To review: {len(flagged)} of {len(rows)}", ""]
+        lines += [f"- **{r['case']}**: {'; '.join(r['review_reasons'])}" for r in flagged] or ["none"]
+        lines += ["", "## Cases", "", "| case | review | est. Dice WT / TC / ET | WT ml | TC ml | ET ml | status |"]
+        lines += ["|---|---|---|---:|---:|---:|---|"]
+        for r in rows:
+            est = " / ".join(f"{r[f'est_{k}']:.2f}" if r[f"est_{k}"] is not None else "–" for k in ("WT", "TC", "ET"))
+            flag, ml = "**yes**" if r["review"] else "", " | ".join(f"{r[f'{k}_ml']:.1f}" for k in ("WT", "TC", "ET"))
+            lines.append(f"| {r['case']} | {flag} | {est} | {ml} | {r['status']} |")
+        lines += ["", "## Pictures (flagged first): the slice with the most tumour", ""]
+        lines += [png_markdown(segmentation_picture(out, r), r["case"]) for r in rows[:PICTURES]]
         lines.append("")
     markdown("\n".join(lines + sections + _failed("Failed", failures)), "infer-summary", "Inference summary")
+
+
+PICTURES = 8  # pictures in an inference summary: a markdown artifact holds them inline
+
+
+def segmentation_picture(out: str, row: dict) -> bytes:
+    """The written segmentation of a case over its FLAIR and T1ce, at the axial slice with the most tumour."""
+    record = json.loads(outputs(out, row["case"])[1].read_text())
+    seg = np.asanyarray(nib.load(record["segmentation"]).dataobj)
+    z = int(np.argmax((seg > 0).sum((0, 1))))
+    classes = np.select([seg == 1, seg == 2, np.isin(seg, (3, 4))], [1, 2, 3], 0)[:, :, z]
+    flair, t1ce = (np.asanyarray(nib.load(record["inputs"][m]).dataobj[:, :, z]) for m in ("flair", "t1ce"))
+    flag = "REVIEW: " if row["review"] else ""
+    title = f"{flag}{row['case']}, slice {z}, est. WT {row['est_WT']}, TC {row['est_TC']}, ET {row['est_ET']}"
+    return scan_png(np.rot90(flair), np.rot90(t1ce), np.rot90(classes), title)
 
 
 def sweep(out: str, summary: dict, rows: list[dict], sections: list[str]) -> None:

@@ -23,7 +23,7 @@ def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
     from storage.cases import InvalidCase, discover
     from storage.registry import Registry
     from tasks.artifacts import table
-    from tasks.infer import infer_case
+    from tasks.infer import announce_reviews, infer_case
 
     if not SETTINGS:
         raise RuntimeError("segment-scan runs in a `brats serve` process (it holds the settings and the model)")
@@ -34,5 +34,7 @@ def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
     s = SETTINGS
     version = Registry(s["registry_url"]).resolve(s["version"])
     row = infer_case.fn(cases[0], s["out"], s["registry_url"], version, **s["prediction"])
-    table([row], "served-scan", f"Scan {case} segmented by the served model {version}")
+    flag = f"TO REVIEW ({'; '.join(row['review_reasons'])})" if row["review"] else "no review needed"
+    table([row], "served-scan", f"Scan {case} segmented by the served model {version}: {flag}")
+    announce_reviews([row], s["out"])
     return row

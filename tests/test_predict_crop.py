@@ -44,7 +44,7 @@ def _cases() -> list[Path]:
 @pytest.fixture(scope="module")
 def trained() -> UNet:
     model, info = load_model(Registry(str(MODELS)), VERSION, "cpu")
-    assert info["profile"] == "full" and model.cfg.padding == "same"
+    assert info.profile == "full" and model.cfg.padding == "same"
     return model
 
 

@@ -28,8 +28,12 @@ class Ensemble(nn.Module):
         self.cfg = members[0].cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = sum(torch.softmax(m(x).float(), dim=1) for m in self.members) / len(self.members)
+        probs = self.member_probs(x).mean(0)
         return probs.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+    def member_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, N, K, h, w): each member's class probabilities (their mean is the ensemble's)."""
+        return torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])
 
     # shapes are the members' (they agree): the same tiling, padding and overlap-tile prediction
     output_size = UNet.output_size

@@ -47,10 +47,12 @@ from pydantic import BaseModel, Field
 from storage.brats import LABELS, REGIONS
 from unet.data import with_context
 from unet.device import DEVICE_HELP, autocast_dtype
+from unet.ensemble import Ensemble
 from unet.geometry import Geometry, to_labels
 from unet.model import UNet, centre_slice, mirror_pad
 from unet.postprocess import PostProcess
 from unet.preprocess import PROFILES, Profile, preprocess_case
+from unet.quality import Evidence
 
 
 class Prediction(BaseModel):
@@ -143,6 +145,7 @@ def predict_crop(
     tta: bool = False,
     amp: torch.dtype | None = None,
     channels_last: bool = False,
+    evidence: Evidence | None = None,
 ) -> torch.Tensor:
     """(N, C, h, w) slices -> (N, K, h, w) float32 probabilities, predicted on the crop holding ``box``
     (``brain_box``; None: the whole plane) only; outside the crop, background (class 0, probability 1).
@@ -151,27 +154,35 @@ def predict_crop(
     predicts exactly what ``predict_plane`` would there. ``amp``: autocast dtype (None: the input's
     own); ``channels_last``: the crop in channels_last memory format. With ``tta`` the mean over
     ``FLIPS``: each mirror of the slices predicted on the mirrored box, and flipped back.
+    ``evidence``: gathers what the quality estimate is built from (``unet.quality.Evidence``): each
+    view's (an ensemble's members, or the model) probabilities and its labels on each mirror.
     """
     h, w = x.shape[-2:]
     box = (0, h, 0, w) if box is None else box
     flips = FLIPS if tta else FLIPS[:1]
-    total = None
+    total, labels = None, []
     for dims in flips:
         xi, bi = x, box
         if -2 in dims:
             xi, bi = xi.flip(-2), (h - box[1], h - box[0], *box[2:])
         if -1 in dims:
             xi, bi = xi.flip(-1), (*bi[:2], w - box[3], w - box[2])
-        p = _forward_crop(model, xi, bi, amp, channels_last)
+        p = _forward_crop(model, xi, bi, amp, channels_last)  # (views, N, K, h, w)
         p = p.flip(dims) if dims else p
+        if evidence is not None:
+            labels.append(p.argmax(2))
         total = p if total is None else total.add_(p)
-    return total.div_(len(flips))
+    views = total.div_(len(flips))
+    if evidence is not None:
+        evidence.add(views, labels, (centre_slice(x, model.cfg) != 0).any(1))
+    return views.mean(0)
 
 
 def _forward_crop(
     model: UNet, x: torch.Tensor, box: tuple[int, int, int, int], amp: torch.dtype | None, channels_last: bool
 ) -> torch.Tensor:
-    """``predict_crop`` without the mirrors: one forward of the crop, pasted into a background plane."""
+    """``predict_crop`` without the mirrors: one forward of the crop, pasted into a background plane;
+    (views, N, K, h, w): an ensemble's members' probabilities, or the model's as one view."""
     n, _, h, w = x.shape
     top, bottom, ay, sy = _tile_1d(model, h, box[0], box[1])
     left, right, ax, sx = _tile_1d(model, w, box[2], box[3])
@@ -180,8 +191,7 @@ def _forward_crop(
     if channels_last:
         tile = tile.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(tile)
-    p = torch.softmax(logits.float(), dim=1)
+        p = model.member_probs(tile) if isinstance(model, Ensemble) else torch.softmax(model(tile).float(), 1)[None]
     # the tile's output row i lies over image row i + ay - r0, with r0 = pad - (input - output) / 2
     oy = ay - top + (xp.shape[-2] - model.output_size(xp.shape[-2])) // 2
     ox = ax - left + (xp.shape[-1] - model.output_size(xp.shape[-1])) // 2
@@ -189,8 +199,8 @@ def _forward_crop(
     ix0, ix1 = max(ox, 0), min(ox + p.shape[-1], w)
     if (iy0, iy1, ix0, ix1) == (0, h, 0, w) and p.shape[-2:] == (h, w):
         return p
-    probs = torch.zeros((n, p.shape[1], h, w), dtype=torch.float32, device=x.device)
-    probs[:, 0] = 1.0
+    probs = torch.zeros((p.shape[0], n, p.shape[2], h, w), dtype=torch.float32, device=x.device)
+    probs[:, :, 0] = 1.0
     probs[..., iy0:iy1, ix0:ix1] = p[..., iy0 - oy : iy1 - oy, ix0 - ox : ix1 - ox]
     return probs
 
@@ -205,9 +215,10 @@ def predict_slices(
     precision: str = "auto",
     crop: bool = True,
     channels_last: bool = True,
+    evidence: Evidence | None = None,
 ) -> np.ndarray:
     """(N, C, h, w) normalized slices -> (N, K, h, w) float32 class probabilities; pixels where every
-    channel is 0 (no brain) are background, whatever the network says.
+    channel is 0 (no brain) are background, whatever the network says. ``evidence``: see ``predict_crop``.
 
     ``crop``: run the network on the slices' brain box plus ``CROP_MARGIN`` only (``predict_crop``);
     off: on the whole plane. ``precision``: autocast, ``autocast_dtype`` (auto: bf16 on CUDA and on
@@ -222,7 +233,7 @@ def predict_slices(
         probs[:, 0] = 1.0
         return probs.numpy()
     amp = autocast_dtype(device, precision)
-    probs = predict_crop(model, xt, box, tta, amp, channels_last and device.type in ("cpu", "cuda"))
+    probs = predict_crop(model, xt, box, tta, amp, channels_last and device.type in ("cpu", "cuda"), evidence)
     probs[:, 0].masked_fill_(outside, 1.0)
     probs[:, 1:].masked_fill_(outside[:, None], 0.0)
     return probs.cpu().numpy()
@@ -241,6 +252,7 @@ def predict_volume(
     precision: str = "auto",
     crop: bool = True,
     channels_last: bool = True,
+    evidence: Evidence | None = None,
 ) -> np.ndarray:
     """Slices on the profile's grid -> (X, Y, Z) uint8 BraTS labels on the scan's own grid.
 
@@ -250,7 +262,8 @@ def predict_volume(
     slices. Slices without brain are background and never reach the network. ``only``: predict
     just these slice indices (the rest stay background). ``precision``, ``crop``, ``channels_last``:
     see ``predict_slices`` (the defaults are the fast path; ``"fp32", False, False`` runs the whole
-    plane in fp32, as before cropping).
+    plane in fp32, as before cropping). ``evidence``: gathers what the quality estimate is built
+    from (``unet.quality``), slice batch by slice batch.
     """
     geometry = Geometry.from_dict(geometry) if isinstance(geometry, dict) else geometry
     z = geometry.slices
@@ -268,7 +281,16 @@ def predict_volume(
         idx = todo[start : start + batch_size]
         batch = with_context(slices, idx, model.cfg.context)  # one contiguous read, numpy or Zarr
         classes[:, :, idx] = geometry.restore(
-            predict_slices(model, batch, tta, device, precision=precision, crop=crop, channels_last=channels_last)
+            predict_slices(
+                model,
+                batch,
+                tta,
+                device,
+                precision=precision,
+                crop=crop,
+                channels_last=channels_last,
+                evidence=evidence,
+            )
         )
     return to_labels(geometry, classes)
 

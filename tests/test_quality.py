@@ -1,0 +1,114 @@
+"""The quality estimate (``unet.quality``): what it is built from, its calibration and review rule, and
+that a deliberately broken scan is flagged while the same scan intact is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from storage.cases import discover
+from tasks.infer import infer_case
+from unet import quality
+from unet.quality import Evidence
+
+REAL = Path(__file__).parent / "data" / "Brats18_2013_2_1"
+MODELS, VERSION = Path(__file__).parent / "data" / "models", "v20261201-020822-ed23"  # real cases, never this one
+
+
+def views(*probs: list[float]) -> torch.Tensor:
+    """(V, 1, 4, 1, W): per view, a row of pixels with these probabilities of ET (the rest background)."""
+    p = torch.tensor(probs, dtype=torch.float32)[:, None, None, None, :]
+    return torch.cat([1 - p, torch.zeros_like(p), torch.zeros_like(p), p], dim=2)
+
+
+def test_evidence_tells_sure_from_unsure_and_agreeing_from_disagreeing():
+    inside = torch.ones((1, 1, 400), dtype=torch.bool)
+    sure = views([1.0] * 200 + [0.0] * 200)
+    e = Evidence()
+    e.add(sure, [sure.argmax(2), sure.argmax(2)], inside)
+    assert e.features()["ET"] == {"Q": 1.0, "A": 1.0, "D": 1.0}
+    hovering = views([0.9] * 100 + [0.6] * 100 + [0.4] * 100 + [0.0] * 100)  # a wide rim near the decision
+    mirrored = views([0.9] * 100 + [0.0] * 300).argmax(2)  # the mirror keeps only the sure core
+    e = Evidence()
+    e.add(hovering, [hovering.argmax(2), mirrored], inside)
+    f = e.features()["ET"]
+    assert f["Q"] < 0.7 and f["A"] < 0.75 and f["D"] == 1.0
+    members = torch.cat([views([1.0] * 200 + [0.0] * 200), views([0.0] * 200 + [1.0] * 200)])  # two that disagree
+    e = Evidence()
+    e.add(members, [members.argmax(2)], inside)
+    assert e.features()["ET"]["D"] < 0.7 and e.features()["WT"]["D"] < 0.7
+    assert Evidence().features()["WT"] == {"Q": 1.0, "A": 1.0, "D": 1.0}  # nothing predicted: nothing doubted
+
+
+def cases(n: int, seed: int = 0) -> list[dict]:
+    """Cases whose true Dice is a noisy line of their score, a few of them bad."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = rng.uniform(0.6, 0.84) if rng.uniform() < 0.2 else rng.uniform(0.84, 1.0)  # a fifth of them bad
+        f = {r: {"Q": s, "A": s, "D": 1.0} for r in ("WT", "TC", "ET")}
+        dice = {r: float(np.clip(1.6 * s - 0.65 + rng.normal(0, 0.03), 0, 1)) for r in ("WT", "TC", "ET")}
+        out.append({"features": f, "dice": dice, "WT_ml": 60.0, "volumes_ml": {"WT": 60.0, "TC": 20.0, "ET": 8.0}})
+    return out
+
+
+def test_calibration_review_rule_and_held_out_figures():
+    train = cases(40)
+    calibration = quality.fit(train)
+    assert calibration["lines"]["WT"]["b"] == pytest.approx(1.6, abs=0.1)
+    assert calibration["lines"]["WT"]["a"] == pytest.approx(-0.65, abs=0.1)
+    rule = calibration["rule"]
+    estimates = [quality.estimate(c["features"], calibration) for c in train]
+    flagged = [e["WT"] < rule["wt"] or e["TC"] < rule["tc"] for e in estimates]
+    bad = [c["dice"]["WT"] < 0.7 or c["dice"]["TC"] < 0.5 for c in train]
+    assert sum(flagged) <= quality.MAX_FLAGGED * len(train)
+    assert sum(f and b for f, b in zip(flagged, bad)) >= 0.75 * sum(bad) > 0
+    held = quality.held_out(train)
+    figures = quality.agreement(train, held)
+    assert figures["WT"]["spearman"] > 0.9 and figures["WT"]["mae"] < 0.05
+    assert figures["bad_flagged"] >= 0.75 * figures["bad"]
+    assert quality.estimate(train[0]["features"], None)["WT"] == pytest.approx(train[0]["features"]["WT"]["Q"], abs=1e-4)
+    reasons = quality.review(
+        {"WT": 0.9, "TC": 0.9, "ET": 0.9}, train[0]["features"], {"WT": 400.0, "TC": 1, "ET": 1}, calibration
+    )
+    assert reasons == ["whole tumour of 400 ml, far from the 60-60 ml of the training cases"]
+    assert quality.review({"WT": 1, "TC": 1, "ET": 1}, train[0]["features"], {"WT": 0.0}, calibration)[0] == (
+        "no tumour found"
+    )
+
+
+@pytest.mark.slow
+def test_a_scan_with_a_modality_replaced_by_noise_is_flagged_and_the_intact_one_is_not(tmp_path):
+    torch.set_num_threads(2)
+    inbox = tmp_path / "inbox"
+    good = inbox / REAL.name
+    shutil.copytree(REAL, good, ignore=shutil.ignore_patterns("*seg*"))
+    broken = inbox / "Brats18_2013_2_9"
+    shutil.copytree(good, broken)
+    for f in broken.iterdir():
+        f.rename(broken / f.name.replace(good.name, broken.name))
+    flair = broken / f"{broken.name}_flair.nii.gz"
+    img = nib.load(flair)
+    a = np.asanyarray(img.dataobj)
+    brain = a[a > 0]
+    noise = np.where(a > 0, np.random.default_rng(0).normal(brain.mean(), brain.std(), a.shape), 0)
+    nib.save(nib.Nifti1Image(noise.astype(a.dtype), img.affine, img.header), flair)
+
+    records = {}
+    for case in discover(inbox).cases:
+        infer_case.fn(case, str(tmp_path / "out"), str(MODELS), VERSION, "cpu", True, 16)
+        records[case.case_id] = json.loads((tmp_path / "out" / f"{case.case_id}.json").read_text())
+    intact, noisy = records[good.name], records[broken.name]
+    for r in (intact, noisy):
+        assert set(r["quality"]) == {"WT", "TC", "ET"} and all(0 <= v <= 1 for v in r["quality"].values())
+    assert intact["review"] is False and intact["review_reasons"] == []
+    assert noisy["review"] is True and any(
+        reason.startswith("whole tumour uncertain") for reason in noisy["review_reasons"]
+    )
+    assert noisy["quality"]["WT"] < intact["quality"]["WT"] - 0.05

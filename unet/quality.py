@@ -1,0 +1,209 @@
+"""How far to trust a segmentation: an estimate of its Dice per region, and a review flag with reasons.
+
+Built from what the prediction already computes (``Evidence``, gathered batch by batch while a case
+is predicted, on the network's grid, brain only), for every *view* of the case: each member of an
+ensemble (a single model is one view):
+
+* **threshold stability** ``Q``: the Dice between the region where the view's probability of it is
+  above ``SURE`` and where it is above ``1 - SURE``: near 1 where the network is sure of the
+  region's extent, lower where a wide rim of voxels hovers near the decision;
+* **mirror agreement** ``A``: the Dice between the masks of the image and of its left-right mirror
+  (the TTA pair): a segmentation that moves when the head is mirrored is a guess;
+* **member agreement** ``D``: the Dice of a member's mask against the ensemble's (1 for one model).
+
+``Q`` and ``A`` are averaged over the views. A view of a case no member trained on is what an
+out-of-fold fold model is, so the features a cross-validation's fold models give on their held-out
+cases are distributed as the ensemble's members' are on a new scan: the mapping from features to
+Dice (``fit``, a least-squares line per region on ``(Q + A) / 2``, clipped to [0, 1]) is
+calibrated on the out-of-fold cases and kept with the model version. ``D`` is not calibrated (no
+out-of-fold case has more than one member that never saw it): it gives reasons, not the number.
+
+The **review rule** (``choose_rule``): flag a case whose estimated WT Dice is below ``wt`` or TC
+below ``tc``, the two chosen on the out-of-fold estimates to catch the most cases with a true WT
+under 0.7 or TC under 0.5 while flagging at most ``MAX_FLAGGED`` of them; plus plausibility: no
+tumour at all, or a whole tumour far outside the volumes of the training cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# network classes 0 background, 1 NCR/NET, 2 ED, 3 ET -> the BraTS regions
+REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+SURE = 0.75  # threshold stability compares the regions of probability above SURE and above 1 - SURE
+SMOOTH = 50.0  # voxels added to each Dice's numerator and denominator: an empty region sure of itself is 1
+MAX_FLAGGED = 0.30  # the review rule flags at most this share of the calibration cases
+BAD = {"WT": 0.7, "TC": 0.5}  # a case the rule should catch: true Dice below these
+DEFAULT_RULE = {"wt": 0.75, "tc": 0.6}  # where the calibration cases hold no bad case to choose on
+MEMBERS_DISAGREE = 0.8  # member agreement below this is a reason to look
+WORDS = {"WT": "the whole tumour (edema)", "TC": "the tumour core", "ET": "the enhancing tumour"}
+
+
+def _dice(overlap: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (2 * overlap + SMOOTH) / (a + b + SMOOTH)
+
+
+@dataclass
+class Evidence:
+    """Sums over a case's slices, per region and view; ``add`` one batch at a time."""
+
+    sums: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def _acc(self, region: str, name: str, value: torch.Tensor) -> None:
+        value = value.double().cpu().numpy()
+        slot = self.sums.setdefault(region, {})
+        slot[name] = slot.get(name, 0) + value
+
+    @torch.inference_mode()
+    def add(self, views: torch.Tensor, flips: list[torch.Tensor], inside: torch.Tensor) -> None:
+        """``views``: (V, N, K, h, w) each view's TTA-mean probabilities; ``flips``: per mirror, the
+        (V, N, h, w) labels of each view on it; ``inside``: (N, h, w) brain pixels."""
+        inside = inside[None]
+        labels = views.argmax(2)
+        combined = views.mean(0).argmax(1)[None]
+        for region, classes in REGION_CLASSES.items():
+            cls = torch.tensor(classes, device=views.device)
+            p = views[:, :, list(classes)].sum(2) * inside
+            m = torch.isin(labels, cls) & inside
+            e = torch.isin(combined, cls) & inside
+            dims = (1, 2, 3)
+            self._acc(region, "sure", (p > SURE).sum(dims))
+            self._acc(region, "maybe", (p > 1 - SURE).sum(dims))
+            self._acc(region, "m", m.sum(dims))
+            self._acc(region, "me", (m & e).sum(dims))
+            self._acc(region, "e", e.sum(dims))
+            if len(flips) == 2:
+                f0, f1 = (torch.isin(f, cls) & inside for f in flips)
+                self._acc(region, "ff", (f0 & f1).sum(dims))
+                self._acc(region, "f0", f0.sum(dims))
+                self._acc(region, "f1", f1.sum(dims))
+
+    def features(self) -> dict[str, dict[str, float]]:
+        """{region: {"Q", "A", "D"}}, each the mean over views (``A`` is ``Q`` without mirror TTA)."""
+        out = {}
+        for region in REGION_CLASSES:
+            s = self.sums.get(region)
+            if not s:  # no brain slice was predicted
+                out[region] = {"Q": 1.0, "A": 1.0, "D": 1.0}
+                continue
+            q = float(np.mean(_dice(s["sure"], s["sure"], s["maybe"])))
+            a = float(np.mean(_dice(s["ff"], s["f0"], s["f1"]))) if "ff" in s else q
+            d = float(np.mean(_dice(s["me"], s["m"], s["e"])))
+            out[region] = {"Q": round(q, 5), "A": round(a, 5), "D": round(d, 5)}
+        return out
+
+
+def score(features: dict[str, dict[str, float]], region: str) -> float:
+    """The one number per region the calibration maps to Dice."""
+    f = features[region]
+    return (f["Q"] + f["A"]) / 2
+
+
+def fit(cases: list[dict]) -> dict:
+    """The calibration from cases ``{"features": …, "dice": {region: true Dice}, "WT_ml": …}``:
+    per region a line ``dice ~ a + b * score`` (least squares; with under 5 cases, the identity),
+    the review rule chosen on the fitted estimates, and the whole tumour volumes seen."""
+    lines = {}
+    for region in REGION_CLASSES:
+        x = np.array([score(c["features"], region) for c in cases])
+        y = np.array([c["dice"][region] for c in cases])
+        if len(cases) >= 5 and np.ptp(x) > 1e-6:
+            b, a = np.polyfit(x, y, 1)
+            lines[region] = {"a": round(float(a), 5), "b": round(float(b), 5)}
+        else:
+            lines[region] = {"a": 0.0, "b": 1.0}
+    calibration = {"lines": lines, "cases": len(cases)}
+    volumes = [c["WT_ml"] for c in cases if c.get("WT_ml")]
+    calibration["wt_ml"] = [round(min(volumes), 2), round(max(volumes), 2)] if volumes else None
+    calibration["rule"] = choose_rule([estimate(c["features"], calibration) for c in cases], cases)
+    return calibration
+
+
+def estimate(features: dict, calibration: dict | None) -> dict[str, float]:
+    """The estimated Dice per region (0-1); without a calibration, the raw score."""
+    out = {}
+    for region in REGION_CLASSES:
+        line = (calibration or {}).get("lines", {}).get(region, {"a": 0.0, "b": 1.0})
+        out[region] = round(float(np.clip(line["a"] + line["b"] * score(features, region), 0, 1)), 4)
+    return out
+
+
+def choose_rule(estimates: list[dict], cases: list[dict]) -> dict:
+    """Thresholds on the estimated WT and TC that flag the most bad cases (``BAD``) with at most
+    ``MAX_FLAGGED`` of all flagged; ties: the fewest flagged."""
+    bad = [c["dice"]["WT"] < BAD["WT"] or c["dice"]["TC"] < BAD["TC"] for c in cases]
+    if not any(bad):
+        return {**DEFAULT_RULE, "chosen_on": 0}
+    best = None
+    for wt in np.arange(0.40, 0.951, 0.01):
+        for tc in np.arange(0.20, 0.901, 0.01):
+            flagged = [e["WT"] < wt or e["TC"] < tc for e in estimates]
+            if sum(flagged) > MAX_FLAGGED * len(cases):
+                continue
+            caught = sum(f and b for f, b in zip(flagged, bad))
+            key = (caught, -sum(flagged), wt + tc)
+            if best is None or key > best[0]:
+                best = (key, {"wt": round(float(wt), 2), "tc": round(float(tc), 2)})
+    return {**(best[1] if best else DEFAULT_RULE), "chosen_on": len(cases)}
+
+
+def review(quality: dict, features: dict, volumes_ml: dict, calibration: dict | None) -> list[str]:
+    """The reasons to look at a segmentation, in words; none: no review needed."""
+    rule = (calibration or {}).get("rule", DEFAULT_RULE)
+    reasons = []
+    if volumes_ml["WT"] == 0:
+        reasons.append("no tumour found")
+    if quality["WT"] < rule["wt"]:
+        reasons.append(f"whole tumour uncertain (estimated Dice {quality['WT']:.2f} < {rule['wt']})")
+    if quality["TC"] < rule["tc"]:
+        reasons.append(f"tumour core uncertain (estimated Dice {quality['TC']:.2f} < {rule['tc']})")
+    seen = (calibration or {}).get("wt_ml")
+    if seen and volumes_ml["WT"] and not seen[0] / 2 <= volumes_ml["WT"] <= seen[1] * 2:
+        seen_ml = f"{seen[0]:.0f}-{seen[1]:.0f} ml"
+        reasons.append(f"whole tumour of {volumes_ml['WT']:.0f} ml, far from the {seen_ml} of the training cases")
+    if reasons:  # what the members and the mirror say about the flagged case
+        for region in REGION_CLASSES:
+            if features[region]["D"] < MEMBERS_DISAGREE:
+                reasons.append(f"members disagree on {WORDS[region]} (agreement {features[region]['D']:.2f})")
+            elif features[region]["A"] < MEMBERS_DISAGREE and region != "ET":
+                reasons.append(
+                    f"the mirrored scan gives another {WORDS[region]} (agreement {features[region]['A']:.2f})"
+                )
+    return reasons
+
+
+def held_out(cases: list[dict]) -> list[dict]:
+    """Each case's estimate and review reasons by a calibration fitted on the *other* cases (leave one
+    out): how the estimate does on a case it was not fitted on. Cases as ``fit`` takes them, with
+    ``volumes_ml`` (the segmentation's) for the plausibility checks."""
+    out = []
+    for i, case in enumerate(cases):
+        calibration = fit(cases[:i] + cases[i + 1 :])
+        quality = estimate(case["features"], calibration)
+        out.append({"quality": quality, "reasons": review(quality, case["features"], case["volumes_ml"], calibration)})
+    return out
+
+
+def agreement(cases: list[dict], estimates: list[dict]) -> dict:
+    """How well estimates track the true Dice: Spearman's rank correlation and the mean absolute error
+    per region, the share of cases flagged, and how many of the bad ones (``BAD``) were."""
+    from scipy.stats import spearmanr
+
+    out: dict = {"cases": len(cases)}
+    for region in REGION_CLASSES:
+        truth = [c["dice"][region] for c in cases]
+        est = [e["quality"][region] for e in estimates]
+        rho = spearmanr(est, truth).statistic if len(cases) > 2 and np.ptp(truth) and np.ptp(est) else float("nan")
+        out[region] = {
+            "spearman": round(float(rho), 3),
+            "mae": round(float(np.mean(np.abs(np.subtract(est, truth)))), 3),
+        }
+    bad = [c["dice"]["WT"] < BAD["WT"] or c["dice"]["TC"] < BAD["TC"] for c in cases]
+    flagged = [bool(e["reasons"]) for e in estimates]
+    out["flagged"] = sum(flagged)
+    out["bad"] = sum(bad)
+    out["bad_flagged"] = sum(f and b for f, b in zip(flagged, bad))
+    return out
