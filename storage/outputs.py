@@ -1,7 +1,9 @@
 """What inference leaves for a case in an output folder, and how a run knows it was already done.
 
     <out>/<case>_seg.nii.gz    the segmentation, on the scan's own grid
-    <out>/<case>.json          the record, written last: the "done" marker
+    <out>/<case>.json          the record, written last: the "done" marker (with the quality
+                               estimate: "quality", "review", "review_reasons")
+    <out>/review.csv           the segmentations flagged for review (the ``review`` flow appends)
 
 A record names what its segmentation was ``made_with`` (model version, TTA, ET label,
 post-processing): two runs that agree on it write the same, so a case is skipped when its record
@@ -11,9 +13,11 @@ pair is written, so two runs of one case at once leave one segmentation and its 
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,3 +55,33 @@ def writing(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+REVIEW_LIST = "review.csv"
+REVIEW_COLUMNS = ("case", "flagged", "model_version", "est_WT", "est_TC", "est_ET", "reasons", "segmentation")
+
+
+def add_to_review_list(out: str | Path, record: dict) -> Path:
+    """Append a flagged segmentation's record to ``<out>/review.csv`` (a reading room's list: one row
+    per case and model version, so a second announcement of the same one adds nothing)."""
+    path = Path(out) / REVIEW_LIST
+    q = record.get("quality") or {}
+    row = {
+        "case": record["case"],
+        "flagged": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model_version": record["model_version"],
+        **{f"est_{k}": q.get(k, "") for k in ("WT", "TC", "ET")},
+        "reasons": "; ".join(record.get("review_reasons", [])),
+        "segmentation": record["segmentation"],
+    }
+    with writing(path.parent):
+        listed = list(csv.DictReader(path.open())) if path.exists() else []
+        if any((r["case"], r["model_version"]) == (row["case"], row["model_version"]) for r in listed):
+            return path
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=REVIEW_COLUMNS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+    return path

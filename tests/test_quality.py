@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from storage.cases import discover
-from tasks.infer import infer_case
 from unet import quality
+from unet.predict import Prediction
 from unet.quality import Evidence
 
 REAL = Path(__file__).parent / "data" / "Brats18_2013_2_1"
@@ -73,7 +72,9 @@ def test_calibration_review_rule_and_held_out_figures():
     figures = quality.agreement(train, held)
     assert figures["WT"]["spearman"] > 0.9 and figures["WT"]["mae"] < 0.05
     assert figures["bad_flagged"] >= 0.75 * figures["bad"]
-    assert quality.estimate(train[0]["features"], None)["WT"] == pytest.approx(train[0]["features"]["WT"]["Q"], abs=1e-4)
+    assert quality.estimate(train[0]["features"], None)["WT"] == pytest.approx(
+        train[0]["features"]["WT"]["Q"], abs=1e-4
+    )
     reasons = quality.review(
         {"WT": 0.9, "TC": 0.9, "ET": 0.9}, train[0]["features"], {"WT": 400.0, "TC": 1, "ET": 1}, calibration
     )
@@ -84,8 +85,12 @@ def test_calibration_review_rule_and_held_out_figures():
 
 
 @pytest.mark.slow
-def test_a_scan_with_a_modality_replaced_by_noise_is_flagged_and_the_intact_one_is_not(tmp_path):
-    torch.set_num_threads(2)
+def test_a_scan_with_a_modality_replaced_by_noise_is_flagged_and_the_intact_one_is_not(prefect_api, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.infer import infer
+    from flows.review import review
+
     inbox = tmp_path / "inbox"
     good = inbox / REAL.name
     shutil.copytree(REAL, good, ignore=shutil.ignore_patterns("*seg*"))
@@ -100,11 +105,13 @@ def test_a_scan_with_a_modality_replaced_by_noise_is_flagged_and_the_intact_one_
     noise = np.where(a > 0, np.random.default_rng(0).normal(brain.mean(), brain.std(), a.shape), 0)
     nib.save(nib.Nifti1Image(noise.astype(a.dtype), img.affine, img.header), flair)
 
-    records = {}
-    for case in discover(inbox).cases:
-        infer_case.fn(case, str(tmp_path / "out"), str(MODELS), VERSION, "cpu", True, 16)
-        records[case.case_id] = json.loads((tmp_path / "out" / f"{case.case_id}.json").read_text())
-    intact, noisy = records[good.name], records[broken.name]
+    out = tmp_path / "out"
+    summary = infer([str(inbox)], str(out), VERSION, str(MODELS), prediction=Prediction(device="cpu"))
+    assert summary["written"] == 2 and summary["review"] == 1 and summary["review_cases"] == [broken.name]
+    page = Artifact.get("infer-summary").data
+    assert "To review: 1 of 2" in page and page.index(broken.name) < page.index(good.name)
+    assert page.count("data:image/png;base64,") == 2  # each case's picture, the flagged one first
+    intact, noisy = (json.loads((out / f"{c}.json").read_text()) for c in (good.name, broken.name))
     for r in (intact, noisy):
         assert set(r["quality"]) == {"WT", "TC", "ET"} and all(0 <= v <= 1 for v in r["quality"].values())
     assert intact["review"] is False and intact["review_reasons"] == []
@@ -112,3 +119,9 @@ def test_a_scan_with_a_modality_replaced_by_noise_is_flagged_and_the_intact_one_
         reason.startswith("whole tumour uncertain") for reason in noisy["review_reasons"]
     )
     assert noisy["quality"]["WT"] < intact["quality"]["WT"] - 0.05
+
+    # what the brats.segmentation.review automation runs: the case on the folder's review list, once
+    for _ in range(2):
+        review(broken.name, str(out))
+    listed = (out / "review.csv").read_text().splitlines()
+    assert len(listed) == 2 and listed[1].startswith(f"{broken.name},") and "whole tumour uncertain" in listed[1]

@@ -129,6 +129,7 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
         "train/cpu": "cpu",
         "evaluate/after-train": "cpu",
         "infer/scans": "cpu",
+        "review/list": "cpu",
         "sweep/inbox": "cpu",
         "pipeline/default": "gpu",
         "pipeline/cpu": "cpu",
@@ -182,6 +183,9 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
     )
     assert trained["actions"][0]["deployment_id"] == deployments["evaluate/after-train"]["id"]
     assert trained["actions"][0]["parameters"]["version"] == "{{ event.payload.version }}"
+    flagged = automations["list flagged segmentation"]
+    assert flagged["trigger"]["expect"] == ["brats.segmentation.review"]
+    assert flagged["actions"][0]["deployment_id"] == deployments["review/list"]["id"]
     crashed = automations["resume crashed training"]
     assert (
         crashed["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
