@@ -77,6 +77,39 @@ def misses(rows: list[dict]) -> list[str]:
     return out
 
 
+def site_table(rows: list[dict]) -> str:
+    """Per institution (``storage.split.site_of``): cases and mean Dice, worst WT first."""
+    from storage.split import site_of
+
+    sites: dict[str, list[dict]] = {}
+    for r in rows:
+        sites.setdefault(site_of(r["case"]), []).append(r)
+    lines = [f"{'site':10}{'cases':>6}" + "".join(f"{c:>9}" for c in COLUMNS)]
+    for site, part in sorted(sites.items(), key=lambda kv: statistics.fmean(r["dice_WT"] for r in kv[1])):
+        lines.append(
+            f"{site:10}{len(part):>6}" + "".join(fmt(c, statistics.fmean(r[c] for r in part)) for c in COLUMNS)
+        )
+    return "\n".join(lines)
+
+
+def quality_lines(quality: dict | None, rows: list[dict]) -> str:
+    """How the quality estimate (leave-one-out on these out-of-fold cases) tracks the true Dice."""
+    if not quality:
+        return "quality estimate: not calibrated"
+    h = quality["held_out"]
+    lines = [
+        "quality estimate, each case estimated by a calibration fitted on the others (leave one out):",
+        "  " + "; ".join(f"{r} Spearman {h[r]['spearman']:.3f}, MAE {h[r]['mae']:.3f}" for r in REGIONS),
+        f"  flagged {h['flagged']} of {h['cases']} ({h['flagged'] / h['cases']:.0%}); bad cases (WT < 0.7 or "
+        f"TC < 0.5) flagged: {h['bad_flagged']} of {h['bad']}; rule chosen on all: {quality['rule']}",
+        f"  {'case':24}" + "".join(f"{'Dice ' + r:>9}{'est':>6}" for r in REGIONS) + "  review",
+    ]
+    for r in sorted(rows, key=lambda r: min(r["dice_WT"], r["dice_TC"]))[:8]:
+        cells = "".join(f"{r[f'dice_{k}']:>9.3f}{r.get(f'est_{k}', float('nan')):>6.2f}" for k in REGIONS)
+        lines.append(f"  {r['case']:24}{cells}  {'yes' if r.get('review') else ''}")
+    return "\n".join(lines)
+
+
 def parse_changes(text: str) -> dict:
     return {k: json.loads(v) for k, v in (part.split("=", 1) for part in text.split(",") if part)}
 
@@ -107,7 +140,7 @@ def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> di
     info = Registry(models).info(trained["version"])
     if training.folds:
         cv = info["cv"]
-        return {"version": trained["version"], "seconds": seconds, "per_case": cv["per_case"], **cv}
+        return {"version": trained["version"], "seconds": seconds, **cv, "quality": info.get("quality")}
     ev = evaluate(store, trained["version"], models, "test", Prediction(device=training.device))
     rows = Registry(models).info(trained["version"])["evaluation"]["per_case"]
     return {"version": trained["version"], "seconds": seconds, "per_case": rows, "per_fold": [], "evaluate": ev}
@@ -180,6 +213,8 @@ def main() -> int:
             )
         print(case_table(r["per_case"], f"{len(r['per_case'])} cases, original grids"))
         print("misses: " + ("; ".join(misses(r["per_case"])) or "none"))
+        print("per site (institution of the BraTS id):\n" + site_table(r["per_case"]))
+        print(quality_lines(r.get("quality"), r["per_case"]))
     if len(results) > 1:
         first = next(iter(results))
         print(f"\nablation: per-case means on the same folds, and the change against {first}")

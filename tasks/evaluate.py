@@ -261,7 +261,7 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
             folds.append((case_id, fold))
     chosen = _choose(version, cases, "out-of-fold")
     choice, post = chosen["summary"], PostProcess.from_dict(chosen["postprocess"])
-    features = {r["case"]: r.get("features") for m in members for r in ModelVersion(registry, m).info.out_of_fold}
+    features = {c: f for m in members for c, f in _out_of_fold_features(store, registry, m).items()}
     rows = []
     for (case_id, fold), (pred, truth, zooms) in zip(folds, cases):
         raw, final = evaluate_case(pred, truth, zooms), post.apply(pred, zooms)
@@ -277,7 +277,7 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
                 "features": features.get(case_id),
             }
         )
-    calibration = _calibrate(rows, "out-of-fold") if all(r["features"] for r in rows) else None
+    calibration = _calibrate(rows, "out-of-fold")
     summary = summarize([{k: v for k, v in r.items() if k not in ("fold", "review")} for r in rows])
     per_fold = [
         {"fold": f, "cases": len(part), **{k: round(float(np.mean([r[k] for r in part])), 4) for k in _MEANS}}
@@ -289,12 +289,27 @@ def cross_validation(store_url: str, registry_url: str, version: str) -> dict:
     cv = {"per_case": rows, "per_fold": per_fold, "summary": summary, "postprocess": choice}
     ensemble.record_postprocess(chosen["postprocess"], chosen["record"])
     ensemble.record_cv(metrics, cv)
-    if calibration is not None:
-        ensemble.record_quality(calibration)
+    ensemble.record_quality(calibration)
     return {"metrics": metrics, "per_fold": per_fold, "per_case": rows, "postprocess": choice}
 
 
 _MEANS = [f"{m}_{r}" for m in ("dice", "hd95") for r in REGIONS]
+
+
+def _out_of_fold_features(store: SliceStore, registry: Registry, member: str) -> dict[str, dict]:
+    """{case: quality features} of a fold version's out-of-fold cases, as ``predict_out_of_fold`` kept
+    them; a version made before the quality estimate has them predicted now (and recorded)."""
+    version = ModelVersion(registry, member)
+    rows = version.info.out_of_fold
+    if rows and all(r.get("features") for r in rows):
+        return {r["case"]: r["features"] for r in rows}
+    model, _ = load_model(registry, member)
+    for row in rows:
+        evidence = Evidence()
+        predict_stored_case(store, row["case"], model, True, 16, evidence)
+        row["features"] = evidence.features()
+    version.record_out_of_fold(rows)
+    return {r["case"]: r["features"] for r in rows}
 
 
 def _ml(labels: np.ndarray, members: tuple, zooms) -> float:

@@ -39,11 +39,12 @@ def brain_batch(n: int = 4, size: int = 32, seed: int = 0):
 
 
 @pytest.mark.parametrize("fine", [1, 2])
-def test_strong_augmentation_keeps_background_zero_and_labels_valid(fine):
+@pytest.mark.parametrize("name", ["strong", "scanner"])
+def test_strong_augmentation_keeps_background_zero_and_labels_valid(fine, name):
     image, label = brain_batch()
     label = label.repeat_interleave(fine, -2).repeat_interleave(fine, -1)  # labels on a finer grid (profile tp)
     rng = np.random.default_rng(1)
-    params = torch.from_numpy(np.stack([augment_params(AUGMENTATIONS["strong"], rng) for _ in range(len(image))]))
+    params = torch.from_numpy(np.stack([augment_params(AUGMENTATIONS[name], rng) for _ in range(len(image))]))
     x, y = apply_augment(image, label, params)
     assert x.shape == image.shape and y.shape == label.shape and y.dtype == torch.uint8
     assert set(y.unique().tolist()) <= {0, 2, 3} and torch.isfinite(x).all()
@@ -65,6 +66,7 @@ def test_every_strong_operation_changes_only_the_brain():
         "contrast": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_contrast=1),
         "lowres": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_lowres=1),
         "gamma": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gamma=1),
+        "bias": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_bias=1),
         "scale": AugmentConfig(
             flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_scale=1, scale=(0.7, 0.8)
         ),
@@ -82,3 +84,14 @@ def test_identity_parameters_change_nothing():
     torch.testing.assert_close(x, image)
     assert torch.equal(y, label)
     assert np.array_equal(augment_params(None, None), identity_params())
+
+
+def test_a_bias_field_is_smooth_and_scales_each_modality_on_its_own():
+    image = torch.ones(1, 4, 32, 32)  # a flat brain: what remains is the field
+    cfg = AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_bias=1)
+    params = torch.from_numpy(augment_params(cfg, np.random.default_rng(5)))[None]
+    x, _ = apply_augment(image, torch.zeros(1, 32, 32, dtype=torch.uint8), params)
+    field = (x + 3.0) / 4.0  # z = 1 -> b * 1 + (b - 1) * 3 = 4b - 3
+    assert field.min() > 0.2 and field.max() < 5  # exp of a quadratic with coefficients in +-0.3
+    assert (field[..., 1:, :] - field[..., :-1, :]).abs().max() < 0.1  # smooth: no step between neighbours
+    assert not torch.allclose(field[0, 0], field[0, 1])  # each modality its own field

@@ -10,7 +10,10 @@ Two sets (``AUGMENTATIONS``):
 * ``light``: left-right flips, small rotations, per-channel gain and offset;
 * ``strong``: nnU-Net's 2D set (Isensee et al., Nature Methods 2021): rotation and scaling, then
   Gaussian noise, Gaussian blur, brightness, contrast, low-resolution simulation and gamma (also
-  inverted), each with its own probability.
+  inverted), each with its own probability;
+* ``scanner``: ``strong`` and what another scanner changes in each modality on its own: a smooth
+  multiplicative bias field (a quadratic in-plane, as MR coil inhomogeneity is), wider brightness
+  and offset, contrast and gamma more often.
 
 Spatial changes move image, labels and the brain mask with one sampling grid (bilinear for the
 image, nearest for labels; labels may be on a finer grid than the image, as in the ``tp`` profile).
@@ -51,6 +54,8 @@ class AugmentConfig:
     p_gamma: float = 0.0  # per modality: x in [0, 1] of its brain range -> x ** gamma, gamma uniform in gamma
     gamma: tuple[float, float] = (0.7, 1.5)
     p_invert_gamma: float = 0.0  # ... applied to 1 - x instead
+    p_bias: float = 0.0  # per modality: a bias field exp(quadratic in x, y), coefficients uniform in +- bias
+    bias: float = 0.3
 
 
 AUGMENTATIONS: dict[str, AugmentConfig | None] = {
@@ -71,12 +76,31 @@ AUGMENTATIONS: dict[str, AugmentConfig | None] = {
         p_gamma=0.3,
         p_invert_gamma=0.1,
     ),
+    "scanner": AugmentConfig(
+        rotate_degrees=30.0,
+        p_rotate=0.5,
+        scale=(0.7, 1.4),
+        p_scale=0.3,
+        intensity_scale=0.3,
+        intensity_shift=0.2,
+        p_noise=0.15,
+        noise_std=0.1,
+        p_blur=0.2,
+        p_contrast=0.3,
+        p_lowres=0.25,
+        p_gamma=0.3,
+        p_invert_gamma=0.1,
+        p_bias=0.3,
+    ),
 }
 
 # One sample's parameters, in this order (M = MODALITIES): flip, angle, zoom, noise std, noise seed,
-# invert gamma, then per modality: gain, shift, blur sigma, contrast, low-res zoom, gamma.
+# invert gamma, then per modality: gain, shift, blur sigma, contrast, low-res zoom, gamma, and the
+# bias field's coefficients of x, y, x², y², xy (coordinates in [-1, 1]).
 _SCALARS = 6
-_PER_MODALITY = ("gain", "shift", "blur", "contrast", "lowres", "gamma")
+_BIAS = ("bias_x", "bias_y", "bias_xx", "bias_yy", "bias_xy")
+_PER_MODALITY = ("gain", "shift", "blur", "contrast", "lowres", "gamma", *_BIAS)
+BIAS_OFFSET = 3.0  # a bias field multiplies raw intensities: z' = b z + (b - 1) * mean/std, mean/std about this
 N_PARAMS = _SCALARS + len(_PER_MODALITY) * MODALITIES
 
 
@@ -105,6 +129,9 @@ def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None) -
         "lowres": maybe(cfg.p_lowres, *cfg.lowres, m),
         "gamma": maybe(1.0 if p[5] else cfg.p_gamma, *cfg.gamma, m),
     }
+    biased = rng.random(m) < cfg.p_bias
+    for name in _BIAS:
+        per[name] = np.where(biased, rng.uniform(-cfg.bias, cfg.bias, m), 0.0)
     for i, name in enumerate(_PER_MODALITY):
         p[_SCALARS + i * m : _SCALARS + (i + 1) * m] = per[name]
     return p
@@ -147,6 +174,8 @@ def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tup
         x = _low_resolution(x, zoom)
     if (gamma := _per_channel(params, "gamma", c)).ne(1).any():
         x = _gamma(x, brain, gamma, params[:, 5])
+    if (coef := torch.stack([_per_channel(params, name, c) for name in _BIAS], -1)).ne(0).any():
+        x = _bias_field(x, coef)
     x = x + _per_channel(params, "shift", c)[:, :, None, None]
     return torch.where(brain, x, torch.zeros((), device=x.device)), y
 
@@ -198,6 +227,19 @@ def _low_resolution(x: torch.Tensor, zoom: torch.Tensor) -> torch.Tensor:
         small = F.interpolate(x[i, j][None, None], size=(max(1, round(h * z)), max(1, round(w * z))), mode="nearest")
         out[i, j] = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)[0, 0]
     return out
+
+
+def _bias_field(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """Each (sample, channel) times a smooth field b = exp(c1 x + c2 y + c3 x² + c4 y² + c5 xy) over the
+    plane (coordinates in [-1, 1]), as a scanner's coil multiplies raw intensities; on z-scores that
+    is z -> b z + (b - 1) * BIAS_OFFSET."""
+    h, w = x.shape[-2:]
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=x.device), torch.linspace(-1, 1, w, device=x.device), indexing="ij"
+    )
+    basis = torch.stack([xx, yy, xx * xx, yy * yy, xx * yy])  # (5, H, W)
+    b = torch.exp(torch.einsum("nck,khw->nchw", coef, basis))
+    return b * x + (b - 1) * BIAS_OFFSET
 
 
 def _gamma(x: torch.Tensor, brain: torch.Tensor, gamma: torch.Tensor, invert: torch.Tensor) -> torch.Tensor:
