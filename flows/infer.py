@@ -7,6 +7,7 @@ artifacts (cases with volumes, summary); Failed, naming every bad scan, if any f
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -24,7 +25,15 @@ from tasks.stage import gather
 from unet.predict import Prediction
 
 
-@flow(name="infer", task_runner=predict_runner(), log_prints=True)
+def _run_name() -> str:
+    """``infer-<case folder>`` (a triggered run segments one), ``infer-<folder>-and-N-more`` for several."""
+    from prefect.runtime import flow_run
+
+    names = [Path(p).name for p in flow_run.parameters.get("inputs") or []] or ["nothing"]
+    return f"infer-{names[0]}" + (f"-and-{len(names) - 1}-more" if len(names) > 1 else "")
+
+
+@flow(name="infer", flow_run_name=_run_name, task_runner=predict_runner(), log_prints=True)
 @documented
 def infer(
     inputs: list[str],

@@ -34,7 +34,8 @@ from storage.cases import NAMING_HELP
 PARAMETERS = {
     "raw": "raw roots in any BraTS layout ({HGG,LGG}/<case>/, <case>/) or case folders",
     "store_url": "slice store: a local path or an fsspec URL (s3://…)",
-    "registry_url": "model registry: a local path or an fsspec URL (default: $BRATS_MODELS or runs/models)",
+    "registry_url": "model registry: a local path or an fsspec URL "
+    "(default: $BRATS_MODELS, else $BRATS_STORAGE/models as deployed, else runs/models)",
     "version": "model version, 'latest', or empty for the best",
     "out": "output folder",
     "naming": NAMING_HELP,

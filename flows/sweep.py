@@ -10,6 +10,7 @@ announced a short while ago (``grace_s``: that triggered run is on its way); the
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -55,7 +56,10 @@ def sweep(
     rows, pending = [], []
     for root in inbox:
         complete, waiting = scan_inbox(root, naming)
-        rows += [{"case": w, "status": "incomplete"} for w in waiting]
+        rows += [
+            {"case": Path(where).name, "status": "incomplete", "path": where, "why": why.strip()}
+            for where, _, why in (w.partition(": ") for w in waiting)
+        ]
         for cid, scan in sorted(complete.items()):
             note = announced(state_path(root), scan)
             if is_done(

@@ -3,7 +3,7 @@
 One model (``training.folds`` 0):
 
     check the device -> open (or reopen) a model version
-    -> train_model (tag gpu; retries resume from its checkpoint)
+    -> train_model (on a GPU tagged gpu; retries resume from its checkpoint)
     -> choose its post-processing on the validation cases (original grids, as the test is scored)
     -> promote the version to BEST when its validation Dice beats the current best
     -> announce it: the event ``brats.model.trained`` (version, store, registry), on which the
@@ -40,7 +40,7 @@ from storage.registry import DEFAULT_ROOT
 from storage.versions import ModelVersion
 from tasks import report
 from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
-from tasks.train import train_model
+from tasks.train import train_model_on
 from tasks.versions import open_version, plan_folds, promote_if_best, register_ensemble
 from unet.device import pick_device
 from unet.model import UNetConfig
@@ -85,7 +85,7 @@ def train(
             f"{version}: attempt {attempt} after {attempt - 1} that did not finish; abandoned, start afresh"
         )
     log.info("%s version %s in %s", f"continuing (attempt {attempt})" if attempt > 1 else "new", version, registry_url)
-    summary = train_model(store_url, registry_url, version, network, training)
+    summary = train_model_on(device)(store_url, registry_url, version, network, training)
     if fold is not None:  # a member of an ensemble: scored on its fold; the ensemble is chosen and promoted
         summary["out_of_fold"] = predict_out_of_fold(store_url, registry_url, version, str(device), training.batch_size)
         report.train(registry_url, version, summary, shown)

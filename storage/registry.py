@@ -24,7 +24,11 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 VERSION_PREFIX = "v"
-DEFAULT_ROOT = os.environ.get("BRATS_MODELS", "runs/models")  # local path or fsspec URL
+# local path or fsspec URL: $BRATS_MODELS, else the deploy's ($BRATS_STORAGE/models, as deploy/prefect.yaml
+# puts it), else runs/models
+DEFAULT_ROOT = os.environ.get("BRATS_MODELS") or (
+    f"{os.environ['BRATS_STORAGE'].rstrip('/')}/models" if os.environ.get("BRATS_STORAGE") else "runs/models"
+)
 
 
 class Registry:

@@ -1,6 +1,7 @@
 """Prefect task of the train stage: train a model version resumably.
 
-``train_model`` (tag ``gpu``: a ``gpu`` concurrency limit caps how many run at once) calls
+``train_model`` (on a GPU tagged ``gpu``: the deploy's ``gpu`` concurrency limit caps how many run
+at once; ``train_model_on``) calls
 ``unet.train.fit`` with the version's checkpoint (its split: the store's, or a cross-validation
 fold's), so a retry resumes rather than restarts. It logs a line per epoch, shows progress (UI +
 terminal bar), and leaves the weights, the curves and the validation overlays with the version.
@@ -10,8 +11,10 @@ Opening, ensembling and promoting versions is ``tasks/versions.py``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
+import torch
 from prefect import get_run_logger
 
 from storage.registry import Registry
@@ -93,7 +96,7 @@ class _Report(Callbacks):
             self.progress.close()
 
 
-@stage_task("train-model", "train-{version}", delay=10, retry_if=is_retriable, tags={"gpu"})
+@stage_task("train-model", "train-{version}", delay=10, retry_if=is_retriable)
 def train_model(store_url: str, registry_url: str, version: str, network: UNetConfig, training: TrainConfig) -> dict:
     start = time.perf_counter()
     registry, mv = Registry(registry_url), ModelVersion(registry_url, version)
@@ -128,6 +131,12 @@ def train_model(store_url: str, registry_url: str, version: str, network: UNetCo
         "seconds": round(time.perf_counter() - start, 1),
     }
     return summary
+
+
+def train_model_on(device) -> Callable:
+    """``train_model`` as it runs on ``device``: on a CUDA GPU tagged ``gpu`` (the deploy's ``gpu``
+    concurrency limit lets one train per GPU), elsewhere untagged, so CPU folds run side by side."""
+    return train_model.with_options(tags={"gpu"}) if torch.device(device).type == "cuda" else train_model
 
 
 def _figures(registry: Registry, version: str, model: UNet, result, store_url: str, cases: list[str]) -> dict[str, str]:

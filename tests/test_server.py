@@ -186,6 +186,7 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
     flagged = automations["list flagged segmentation"]
     assert flagged["trigger"]["expect"] == ["brats.segmentation.review"]
     assert flagged["actions"][0]["deployment_id"] == deployments["review/list"]["id"]
+    assert automations["resume crashed cpu training"]["actions"][0]["deployment_id"] == deployments["train/cpu"]["id"]
     crashed = automations["resume crashed training"]
     assert (
         crashed["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
@@ -262,7 +263,8 @@ def test_overlapping_trainings_are_each_evaluated_once_and_keep_the_deployments_
     for run in finished:
         assert run["work_pool_name"] == "gpu"
         tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
-        assert ["gpu" in t["tags"] for t in tasks if t["name"].startswith("train-")] == [True]  # under the "gpu" limit
+        # trained on the CPU (training.device cpu): not under the "gpu" limit, which is for GPU training only
+        assert ["gpu" in t["tags"] for t in tasks if t["name"].startswith("train-")] == [False]
     for (
         info
     ) in versions.values():  # one field set by the run, every other value the deployment's (not the model's default)
