@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.prefect_server import prefect_server, program  # noqa: E402
+from benchmarks.prefect_server import Postgres, prefect_server, program  # noqa: E402
 from benchmarks.prefect_server import stop as stop_all  # noqa: E402
 from benchmarks.scan_to_seg import new_scan, untrained  # noqa: E402
 
@@ -83,8 +83,10 @@ def burst(
     quiet: float = 20.0,
     timeout: float = 3600.0,
     say=print,
+    database: str = "sqlite",
 ) -> dict:
-    """Run the burst in ``work``; a report of what happened and what was found at the end."""
+    """Run the burst in ``work``; a report of what happened and what was found at the end.
+    ``database``: the server's, ``sqlite`` (its home's) or ``postgres`` (a throwaway cluster)."""
     if models is None:
         models = work / "models"
         version = untrained(models, base_channels=16)
@@ -92,7 +94,9 @@ def burst(
     inbox.mkdir(parents=True)
     out.mkdir()
     log = open(work / "processes.log", "w")
-    server, api = prefect_server(home, log)
+    pg = Postgres(log) if database == "postgres" else None
+    db_url = pg.url if pg else None
+    server, api = prefect_server(home, log, database=db_url)
     port = urlsplit(api).port
     env = {
         **os.environ,
@@ -151,9 +155,11 @@ def burst(
                 say(f"{n} written: stopping the server")
                 stop_all(server, timeout=60)
                 time.sleep(2.0)
-                server, _ = prefect_server(home, log, port=port)
+                down = time.perf_counter()
+                server, _ = prefect_server(home, log, port=port, database=db_url)
                 report["restarted_server"] = True
-                say(f"server back after {time.perf_counter() - started:.1f} s")
+                report["restart_s"] = round(time.perf_counter() - down, 1)
+                say(f"server back after {time.perf_counter() - started:.1f} s ({report['restart_s']} s to answer)")
             for i, p in enumerate(servers):
                 if p.poll() is not None:  # left on its own (e.g. the server went away): started again
                     servers[i] = start_serve()
@@ -186,6 +192,8 @@ def burst(
     finally:
         stop.set()
         stop_all(watcher, *servers, server)
+        if pg is not None:
+            pg.stop()
         log.close()
     latency = sorted((out / f"{c}.json").stat().st_mtime - t for c, t in dropped.items())
     report["p50_s"] = round(statistics.median(latency), 1)
@@ -220,20 +228,34 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="version in --models (default: its best)")
     ap.add_argument("--quiet", type=float, default=20.0, help="seconds without a new segmentation before the sweep")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
-    args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="brats-burst-"))
-    try:
-        report = burst(args.scans, work, args.case, args.models, args.model, args.quiet)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(report, indent=2))
-    ok = not (report["missing"] or report["written_twice"] or report["partial_files"] or report["bad_segmentations"])
-    print(
-        f"\n{args.scans} scans: drained in {report['drain_s']} s; last file -> segmentation p50 {report['p50_s']} s, "
-        f"p95 {report['p95_s']} s; {'nothing lost, none written twice' if ok else 'FAILED'}"
+    ap.add_argument(
+        "--db",
+        choices=("sqlite", "postgres", "both"),
+        default="sqlite",
+        help="the server's database (both: one after the other)",
     )
-    return 0 if ok else 1
+    args = ap.parse_args()
+    ok_all, lines = True, []
+    for database in ("sqlite", "postgres") if args.db == "both" else (args.db,):
+        work = Path(tempfile.mkdtemp(prefix=f"brats-burst-{database}-"))
+        try:
+            report = burst(args.scans, work, args.case, args.models, args.model, args.quiet, database=database)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps({"database": database, **report}, indent=2))
+        ok = not (
+            report["missing"] or report["written_twice"] or report["partial_files"] or report["bad_segmentations"]
+        )
+        ok_all &= ok
+        lines.append(
+            f"{database:9}{args.scans} scans: drained in {report['drain_s']} s; "
+            f"server restart {report.get('restart_s')} s; "
+            f"last file -> segmentation p50 {report['p50_s']} s, p95 {report['p95_s']} s; "
+            f"{'nothing lost, none written twice' if ok else 'FAILED'}"
+        )
+    print("\n" + "\n".join(lines))
+    return 0 if ok_all else 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A real Prefect server for the tests, set up as the README's one-machine deploy path gives it:
-``prefect server start`` on 127.0.0.1 (SQLite, its own PREFECT_HOME, basic auth as in
-deploy/docker-compose.yml), deploy/bootstrap.sh (pools, the "gpu" concurrency limit, every deployment
-of deploy/prefect.yaml), one process worker per pool; and a REST client to look at it."""
+``prefect server start`` on 127.0.0.1 (on a throwaway PostgreSQL cluster, as a team runs it and
+deploy/docker-compose.yml sets it up; SQLite only where no PostgreSQL server is installed; its own
+PREFECT_HOME, basic auth as in deploy/docker-compose.yml), deploy/bootstrap.sh (pools, the "gpu"
+concurrency limit, every deployment of deploy/prefect.yaml), one process worker per pool; and a REST
+client to look at it."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.prefect_server import Postgres, postgres_bin
 from tests.helpers import free_port, register_model, stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +121,9 @@ def running_stack(base: Path, raw: Path) -> Iterator[Stack]:
             "PREFECT_WORKER_QUERY_SECONDS": "1",
         }
     )
+    pg = Postgres(open(logs / "postgres.log", "wb")) if postgres_bin("initdb") else None
+    if pg is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = pg.url
     shutil.copytree(raw, data / "raw", dirs_exist_ok=True)
     register_model(data / "models")
     procs: list[subprocess.Popen] = []
@@ -159,3 +165,5 @@ def running_stack(base: Path, raw: Path) -> Iterator[Stack]:
     finally:
         stop(procs[1:])  # the workers first, while their server still answers
         stop(procs[:1])
+        if pg is not None:
+            pg.stop()
