@@ -155,11 +155,15 @@ class Watcher:
         self.naming, self.emit = naming, emit
         self.previous: dict[str, tuple] = {}  # case -> signature at the last poll
         self.unsettled = False  # complete scans not announced yet: another look is due
+        self.waiting: list[str] = []  # folders not (yet) a complete scan, each with its reason
+        self.new_waiting: list[str] = []  # ... those this look found first (the watcher logs them)
         load_state(self.state)  # unreadable state: say so now, not at the first announcement
 
     def poll(self) -> list[Scan]:
         """One look at the inbox; returns the scans announced by this poll."""
-        complete, _ = scan_inbox(self.inbox, self.naming)
+        complete, waiting = scan_inbox(self.inbox, self.naming)
+        self.new_waiting = [w for w in waiting if w not in self.waiting]
+        self.waiting = waiting
         emitted = load_state(self.state)  # re-read: `brats submit` may have announced some meanwhile
         stable = [
             s

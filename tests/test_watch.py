@@ -24,7 +24,10 @@ def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
     watcher = Watcher(inbox, emit=lambda scans: sent.extend(scan_event(s, "watch") for s in scans))
 
     case = new_scan(src[0], inbox, "NEW_001", channels=MODALITIES[1:])  # flair not there yet
-    assert watcher.poll() == [] and watcher.poll() == [] and sent == []
+    assert watcher.poll() == [] and watcher.new_waiting == watcher.waiting
+    (why,) = watcher.waiting
+    assert "NEW_001" in why and "flair" in why  # the folder, and what is missing
+    assert watcher.poll() == [] and watcher.new_waiting == [] and sent == []  # said once
     new_scan(src[0], inbox, "NEW_001", channels=["flair"])
     assert watcher.poll() == []  # complete, but seen once: it may still be growing
     assert [s.case.case_id for s in watcher.poll()] == ["NEW_001"]
@@ -59,7 +62,7 @@ def test_watcher_emits_each_complete_stable_scan_once(small_raw, tmp_path):
     assert [e.resource.id for e in sent] == ["brats.scan.NEW_001", "brats.scan.NEW_002", "brats.scan.NEW_001"]
 
 
-def test_brats_watch_announces_a_scan_seconds_after_its_last_file(prefect_api, small_raw, tmp_path):
+def test_brats_watch_announces_a_scan_seconds_after_its_last_file(prefect_api, small_raw, tmp_path, capsys):
     """File-system events, not a poll interval: a scan copied in file by file is announced about
     ``settle`` seconds after its last file is written, once, and not while a modality is missing."""
     import threading
@@ -76,6 +79,7 @@ def test_brats_watch_announces_a_scan_seconds_after_its_last_file(prefect_api, s
     new_scan(src, inbox, "NEW_001", channels=("flair", "t1", "t1ce"))
     time.sleep(1.5)
     assert "NEW_001" not in load_state(inbox / STATE_NAME)  # t2 still missing: not complete
+    assert "not a complete scan (yet): " in capsys.readouterr().out  # and the watcher's log says why
     new_scan(src, inbox, "NEW_001", channels=("t2",))
     written = time.monotonic()
     while "NEW_001" not in load_state(inbox / STATE_NAME) and time.monotonic() - written < 10:

@@ -146,6 +146,8 @@ def watch(
                 for s in watcher.poll():
                     sent = "sent segment-scan" if served else f"emitted {EVENT}"
                     print(f"{_now()} {sent} {s.case.case_id} {s.path}", flush=True)
+                for w in watcher.new_waiting:  # incomplete or refused: said once, with the reason
+                    print(f"{_now()} not a complete scan (yet): {w}", flush=True)
             except Exception as e:  # the API or the inbox away for a moment: try again at the next look
                 print(f"{_now()} look failed, retrying: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             polls += 1
