@@ -12,6 +12,7 @@ from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.states import Failed
+from prefect.utilities.annotations import unmapped
 
 from flows.sections import documented, sections
 from storage.cases import Naming, discover
@@ -19,7 +20,7 @@ from storage.registry import DEFAULT_ROOT
 from storage.versions import ModelVersion
 from tasks import report
 from tasks.artifacts import RunProgress
-from tasks.infer import announce_reviews, infer_case
+from tasks.infer import announce_reviews, infer_case, summarize
 from tasks.runners import case_threads, device_name, predict_runner
 from tasks.stage import gather
 from unet.predict import Prediction
@@ -62,37 +63,13 @@ def infer(
         case_threads(len(found.cases)),
         RunProgress(len(found.cases), "infer-progress", "segmenting scans") as progress,
     ):
-        futures = infer_case.map(
-            found.cases,
-            out=out,
-            registry_url=registry_url,
-            version=version,
-            device=device,
-            tta=prediction.tta,
-            batch_size=prediction.batch_size,
-            et_label=et_label,
-            postprocess=prediction.postprocess,
-        )
+        run = dict(out=out, registry_url=registry_url, version=version, et_label=et_label)
+        on_device = unmapped(prediction.model_copy(update={"device": device}))  # a model is iterable: not mapped
+        futures = infer_case.map(found.cases, prediction=on_device, **run)
         rows, failed = gather(futures, found.cases, progress)
     failures = [str(p) for p in found.problems] + [reason for _, reason in failed]
-
-    rows.sort(key=lambda r: r["case"])
+    summary = summarize(rows, failures, out, model, prediction)
     announce_reviews(rows, out)
-    flagged = [r["case"] for r in rows if r["review"]]
-    summary = {
-        "out": out,
-        "version": version,
-        "profile": profile,
-        "tta": prediction.tta,
-        "postprocess": prediction.postprocess,
-        "written": sum(r["status"] == "written" for r in rows),
-        "skipped": sum(r["status"] == "skipped" for r in rows),
-        "failed": len(failures),
-        "review": len(flagged),  # the quality estimate's flag (unet.quality): look at these first
-        "review_cases": flagged,
-    }
-    if flagged:
-        log.warning("%d of %d segmentation(s) to review: %s", len(flagged), len(rows), ", ".join(flagged))
     report.infer(out, summary, rows, failures, shown)
     if failures:
         return Failed(message=f"{len(failures)} scan(s) failed: " + "; ".join(failures), data=summary)

@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+from prefect import get_run_logger
 
 from storage.cases import CaseFiles
 from storage.nifti import atomic_write_bytes, digests, read_case, read_files, write_segmentation
@@ -25,7 +26,7 @@ from tasks.stage import stage_task
 from unet import quality
 from unet.checkpoint import cached_model
 from unet.postprocess import PostProcess
-from unet.predict import predict_case, volumes_ml
+from unet.predict import Prediction, predict_case, volumes_ml
 from unet.quality import Evidence
 
 
@@ -43,30 +44,24 @@ def _earlier_record(case: CaseFiles, out: str, how: dict, sha256: dict[str, str]
 
 @stage_task("infer-case", "infer-{case.case_id}")
 def infer_case(
-    case: CaseFiles,
-    out: str,
-    registry_url: str,
-    version: str,
-    device: str,
-    tta: bool,
-    batch_size: int,
-    et_label: int | None = None,
-    postprocess: bool = True,
+    case: CaseFiles, out: str, registry_url: str, version: str, prediction: Prediction, et_label: int | None = None
 ) -> dict:
-    """``et_label``: the label written for enhancing tumour, 4 or 3; None: the input's own edition's.
-    ``postprocess``: apply the model version's post-processing (else the network's raw output)."""
+    """``prediction``: TTA, post-processing (the model version's, or the network's raw output), the
+    device (resolved: not "auto") and batch size. ``et_label``: the label written for enhancing
+    tumour, 4 or 3; None: the input's own edition's."""
     start = time.perf_counter()
     case = scans_only(case)
-    how = made_with(version, tta, et_label or case.et_label, postprocess)
+    how = made_with(version, prediction.tta, et_label or case.et_label, prediction.postprocess)
     files = read_files(case)  # each file read once: hashed for the skip check, and decoded if not done
     done = _earlier_record(case, out, how, digests(files))
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
     scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
-    model, info = cached_model(registry_url, version, device)
-    post = PostProcess.from_dict(info.postprocess) if postprocess else None
+    model, info = cached_model(registry_url, version, prediction.device)
+    post = PostProcess.from_dict(info.postprocess) if prediction.postprocess else None
     evidence = Evidence()
-    labels, attrs = predict_case(model, scan, info.profile, post, tta=tta, batch_size=batch_size, evidence=evidence)
+    kw = dict(tta=prediction.tta, batch_size=prediction.batch_size, evidence=evidence)
+    labels, attrs = predict_case(model, scan, info.profile, post, **kw)
     volumes, features = volumes_ml(labels, scan.zooms), evidence.features()
     estimated = quality.estimate(features, info.quality)
     reasons = quality.review(estimated, features, volumes, info.quality)
@@ -97,6 +92,27 @@ def infer_case(
         }
         atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
     return row(record, "written", record["seconds"])
+
+
+def summarize(rows: list[dict], failures: list[str], out: str, model, prediction: Prediction) -> dict:
+    """An inference run's outcome (``rows`` sorted by case here): written, skipped, failed, and the
+    cases the quality estimate flags for review (logged as a warning)."""
+    rows.sort(key=lambda r: r["case"])
+    flagged = [r["case"] for r in rows if r["review"]]
+    if flagged:
+        get_run_logger().warning("%d of %d segmentation(s) to review: %s", len(flagged), len(rows), ", ".join(flagged))
+    return {
+        "out": out,
+        "version": model.version,
+        "profile": model.info.profile,
+        "tta": prediction.tta,
+        "postprocess": prediction.postprocess,
+        "written": sum(r["status"] == "written" for r in rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
+        "failed": len(failures),
+        "review": len(flagged),  # the quality estimate's flag (unet.quality): look at these first
+        "review_cases": flagged,
+    }
 
 
 REVIEW_EVENT = "brats.segmentation.review"

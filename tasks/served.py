@@ -33,7 +33,7 @@ def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
         raise found.problems[0] if found.problems else InvalidCase(path, f"no complete case {case} here")
     s = SETTINGS
     version = Registry(s["registry_url"]).resolve(s["version"])
-    row = infer_case.fn(cases[0], s["out"], s["registry_url"], version, **s["prediction"])
+    row = infer_case.fn(cases[0], s["out"], s["registry_url"], version, s["prediction"], s["et_label"])
     flag = f"TO REVIEW ({'; '.join(row['review_reasons'])})" if row["review"] else "no review needed"
     table([row], "served-scan", f"Scan {case} segmented by the served model {version}: {flag}")
     announce_reviews([row], s["out"])

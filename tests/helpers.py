@@ -21,6 +21,7 @@ from storage.brats import MODALITIES
 from storage.cases import discover
 from storage.store import SliceStore
 from storage.synth import write_dataset
+from unet.predict import Prediction
 
 SYNTH_SHAPE = (48, 48, 24)
 
@@ -78,7 +79,10 @@ def infer_all(raw, out: str, registry_url: str, version: str) -> list[str]:
     """What the infer flow does to the output folder, without Prefect: each case's status."""
     from tasks.infer import infer_case
 
-    return [infer_case.fn(case, out, registry_url, version, "cpu", False, 16)["status"] for case in discover(raw).cases]
+    return [
+        infer_case.fn(case, out, registry_url, version, Prediction(device="cpu", tta=False, batch_size=16))["status"]
+        for case in discover(raw).cases
+    ]
 
 
 def _sha(a) -> str:

@@ -28,6 +28,7 @@ from storage.store import SliceStore
 from tasks.ingest import ingest_case
 from tests.conftest import ROOT, child_env
 from tests.helpers import ingest_all, store_snapshot, synth_raw
+from unet.predict import Prediction
 
 CASE = "BraTS19_RACE_0001_1"
 SHAPE_IMG, SHAPE_LAB = (8, 4, 64, 64), (8, 64, 64)
@@ -263,7 +264,9 @@ def test_two_inferences_of_one_case_leave_one_valid_pair(small_raw, tmp_path, mo
     rows = {}
 
     def run(version):
-        rows[version] = tasks.infer.infer_case.fn(case, str(out), registry.root, version, "cpu", False, 16)
+        rows[version] = tasks.infer.infer_case.fn(
+            case, str(out), registry.root, version, Prediction(device="cpu", tta=False, batch_size=16)
+        )
 
     threads = [threading.Thread(target=run, args=(v,), name=v) for v in versions]
     [t.start() for t in threads]

@@ -8,10 +8,11 @@ import shutil
 import pytest
 from prefect.artifacts import Artifact
 
-from flows.evaluate import evaluate, split_cases
+from flows.evaluate import evaluate
 from storage.cases import discover
 from storage.registry import Registry
 from storage.store import SliceStore
+from tasks.evaluation import split_cases
 from tasks.ingest import ingest_case
 from tests.helpers import register_model
 from unet.metrics import REGIONS

@@ -19,6 +19,7 @@ from storage.cases import discover
 from storage.store import SliceStore
 from tasks.ingest import ingest_case
 from tests.helpers import SYNTH_SHAPE, case_snapshot, register_model, synth_raw
+from unet.predict import Prediction
 
 PREFECT_TASK_LOG = pytest.mark.filterwarnings(
     "ignore:Logger 'prefect.task_runs' attempted to send logs"
@@ -76,7 +77,9 @@ def test_oserror_writing_a_segmentation_is_retried_and_leaves_no_temp_file(prefe
     real_read = tasks.infer.read_case
     monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
     monkeypatch.setattr(os, "fsync", failing_fsync)
-    state = tasks.infer.infer_case(case, str(out), str(models), version, "cpu", False, 16, return_state=True)
+    state = tasks.infer.infer_case(
+        case, str(out), str(models), version, Prediction(device="cpu", tta=False, batch_size=16), return_state=True
+    )
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert faults and state.is_completed(), state
     assert len(reads) == 2  # failed once, then did it all again
@@ -101,7 +104,12 @@ def test_invalid_scan_in_inference_is_not_retried(prefect_api, tmp_path, monkeyp
     real_read = tasks.infer.read_case
     monkeypatch.setattr(tasks.infer, "read_case", lambda c, *files: reads.append(c) or real_read(c, *files))
     state = tasks.infer.infer_case(
-        case, str(tmp_path / "out"), str(models), version, "cpu", False, 16, return_state=True
+        case,
+        str(tmp_path / "out"),
+        str(models),
+        version,
+        Prediction(device="cpu", tta=False, batch_size=16),
+        return_state=True,
     )
     assert state.is_failed() and f"{t2.name}: truncated" in state.message
     assert len(reads) == 1

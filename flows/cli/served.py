@@ -72,13 +72,8 @@ def serve(
         out=out,
         registry_url=registry_url,
         version=version,
-        prediction={
-            "device": device,
-            "tta": prediction.tta,
-            "batch_size": prediction.batch_size,
-            "et_label": et_label,
-            "postprocess": prediction.postprocess,
-        },
+        prediction=prediction.model_copy(update={"device": device}),
+        et_label=et_label,
     )
     print(
         f"{time.strftime('%H:%M:%S')} serving segment-scan: model {resolved} ({info.profile}) on {device} -> {out}",
