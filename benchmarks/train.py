@@ -47,7 +47,7 @@ from unet.data import EpochSampler, SliceDataset, make_loader
 from unet.device import pick_device
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import autocast_dtype, train_step
+from unet.train import Optimization, autocast_dtype, train_step
 
 H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM, dense (no sparsity)
 
@@ -119,7 +119,7 @@ def step_rate(padding: str, args, device: torch.device) -> dict:
         xa, ya = apply_augment(x, y, params)  # on the device, as in training
         if channels_last:
             xa = xa.contiguous(memory_format=torch.channels_last)
-        train_step(model, xa, ya, loss_fn, optimizer, scheduler, scaler, amp, 1.0)
+        train_step(Optimization(model, loss_fn, optimizer, scheduler, scaler, amp, 1.0), xa, ya)
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)

@@ -22,7 +22,7 @@ from unet.data import SliceDataset, make_loader
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import Callbacks, TrainConfig, fit, train_step
+from unet.train import Callbacks, Optimization, TrainConfig, fit, train_step
 from unet.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,8 @@ def test_a_few_steps_lower_the_loss(small_store):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = [train_step(model, x, y, loss_fn, opt, sched, scaler, None, 1.0).item() for _ in range(20)]
+    step = Optimization(model, loss_fn, opt, sched, scaler, None, 1.0)
+    losses = [train_step(step, x, y).item() for _ in range(20)]
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0]
 

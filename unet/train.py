@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -159,26 +159,63 @@ def to_device(
     return x, y
 
 
-def train_step(
-    model, x, y, loss_fn, optimizer, scheduler, scaler, amp: torch.dtype | None, grad_clip: float
-) -> torch.Tensor:
+@dataclass
+class Optimization:
+    """What a training step works with (and a checkpoint keeps): the model, its loss, the optimizer,
+    its schedule and gradient scaler, and the precision and clipping it runs with."""
+
+    model: UNet
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None = None
+    grad_clip: float = 0.0
+
+
+def train_step(opt: Optimization, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One optimizer step on a batch; returns the loss as a device tensor (no host sync)."""
-    with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    model = opt.model
+    with torch.autocast(x.device.type, dtype=opt.amp or torch.float32, enabled=opt.amp is not None):
         # logits over the whole slice, both padding modes; with deep supervision the auxiliary ones too
         out = model(x, aux=True) if model.cfg.deep_supervision else model.predict(x)
-        loss = loss_fn(out, y)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+        loss = opt.loss_fn(out, y)
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scaler.scale(loss).backward()
+    if opt.grad_clip:
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
     return loss.detach()
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Progress:
+    """Where a run is: what a checkpoint holds besides the optimization's state."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    best_state: dict = field(default_factory=dict)
+    epoch_loss: list = field(default_factory=lambda: [0.0, 0])  # sum of batch losses, batches
+    resumed_from: tuple[int, int] | None = None
+
+
+@dataclass
+class Data:
+    store: SliceStore
+    split: dict[str, list[str]]
+    train_set: SliceDataset
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+    steps_per_epoch: int
 
 
 def fit(
@@ -197,128 +234,157 @@ def fit(
     """
     callbacks = callbacks or Callbacks()
     device = pick_device(cfg.device)
-    amp = autocast_dtype(device, cfg.precision)
     channels_last = cfg.channels_last and device.type in ("cuda", "cpu")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    data = load_data(store_url, split, model_cfg, cfg, device)
+    opt = optimization(data, model_cfg, cfg, device, channels_last)
+    progress = resume(checkpoint, opt, model_cfg, cfg)
+    callbacks.on_start(cfg.epochs * data.steps_per_epoch, progress.global_step, progress.resumed_from)
+    opt.model.train()
+    try:
+        for epoch in range(progress.epoch, cfg.epochs):
+            row = train_epoch(opt, data, progress, epoch, cfg, channels_last, checkpoint, callbacks)
+            if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.validate_every == 0:
+                val = data.split["val"]
+                row |= validate(opt.model, data.store, val, opt.loss_fn, device, opt.amp, channels_last, cfg.batch_size)
+            row |= {"lr": opt.scheduler.get_last_lr()[0]}
+            progress.history.append(row)
+            if "dice_mean" in row and (
+                not progress.best or row["dice_mean"] > progress.best["dice_mean"] or cfg.keep == "last"
+            ):
+                progress.best = row
+                progress.best_state = {k: v.detach().to("cpu", copy=True) for k, v in opt.model.state_dict().items()}
+            progress.epoch, progress.step, progress.epoch_loss = epoch + 1, 0, [0.0, 0]
+            save(checkpoint, opt, progress, model_cfg, cfg, callbacks)
+            callbacks.on_epoch(row)
+    finally:
+        del data.loader  # stop the worker processes now, also on failure (a retry makes new ones)
+    p = progress
+    return FitResult(opt.model.eval(), p.best_state, p.best, p.history, p.resumed_from, str(device))
 
-    # data
+
+def load_data(
+    store_url: str, split: dict | None, model_cfg: UNetConfig, cfg: TrainConfig, device: torch.device
+) -> Data:
+    """The training slices (with their sampler and loader) and the validation cases, checked."""
     store = SliceStore(store_url)
     split = split or store.split
     if not split.get("train") or not split.get("val"):
         raise ValueError(f"{store_url}: the store has no train/val split (run `brats ingest`)")
+    augment = AUGMENTATIONS[cfg.augment]
     train_set = SliceDataset(
-        store_url,
-        split["train"],
-        augment=AUGMENTATIONS[cfg.augment],
-        seed=cfg.seed,
-        skip_empty=cfg.skip_empty,
-        context=model_cfg.context,
+        store_url, split["train"], augment=augment, seed=cfg.seed, skip_empty=cfg.skip_empty, context=model_cfg.context
     )
     index_slices(store, split["val"])  # every validation case must be labelled too
     if not len(train_set):
         raise ValueError(f"{store_url}: no slices to train on")
-    samples = (
-        len(train_set)
-        if cfg.max_steps_per_epoch is None
-        else min(len(train_set), cfg.max_steps_per_epoch * cfg.batch_size)
-    )
+    per_epoch = cfg.max_steps_per_epoch
+    samples = len(train_set) if per_epoch is None else min(len(train_set), per_epoch * cfg.batch_size)
     sampler = EpochSampler([r.tumour > 0 for r in train_set.refs], cfg.seed, cfg.oversample_tumour, samples)
     pin = device.type == "cuda"
-    train_loader = make_loader(train_set, cfg.batch_size, sampler=sampler, workers=cfg.workers, pin_memory=pin)
-    steps_per_epoch = math.ceil(samples / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    loader = make_loader(train_set, cfg.batch_size, sampler=sampler, workers=cfg.workers, pin_memory=pin)
+    return Data(store, split, train_set, sampler, loader, math.ceil(samples / cfg.batch_size))
 
-    # model, loss, optimizer, schedule
-    model = UNet(model_cfg).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    weights = (
-        None
-        if cfg.class_weight_power is None
-        else class_weights_from_counts(class_counts(store, train_set.refs), cfg.class_weight_power)
-    )
+
+def optimization(
+    data: Data, model_cfg: UNetConfig, cfg: TrainConfig, device: torch.device, channels_last: bool
+) -> Optimization:
+    """A new model (seeded), its loss (class weights from the training slices), AdamW, the one-cycle
+    schedule over the whole run, and the gradient scaler fp16 needs."""
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    model = UNet(model_cfg).to(device, memory_format=layout)
+    counts = class_counts(data.store, data.train_set.refs) if cfg.class_weight_power is not None else None
+    weights = None if counts is None else class_weights_from_counts(counts, cfg.class_weight_power)
     loss_fn = SegLoss(weights, dice=cfg.loss == "ce+dice").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = max(cfg.epochs * data.steps_per_epoch, 1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=cfg.warmup, cycle_momentum=False
+        optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup, cycle_momentum=False
     )
+    amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    return Optimization(model, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
 
-    # resume
-    start_epoch, start_step, global_step, history, best, best_state = 0, 0, 0, [], {}, {}
-    epoch_loss = [0.0, 0]  # sum of batch losses, batches: survives a mid-epoch checkpoint
-    resumed_from = None
+
+def resume(checkpoint, opt: Optimization, model_cfg: UNetConfig, cfg: TrainConfig) -> Progress:
+    """Where the run stands: the checkpoint's state loaded into ``opt``, or the start."""
     state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:
-        if state["model_config"] != model_cfg.model_dump() or state["plan"] != run_definition(cfg):
-            raise ValueError("the checkpoint belongs to another model or training config; start afresh")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        history, best, best_state, epoch_loss = (
-            state["history"],
-            state["best"],
-            state["best_state"],
-            state["epoch_loss"],
-        )
-        resumed_from = (start_epoch, start_step)
+    if state is None:
+        return Progress()
+    if state["model_config"] != model_cfg.model_dump() or state["plan"] != run_definition(cfg):
+        raise ValueError("the checkpoint belongs to another model or training config; start afresh")
+    opt.model.load_state_dict(state["model"])
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    opt.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    kept = {k: state[k] for k in ("epoch", "step", "global_step", "history", "best", "best_state", "epoch_loss")}
+    return Progress(**kept, resumed_from=(state["epoch"], state["step"]))
 
-    def save(epoch: int, step: int) -> None:
-        if checkpoint is None:
-            return
-        checkpoint.save(
-            {
-                "epoch": epoch,
-                "step": step,
-                "global_step": global_step,
-                "epoch_loss": epoch_loss,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "history": history,
-                "best": best,
-                "best_state": best_state,
-                "model_config": model_cfg.model_dump(),
-                "plan": run_definition(cfg),
-            }
-        )
-        callbacks.on_checkpoint(epoch, step)
 
-    callbacks.on_start(total_steps, global_step, resumed_from)
-    model.train()
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            first = start_step if epoch == start_epoch else 0
-            sampler.set_epoch(epoch, start=first * cfg.batch_size)
-            loss_sum = torch.tensor(epoch_loss[0], device=device)
-            started, n_slices = time.perf_counter(), 0
-            for step, batch in enumerate(train_loader, start=first):
-                x, y = to_device(batch, device, channels_last, cfg.augment, cfg.fine_labels)
-                loss_sum += train_step(model, x, y, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
-                epoch_loss[1] += 1
-                global_step += 1
-                n_slices += len(x)
-                callbacks.on_step(epoch, step + 1, global_step)
-                if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                    epoch_loss[0] = loss_sum.item()
-                    save(epoch, step + 1)
-            seconds = time.perf_counter() - started
-            row = {"epoch": epoch + 1, "steps": global_step, "train_loss": loss_sum.item() / max(epoch_loss[1], 1)}
-            last = epoch + 1 == cfg.epochs
-            if last or (epoch + 1) % cfg.validate_every == 0:
-                row |= validate(model, store, split["val"], loss_fn, device, amp, channels_last, cfg.batch_size)
-            row |= {"lr": scheduler.get_last_lr()[0], "slices_per_s": n_slices / seconds if seconds > 0 else 0.0}
-            history.append(row)
-            if "dice_mean" in row and (not best or row["dice_mean"] > best["dice_mean"] or cfg.keep == "last"):
-                best = row
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            epoch_loss = [0.0, 0]
-            save(epoch + 1, 0)
-            callbacks.on_epoch(row)
-    finally:
-        del train_loader  # stop the worker processes now, also on failure (a retry makes new ones)
-    return FitResult(model.eval(), best_state, best, history, resumed_from, str(device))
+def save(checkpoint, opt: Optimization, progress: Progress, model_cfg: UNetConfig, cfg: TrainConfig, callbacks) -> None:
+    """Checkpoint the run where ``progress`` says it stands (nothing without a checkpoint)."""
+    if checkpoint is None:
+        return
+    p = progress
+    checkpoint.save(
+        {
+            "epoch": p.epoch,
+            "step": p.step,
+            "global_step": p.global_step,
+            "epoch_loss": p.epoch_loss,
+            "model": opt.model.state_dict(),
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict(),
+            "rng": rng_state(),
+            "history": p.history,
+            "best": p.best,
+            "best_state": p.best_state,
+            "model_config": model_cfg.model_dump(),
+            "plan": run_definition(cfg),
+        }
+    )
+    callbacks.on_checkpoint(p.epoch, p.step)
+
+
+def train_epoch(
+    opt: Optimization,
+    data: Data,
+    progress: Progress,
+    epoch: int,
+    cfg: TrainConfig,
+    channels_last: bool,
+    checkpoint,
+    callbacks: Callbacks,
+) -> dict:
+    """One epoch (from where a resumed run stopped in it), checkpointing every ``checkpoint_every``
+    steps; its history row: epoch, steps, mean train loss, slices/s."""
+    first = progress.step if epoch == progress.epoch else 0
+    data.sampler.set_epoch(epoch, start=first * cfg.batch_size)
+    device = next(opt.model.parameters()).device
+    loss_sum = torch.tensor(progress.epoch_loss[0], device=device)
+    started, n_slices = time.perf_counter(), 0
+    for step, batch in enumerate(data.loader, start=first):
+        x, y = to_device(batch, device, channels_last, cfg.augment, cfg.fine_labels)
+        loss_sum += train_step(opt, x, y)
+        progress.epoch_loss[1] += 1
+        progress.global_step += 1
+        n_slices += len(x)
+        callbacks.on_step(epoch, step + 1, progress.global_step)
+        if (
+            cfg.checkpoint_every
+            and progress.global_step % cfg.checkpoint_every == 0
+            and step + 1 < data.steps_per_epoch
+        ):
+            progress.epoch_loss[0] = loss_sum.item()
+            progress.epoch, progress.step = epoch, step + 1
+            save(checkpoint, opt, progress, opt.model.cfg, cfg, callbacks)
+    seconds = time.perf_counter() - started
+    return {
+        "epoch": epoch + 1,
+        "steps": progress.global_step,
+        "train_loss": loss_sum.item() / max(progress.epoch_loss[1], 1),
+        "slices_per_s": n_slices / seconds if seconds > 0 else 0.0,
+    }
