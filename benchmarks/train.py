@@ -47,7 +47,8 @@ from unet.data import EpochSampler, SliceDataset, make_loader
 from unet.device import pick_device
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import Optimization, autocast_dtype, train_step
+from unet.step import Optimization, train_step
+from unet.train import autocast_dtype
 
 H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM, dense (no sparsity)
 

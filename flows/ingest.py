@@ -15,7 +15,7 @@ from storage.cases import discover
 from storage.store import SliceStore
 from tasks import report
 from tasks.artifacts import RunProgress
-from tasks.ingest import batch_size, batches, ingest_cases, unchanged
+from tasks.ingest import batch_size, batches, ingest_cases, sort_out, unchanged
 from tasks.runners import cluster_threads, dask_runner
 from tasks.stage import gather
 from unet.preprocess import Preprocessing
@@ -52,11 +52,7 @@ def ingest(
     with RunProgress(len(found.cases), "ingest-progress", "ingesting cases") as progress:
         progress.advance(len(skipped))
         done, failed = gather(futures, work, progress, weight=len)
-    rows = skipped + [row for batch in done for row in batch]
-    quarantine = [{"case": p.path, "reason": str(p)} for p in found.problems]
-    quarantine += [{"case": r["case"], "reason": r["reason"]} for r in rows if r["status"] == "quarantined"]
-    quarantine += [{"case": case.case_id, "reason": reason} for batch, reason in failed for case in batch]
-    rows = [r for r in rows if r["status"] != "quarantined"]
+    rows, quarantine = sort_out(found.problems, skipped + [row for batch in done for row in batch], failed)
 
     published = store.publish(data.split_ratios, data.split_seed, quarantine)  # from the store as it is now
     summary = {

@@ -113,3 +113,12 @@ def batches(items: list, size: int) -> list[list]:
     n = max(1, -(-len(items) // max(1, size)))
     cut = [len(items) * i // n for i in range(n + 1)]
     return [items[a:b] for a, b in zip(cut, cut[1:]) if b > a]
+
+
+def sort_out(refused: list, rows: list[dict], failed: list[tuple[list, str]]) -> tuple[list[dict], list[dict]]:
+    """(the cases ingested or skipped, the quarantine): cases refused on sight, quarantined while
+    read, or in a batch whose task failed, each with its one-line reason."""
+    quarantine = [{"case": p.path, "reason": str(p)} for p in refused]
+    quarantine += [{"case": r["case"], "reason": r["reason"]} for r in rows if r["status"] == "quarantined"]
+    quarantine += [{"case": case.case_id, "reason": reason} for batch, reason in failed for case in batch]
+    return [r for r in rows if r["status"] != "quarantined"], quarantine

@@ -114,3 +114,43 @@ def test_a_model_versions_info_has_one_owner():
         if needle in path.read_text().replace("log.info(", "").replace("logger().info(", "")
     ]
     assert offenders == []
+
+
+def _functions():
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield name, node
+
+
+def _body_lines(node) -> int:
+    """Lines of a function's body, its docstring left out."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    return body[-1].end_lineno - body[0].lineno + 1 if body else 0
+
+
+def _is_flow(node) -> bool:
+    return any(isinstance(d, ast.Call) and getattr(d.func, "id", None) == "flow" for d in node.decorator_list)
+
+
+def test_functions_do_one_job():
+    """No function body over 60 lines, no flow body over 40 (a flow reads as the pipeline: task calls
+    and a summary), and no function but a flow or a command over 8 parameters (pass a section or a
+    small typed object instead)."""
+    long = [f"{m}.{f.name}: {n}" for m, f in _functions() if (n := _body_lines(f)) > 60]
+    long_flows = [f"{m}.{f.name}: {n}" for m, f in _functions() if _is_flow(f) and (n := _body_lines(f)) > 40]
+    commands = {"flows.cli.events.watch"}  # its parameters are the options of `brats watch`
+    many = [
+        f"{m}.{f.name}: {n}"
+        for m, f in _functions()
+        if not _is_flow(f)
+        and f"{m}.{f.name}" not in commands
+        and (
+            n := len(f.args.posonlyargs + f.args.args + f.args.kwonlyargs)
+            - (f.args.args[:1] != [] and f.args.args[0].arg in ("self", "cls"))
+        )
+        > 8
+    ]
+    assert (long, long_flows, many) == ([], [], [])

@@ -22,7 +22,8 @@ from unet.data import SliceDataset, make_loader
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
-from unet.train import Callbacks, Optimization, TrainConfig, fit, train_step
+from unet.step import Optimization, train_step
+from unet.train import Callbacks, TrainConfig, fit
 from unet.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -248,11 +248,8 @@ def predict_volume(
     only: Sequence[int] | None = None,
     tta: bool = False,
     batch_size: int,
-    device: str | torch.device | None = None,
-    precision: str = "auto",
-    crop: bool = True,
-    channels_last: bool = True,
     evidence: Evidence | None = None,
+    **how,
 ) -> np.ndarray:
     """Slices on the profile's grid -> (X, Y, Z) uint8 BraTS labels on the scan's own grid.
 
@@ -260,10 +257,10 @@ def predict_volume(
     lie on the scan (``attrs["geometry"]`` of a stored or preprocessed case). ``brain``: per slice,
     truthy when it holds brain (e.g. the store's ``slice_brain`` counts); default: found from the
     slices. Slices without brain are background and never reach the network. ``only``: predict
-    just these slice indices (the rest stay background). ``precision``, ``crop``, ``channels_last``:
-    see ``predict_slices`` (the defaults are the fast path; ``"fp32", False, False`` runs the whole
-    plane in fp32, as before cropping). ``evidence``: gathers what the quality estimate is built
-    from (``unet.quality``), slice batch by slice batch.
+    just these slice indices (the rest stay background). ``how``: ``predict_slices``'s ``device``,
+    ``precision``, ``crop``, ``channels_last`` (the defaults are the fast path; ``precision="fp32",
+    crop=False, channels_last=False`` runs the whole plane in fp32, as before cropping).
+    ``evidence``: gathers what the quality estimate is built from (``unet.quality``), batch by batch.
     """
     geometry = Geometry.from_dict(geometry) if isinstance(geometry, dict) else geometry
     z = geometry.slices
@@ -280,18 +277,7 @@ def predict_volume(
     for start in range(0, todo.size, batch_size):
         idx = todo[start : start + batch_size]
         batch = with_context(slices, idx, model.cfg.context)  # one contiguous read, numpy or Zarr
-        classes[:, :, idx] = geometry.restore(
-            predict_slices(
-                model,
-                batch,
-                tta,
-                device,
-                precision=precision,
-                crop=crop,
-                channels_last=channels_last,
-                evidence=evidence,
-            )
-        )
+        classes[:, :, idx] = geometry.restore(predict_slices(model, batch, tta, evidence=evidence, **how))
     return to_labels(geometry, classes)
 
 
