@@ -7,7 +7,7 @@ For each padding:profile in ``--configs`` (default ``same:full``, the case the n
 about) and each of ``--cases`` volumes (real BraTS cases from ``--raw``; without it, synthetic
 240x240x155 scans written once under ``--data``), the stages a ``brats infer`` task runs, with the
 same functions, one volume at a time: read + validate (``read_case``), preprocess
-(``preprocess_case``, grown window as inference does), predict (``unet.predict.segment``: brain
+(``preprocess_case``, grown window as inference does), predict (``unet.predict.predict_volume``: brain
 slices in batches, restored to the input grid) and write (``write_segmentation``), along two paths:
 
 * (a) ``whole``: as before cropping: fp32, contiguous tensors, every brain slice on the whole plane

@@ -47,9 +47,9 @@ def evaluate(
     log.info("model %s on %s: %d %s case(s) of %s", model.version, device, len(cases), split, store_url)
 
     run = dict(store_url=store_url, registry_url=registry_url, version=model.version, device=device, tta=prediction.tta)
-    post = model.info.postprocess if prediction.postprocess else None
+    rule = model.info.postprocess if prediction.postprocess else None
     with case_threads(len(cases)), RunProgress(len(cases), "evaluate-progress", "evaluating cases") as progress:
-        futures = evaluate_stored_case.map(cases, batch_size=prediction.batch_size, postprocess=unmapped(post), **run)
+        futures = evaluate_stored_case.map(cases, batch_size=prediction.batch_size, rule=unmapped(rule), **run)
         rows, failed = gather(futures, cases, progress)
         figures = overlays(rows, run)
     failures = [reason for _, reason in failed]

@@ -1,7 +1,8 @@
-"""Prefect tasks: BraTS metrics of one stored case on its original grid, a figure of one case, and the
-choice of a model's post-processing on its validation cases.
+"""Prefect tasks: BraTS metrics of one stored case on its original grid, a figure of one case, the
+choice of a model's post-processing on its held-out cases, out-of-fold predictions and the
+cross-validation, and the calibration of the quality estimate on them.
 
-The prediction comes from the store's slices through ``unet.predict.segment`` (the same code path
+The prediction comes from the store's slices through ``unet.predict.predict_volume`` (the code path
 inference uses) and is restored to the case's original grid; the ground truth is the case's
 original segmentation file, read with ``storage.nifti`` and checked against the sha256 recorded
 at ingestion. If that file is gone (or changed), the store's label restored to the grid stands
@@ -76,16 +77,16 @@ def evaluate_stored_case(
     device: str,
     tta: bool,
     batch_size: int,
-    postprocess: dict | None = None,
+    rule: dict | None = None,
 ) -> dict:
     """All BraTS metrics of one case (regions WT/TC/ET and labels 1/2/4) as one table row;
-    ``postprocess``: a ``PostProcess`` as a dict (the model's), None for the raw output."""
+    ``rule``: a ``PostProcess`` as a dict (the model's), None for the raw output."""
     start = time.perf_counter()
     store = SliceStore(store_url)
     attrs = store.attrs(case_id)
     model, info = cached_model(registry_url, version, device)
     evidence = Evidence()
-    pred = PostProcess.from_dict(postprocess).apply(
+    pred = PostProcess.from_dict(rule).apply(
         predict_stored_case(store, case_id, model, tta, batch_size, evidence), attrs["zooms"]
     )
     truth, source = ground_truth(store, case_id)
@@ -169,7 +170,7 @@ def choose_postprocess(
     store_url: str, registry_url: str, version: str, device: str, batch_size: int, tta: bool = True
 ) -> dict:
     """Choose the version's post-processing on its validation cases, scored on their original grids as
-    the test is, and record it in the version's info.json (``postprocess``); evaluation and inference
+    the test is, and record it with the version (``postprocess``); evaluation and inference
     apply it from there."""
     store, registry = SliceStore(store_url), Registry(registry_url)
     model, info = load_model(registry, version, device)

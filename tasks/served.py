@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from tasks.stage import stage_task
 
-SETTINGS: dict = {}  # set by flows.served.serve in the serving process; the submitter never reads it
+SETTINGS: dict = {}  # set by flows.cli.served.serve in the serving process; the submitter never reads it
 
 
 @stage_task("segment-scan", "segment-{case}")

@@ -64,10 +64,10 @@ def serve(
     device = device_name(prediction.device)
     torch.set_num_threads(max(1, cores() // limit))
     resolved = Registry(registry_url).resolve(version)
-    network, info = cached_model(registry_url, resolved, device)
+    model, info = cached_model(registry_url, resolved, device)
     profile = PROFILES[info.profile]
     side = (profile.window or 240) // profile.factor
-    predict_slices(network, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
+    predict_slices(model, np.ones((2, 4, side, side), np.float32), device=device)  # the scans' own path, warmed up
     served.SETTINGS.update(
         out=out,
         registry_url=registry_url,
