@@ -52,7 +52,7 @@ from unet.geometry import Geometry, to_labels
 from unet.model import UNet, centre_slice, mirror_pad
 from unet.postprocess import PostProcess
 from unet.preprocess import PROFILES, Profile, preprocess_case
-from unet.quality import Evidence
+from unet.quality import Evidence, labels_of
 
 
 class Prediction(BaseModel):
@@ -170,11 +170,13 @@ def predict_crop(
         p = _forward_crop(model, xi, bi, amp, channels_last)  # (views, N, K, h, w)
         p = p.flip(dims) if dims else p
         if evidence is not None:
-            labels.append(p.argmax(2))
+            labels.append(labels_of(p[..., box[0] : box[1], box[2] : box[3]]))
         total = p if total is None else total.add_(p)
     views = total.div_(len(flips))
-    if evidence is not None:
-        evidence.add(views, labels, (centre_slice(x, model.cfg) != 0).any(1))
+    if evidence is not None:  # outside the box all is background, sure of itself: the box alone is exact
+        y0, y1, x0, x1 = box
+        inside = (centre_slice(x, model.cfg)[..., y0:y1, x0:x1] != 0).any(1)
+        evidence.add(views[..., y0:y1, x0:x1], labels, inside)
     return views.mean(0)
 
 

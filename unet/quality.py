@@ -42,6 +42,21 @@ MEMBERS_DISAGREE = 0.8  # member agreement below this is a reason to look
 WORDS = {"WT": "the whole tumour (edema)", "TC": "the tumour core", "ET": "the enhancing tumour"}
 
 
+def labels_of(probs: torch.Tensor) -> torch.Tensor:
+    """The argmax over the 4 classes of (…, 4, h, w) probabilities as uint8: a tournament of maxima,
+    ties to the lower class as ``argmax``; many times faster than ``argmax`` over a middle dimension."""
+    a, b, c, d = probs.unbind(-3)
+    low, high = (b > a).to(torch.uint8), (d > c).to(torch.uint8) + 2
+    return torch.where(torch.maximum(d, c) > torch.maximum(b, a), high, low)
+
+
+def _region(labels: torch.Tensor, region: str) -> torch.Tensor:
+    """The region's mask from network classes: WT any tumour class, TC NCR/NET or ET, ET only ET."""
+    if region == "WT":
+        return labels > 0
+    return (labels == 1) | (labels == 3) if region == "TC" else labels == 3
+
+
 def _dice(overlap: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (2 * overlap + SMOOTH) / (a + b + SMOOTH)
 
@@ -62,13 +77,13 @@ class Evidence:
         """``views``: (V, N, K, h, w) each view's TTA-mean probabilities; ``flips``: per mirror, the
         (V, N, h, w) labels of each view on it; ``inside``: (N, h, w) brain pixels."""
         inside = inside[None]
-        labels = views.argmax(2)
-        combined = views.mean(0).argmax(1)[None]
+        labels = labels_of(views)
+        combined = labels_of(views.mean(0))[None] if len(views) > 1 else labels
         for region, classes in REGION_CLASSES.items():
-            cls = torch.tensor(classes, device=views.device)
-            p = views[:, :, list(classes)].sum(2) * inside
-            m = torch.isin(labels, cls) & inside
-            e = torch.isin(combined, cls) & inside
+            p = (1 - views[:, :, 0]) if region == "WT" else sum(views[:, :, k] for k in classes)
+            p = p * inside
+            m = _region(labels, region) & inside
+            e = _region(combined, region) & inside
             dims = (1, 2, 3)
             self._acc(region, "sure", (p > SURE).sum(dims))
             self._acc(region, "maybe", (p > 1 - SURE).sum(dims))
@@ -76,7 +91,7 @@ class Evidence:
             self._acc(region, "me", (m & e).sum(dims))
             self._acc(region, "e", e.sum(dims))
             if len(flips) == 2:
-                f0, f1 = (torch.isin(f, cls) & inside for f in flips)
+                f0, f1 = (_region(f, region) & inside for f in flips)
                 self._acc(region, "ff", (f0 & f1).sum(dims))
                 self._acc(region, "f0", f0.sum(dims))
                 self._acc(region, "f1", f1.sum(dims))
