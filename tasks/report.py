@@ -216,7 +216,8 @@ def segmentation_picture(out: str, row: dict) -> bytes:
     classes = np.select([seg == 1, seg == 2, np.isin(seg, (3, 4))], [1, 2, 3], 0)[:, :, z]
     flair, t1ce = (np.asanyarray(nib.load(record["inputs"][m]).dataobj[:, :, z]) for m in ("flair", "t1ce"))
     flag = "REVIEW: " if row["review"] else ""
-    title = f"{flag}{row['case']}, slice {z}, est. WT {row['est_WT']}, TC {row['est_TC']}, ET {row['est_ET']}"
+    est = ", ".join(f"{k} {row[f'est_{k}']:.2f}" for k in ("WT", "TC", "ET") if row[f"est_{k}"] is not None)
+    title = f"{flag}{row['case']}, slice {z}, estimated Dice {est}"
     return scan_png(np.rot90(flair), np.rot90(t1ce), np.rot90(classes), title)
 
 

@@ -185,7 +185,7 @@ def review(quality: dict, features: dict, volumes_ml: dict, calibration: dict | 
                 reasons.append(f"members disagree on {WORDS[region]} (agreement {features[region]['D']:.2f})")
             elif features[region]["A"] < MEMBERS_DISAGREE and region != "ET":
                 reasons.append(
-                    f"the mirrored scan gives another {WORDS[region]} (agreement {features[region]['A']:.2f})"
+                    f"the mirrored scan gives a different {WORDS[region]} (agreement {features[region]['A']:.2f})"
                 )
     return reasons
 
