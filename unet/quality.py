@@ -14,7 +14,8 @@ ensemble (a single model is one view):
 ``Q`` and ``A`` are averaged over the views. A view of a case no member trained on is what an
 out-of-fold fold model is, so the features a cross-validation's fold models give on their held-out
 cases are distributed as the ensemble's members' are on a new scan: the mapping from features to
-Dice (``fit``, a least-squares line per region on ``(Q + A) / 2``, clipped to [0, 1]) is
+Dice (``fit``, a least-absolute-deviations line per region on ``(Q + A) / 2``, clipped to [0, 1]:
+the median Dice at a score, so the number means what it says for the typical case) is
 calibrated on the out-of-fold cases and kept with the model version. ``D`` is not calibrated (no
 out-of-fold case has more than one member that never saw it): it gives reasons, not the number.
 
@@ -119,15 +120,15 @@ def score(features: dict[str, dict[str, float]], region: str) -> float:
 
 def fit(cases: list[dict]) -> dict:
     """The calibration from cases ``{"features": …, "dice": {region: true Dice}, "WT_ml": …}``:
-    per region a line ``dice ~ a + b * score`` (least squares; with under 5 cases, the identity),
+    per region a line ``dice ~ a + b * score`` (``median_line``; with under 5 cases, the identity),
     the review rule chosen on the fitted estimates, and the whole tumour volumes seen."""
     lines = {}
     for region in REGION_CLASSES:
         x = np.array([score(c["features"], region) for c in cases])
         y = np.array([c["dice"][region] for c in cases])
         if len(cases) >= 5 and np.ptp(x) > 1e-6:
-            b, a = np.polyfit(x, y, 1)
-            lines[region] = {"a": round(float(a), 5), "b": round(float(b), 5)}
+            a, b = median_line(x, y)
+            lines[region] = {"a": round(a, 5), "b": round(b, 5)}
         else:
             lines[region] = {"a": 0.0, "b": 1.0}
     calibration = {"lines": lines, "cases": len(cases)}
@@ -135,6 +136,22 @@ def fit(cases: list[dict]) -> dict:
     calibration["wt_ml"] = [round(min(volumes), 2), round(max(volumes), 2)] if volumes else None
     calibration["rule"] = choose_rule([estimate(c["features"], calibration) for c in cases], cases)
     return calibration
+
+
+def median_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising the sum of |y - a - b x| (least absolute deviations), as the linear program
+    min sum(u + v) subject to a + b x_i + u_i - v_i = y_i, u, v >= 0 (scipy's HiGHS)."""
+    from scipy.optimize import linprog
+
+    n = len(x)
+    cost = np.r_[0.0, 0.0, np.ones(2 * n)]
+    equal = np.c_[np.ones(n), x, np.eye(n), -np.eye(n)]
+    bounds = [(None, None)] * 2 + [(0, None)] * (2 * n)
+    fit = linprog(cost, A_eq=equal, b_eq=y, bounds=bounds, method="highs")
+    if not fit.success:  # cannot happen for finite data; the least-squares line then
+        b, a = np.polyfit(x, y, 1)
+        return float(a), float(b)
+    return float(fit.x[0]), float(fit.x[1])
 
 
 def estimate(features: dict, calibration: dict | None) -> dict[str, float]:
