@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
-from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.events import emit_event
 from prefect.runtime import deployment, flow_run
@@ -40,6 +39,7 @@ from storage.registry import DEFAULT_ROOT
 from storage.versions import ModelVersion
 from tasks import report
 from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_fold
+from tasks.stage import final_states
 from tasks.train import train_model_on
 from tasks.versions import open_version, plan_folds, promote_if_best, register_ensemble
 from unet.device import pick_device
@@ -143,12 +143,7 @@ def _run_folds(store_url: str, registry_url: str, network: UNetConfig, training:
         for i in range(training.folds)
     ]
     get_run_logger().info("folds started as runs of %s/%s: %s", flow_run.flow_name, name, [r.name for r in runs])
-    with get_client(sync_client=True) as client:
-        while True:
-            states = [client.read_flow_run(r.id).state for r in runs]
-            if all(s.is_final() for s in states):
-                break
-            time.sleep(5)
+    states = final_states(runs)
     failed = [f"fold {i}: {s.name} {s.message or ''}".strip() for i, s in enumerate(states) if not s.is_completed()]
     if failed:
         raise RuntimeError("cross-validation folds did not complete: " + "; ".join(failed))

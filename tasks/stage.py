@@ -73,3 +73,18 @@ def gather(
         if progress is not None:
             progress.advance(weight(item_of[future]))
     return results, failures
+
+
+def final_states(runs: Sequence, poll_s: float = 5.0) -> list:
+    """The final states of flow runs started elsewhere (``run_deployment(..., timeout=0)``), once
+    every one of them has one: what a flow waits for when its parts run as runs of a deployment."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while True:
+            states = [client.read_flow_run(r.id).state for r in runs]
+            if all(s.is_final() for s in states):
+                return states
+            time.sleep(poll_s)
