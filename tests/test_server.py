@@ -227,6 +227,35 @@ def test_a_run_submitted_from_the_ui_form_unchanged_runs_the_recipe(stack, tmp_p
 
 
 @pytest.mark.slow
+def test_cpu_folds_run_side_by_side_on_the_cpu_pool(stack, small_store, tmp_path):
+    """train/cpu with 2 folds starts each fold as a run of train/cpu; with no gpu tag on CPU training
+    one cpu worker runs both at once, and the parent registers their ensemble when both are done."""
+    models = str(tmp_path / "models")
+    training = {**TINY_TRAINING, "folds": 2}
+    parent = stack.wait(
+        stack.run(
+            "train/cpu",
+            {"store_url": small_store, "registry_url": models, "network": TINY_NETWORK, "training": training},
+        ),
+        timeout=400,
+    )
+    folds = [
+        r
+        for r in stack.runs_of("train/cpu")
+        if r["parameters"].get("registry_url") == models and r["id"] != parent["id"]
+    ]
+    assert sorted(r["parameters"]["fold"] for r in folds) == [0, 1] and all(
+        r["state_type"] == "COMPLETED" for r in folds
+    )
+    (a, b) = sorted(folds, key=lambda r: r["start_time"])
+    assert b["start_time"] < a["end_time"]  # side by side, not one after the other
+    tasks = stack.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [r["id"] for r in folds]}}})
+    assert not [t["name"] for t in tasks if "gpu" in t["tags"]]
+    ensemble = [v for v in Registry(models).versions() if v.get("kind") == "ensemble"]
+    assert len(ensemble) == 1 and len(ensemble[0]["members"]) == 2
+
+
+@pytest.mark.slow
 def test_ingest_deployment_runs_on_the_worker_and_its_artifacts_are_readable(stack, launched):
     runs, _, _ = launched
     run = stack.wait(runs["ingest"])
