@@ -25,7 +25,7 @@ intensity change on every slice of a sample.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -58,40 +58,26 @@ class AugmentConfig:
     bias: float = 0.3
 
 
+_STRONG = AugmentConfig(
+    rotate_degrees=30.0,
+    p_rotate=0.5,
+    scale=(0.7, 1.4),
+    p_scale=0.3,
+    intensity_scale=0.25,
+    intensity_shift=0.1,
+    p_noise=0.15,
+    noise_std=0.1,
+    p_blur=0.2,
+    p_contrast=0.15,
+    p_lowres=0.25,
+    p_gamma=0.3,
+    p_invert_gamma=0.1,
+)
 AUGMENTATIONS: dict[str, AugmentConfig | None] = {
     "off": None,
     "light": AugmentConfig(),
-    "strong": AugmentConfig(
-        rotate_degrees=30.0,
-        p_rotate=0.5,
-        scale=(0.7, 1.4),
-        p_scale=0.3,
-        intensity_scale=0.25,
-        intensity_shift=0.1,
-        p_noise=0.15,
-        noise_std=0.1,
-        p_blur=0.2,
-        p_contrast=0.15,
-        p_lowres=0.25,
-        p_gamma=0.3,
-        p_invert_gamma=0.1,
-    ),
-    "scanner": AugmentConfig(
-        rotate_degrees=30.0,
-        p_rotate=0.5,
-        scale=(0.7, 1.4),
-        p_scale=0.3,
-        intensity_scale=0.3,
-        intensity_shift=0.2,
-        p_noise=0.15,
-        noise_std=0.1,
-        p_blur=0.2,
-        p_contrast=0.3,
-        p_lowres=0.25,
-        p_gamma=0.3,
-        p_invert_gamma=0.1,
-        p_bias=0.3,
-    ),
+    "strong": _STRONG,
+    "scanner": replace(_STRONG, intensity_scale=0.3, intensity_shift=0.2, p_contrast=0.3, p_bias=0.3),
 }
 
 # One sample's parameters, in this order (M = MODALITIES): flip, angle, zoom, noise std, noise seed,
