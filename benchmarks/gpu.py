@@ -63,12 +63,13 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
         ),
         (
             "evaluate flow",
-            [*brats, "evaluate", "--store", store, "--registry", models, "--device", device],
+            [*brats, "evaluate", "--store", store, "--registry", models, "--version", "latest", "--device", device],
             r'"dice_WT": ([\d.]+)',
         ),
         (
             "infer flow",
-            [*brats, "infer", new, "--out", str(work / "out"), "--registry", models, "--device", device],
+            [*brats, "infer", new, "--out", str(work / "out"), "--registry", models, "--version", "latest"]
+            + ["--device", device],
             "",
         ),
         (
@@ -78,7 +79,8 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
         ),
         (
             "batch inference",
-            [*benchmark("batch_infer.py"), raw or new, "--cases", cases, "--repeats", "1", "--registry", models],
+            [*benchmark("batch_infer.py"), raw or new, "--cases", cases, "--repeats", "1", "--registry", models]
+            + ["--version", "latest"],  # the version just trained, promoted or not
             r"\| overlap \|.*\| ([\d.]+) \| [\d.]+\.\.",
         ),
     ]
