@@ -22,7 +22,8 @@ out-of-fold case has more than one member that never saw it): it gives reasons, 
 The **review rule** (``choose_rule``): flag a case whose estimated WT Dice is below ``wt`` or TC
 below ``tc``, the two chosen on the out-of-fold estimates to catch the most cases with a true WT
 under 0.7 or TC under 0.5 while flagging at most ``MAX_FLAGGED`` of them; plus plausibility: no
-tumour at all, or a whole tumour far outside the volumes of the training cases.
+tumour at all, or a whole tumour far outside (below half, above twice) the volumes of the
+calibration cases, where there are ``MIN_RANGE_CASES`` of them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SMOOTH = 50.0  # voxels added to each Dice's numerator and denominator: an empty
 MAX_FLAGGED = 0.30  # the review rule flags at most this share of the calibration cases
 BAD = {"WT": 0.7, "TC": 0.5}  # a case the rule should catch: true Dice below these
 DEFAULT_RULE = {"wt": 0.75, "tc": 0.6}  # where the calibration cases hold no bad case to choose on
+MIN_RANGE_CASES = 10  # the whole-tumour volume check needs this many calibration cases
 MEMBERS_DISAGREE = 0.8  # member agreement below this is a reason to look
 WORDS = {"WT": "the whole tumour (edema)", "TC": "the tumour core", "ET": "the enhancing tumour"}
 
@@ -133,7 +135,8 @@ def fit(cases: list[dict]) -> dict:
             lines[region] = {"a": 0.0, "b": 1.0}
     calibration = {"lines": lines, "cases": len(cases)}
     volumes = [c["WT_ml"] for c in cases if c.get("WT_ml")]
-    calibration["wt_ml"] = [round(min(volumes), 2), round(max(volumes), 2)] if volumes else None
+    enough = len(volumes) >= MIN_RANGE_CASES  # a range of a handful of cases says little of what is plausible
+    calibration["wt_ml"] = [round(min(volumes), 2), round(max(volumes), 2)] if enough else None
     calibration["rule"] = choose_rule([estimate(c["features"], calibration) for c in cases], cases)
     return calibration
 
