@@ -183,10 +183,17 @@ def choose_postprocess(
         features.append(evidence.features())
     choice = _choose(version, cases, "validation")
     post = PostProcess.from_dict(choice["postprocess"])
-    rows = [{"case": c, **_brief(evaluate_case(post.apply(p, z), t, z))} for c, (p, t, z) in zip(ids, cases)]
-    for row, f, (pred, truth, zooms) in zip(rows, features, cases):
-        row.update(
-            features=f, truth_WT_ml=_ml(truth, (1, 2, 4), zooms), volumes_ml=volumes_ml(post.apply(pred, zooms), zooms)
+    rows = []
+    for case_id, f, (pred, truth, zooms) in zip(ids, features, cases):
+        final = post.apply(pred, zooms)  # once per case: scored, and its volumes for the plausibility check
+        rows.append(
+            {
+                "case": case_id,
+                **_brief(evaluate_case(final, truth, zooms)),
+                "features": f,
+                "truth_WT_ml": _ml(truth, (1, 2, 4), zooms),
+                "volumes_ml": volumes_ml(final, zooms),
+            }
         )
     version_ = ModelVersion(registry, version)
     version_.record_postprocess(choice["postprocess"], choice["record"], Score.of("validation", rows) if rows else None)

@@ -54,10 +54,12 @@ def labels_of(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _region(labels: torch.Tensor, region: str) -> torch.Tensor:
-    """The region's mask from network classes: WT any tumour class, TC NCR/NET or ET, ET only ET."""
-    if region == "WT":
-        return labels > 0
-    return (labels == 1) | (labels == 3) if region == "TC" else labels == 3
+    """The region's mask from network classes (``REGION_CLASSES``), by comparisons (``isin`` is slow)."""
+    first, *rest = REGION_CLASSES[region]
+    mask = labels == first
+    for c in rest:
+        mask |= labels == c
+    return mask
 
 
 def _dice(overlap: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
