@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import torch
 from prefect import get_run_logger
 
 from storage.cases import InvalidCase
@@ -29,6 +30,7 @@ from unet import quality
 from unet.checkpoint import cached_model, load_model
 from unet.geometry import Geometry, to_labels
 from unet.metrics import REGIONS, evaluate_case, summarize
+from unet.outputs import labels_of
 from unet.postprocess import PostProcess, best_postprocess, scores
 from unet.predict import predict_slices, predict_volume, volumes_ml
 from unet.quality import Evidence
@@ -120,7 +122,7 @@ def overlay_case(
     z = int(np.argmax(tumour))
     model, _ = cached_model(registry_url, version, device)
     image = np.asarray(store.image(case_id)[z : z + 1], dtype=np.float32)
-    pred = predict_slices(model, image, tta).argmax(axis=1)[0]
+    pred = labels_of(torch.from_numpy(predict_slices(model, image, tta)), model.cfg.outputs).numpy()[0]
     label = store.label(case_id)
     f = label.shape[-1] // image.shape[-1] if label is not None else 1  # finer labels: on the slices' grid
     truth = np.asarray(label[z])[::f, ::f] if label is not None else None

@@ -25,6 +25,7 @@ from tasks.stage import stage_task
 from unet.checkpoint import RegistryCheckpoint, save_model
 from unet.data import SliceDataset
 from unet.model import UNet, UNetConfig
+from unet.outputs import labels_of
 from unet.predict import predict_slices
 from unet.train import Callbacks, TrainConfig, fit
 
@@ -153,7 +154,8 @@ def _figures(registry: Registry, version: str, model: UNet, result, store_url: s
             cases.add(val.refs[i].case)
     for n, i in enumerate((firsts + [i for i in order if i not in firsts])[:OVERLAYS]):
         image, label = val.read(i)
-        pred = predict_slices(model, image[None].astype(np.float32), tta=True).argmax(1)[0]
+        probs = predict_slices(model, image[None].astype(np.float32), tta=True)
+        pred = labels_of(torch.from_numpy(probs), model.cfg.outputs).numpy()[0]
         f = label.shape[-1] // pred.shape[-1]  # labels on a finer grid: shown on the slices' grid
         centre = image[model.cfg.context * 4 : model.cfg.context * 4 + 4]
         title = f"{val.refs[i].case} slice {val.refs[i].z}"

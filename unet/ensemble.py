@@ -1,9 +1,9 @@
 """An ensemble of U-Nets (the K models of a cross-validation) that predicts as one model.
 
-Its logits are the log of the members' mean class probabilities, so the softmax every prediction
-path takes of them (``unet.predict``) is exactly that mean, and its argmax the ensemble's vote by
-probability. The members must agree on what shapes mean (depth, padding, input channels and
-context, classes); their widths and normalisation may differ.
+Its logits are the log of the members' mean class probabilities (``unet.outputs``), so the softmax
+its ``probabilities`` takes of them is exactly that mean, and the labels decided from it the
+ensemble's vote by probability. The members must agree on what shapes mean (depth, padding, input
+channels and context, classes, outputs); their widths and normalisation may differ.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from unet.model import UNet
 
-SHAPE_FIELDS = ("in_channels", "num_classes", "depth", "padding", "context")
+SHAPE_FIELDS = ("in_channels", "num_classes", "depth", "padding", "context", "outputs")
 
 
 class Ensemble(nn.Module):
@@ -33,7 +33,12 @@ class Ensemble(nn.Module):
 
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(M, N, K, h, w): each member's class probabilities (their mean is the ensemble's)."""
-        return torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members])
+        return torch.stack([m.probabilities(m(x)) for m in self.members])
+
+    @staticmethod
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        """The ensemble's logits are log probabilities, whatever its members' outputs."""
+        return torch.softmax(logits.float(), 1)
 
     # shapes are the members' (they agree): the same tiling, padding and overlap-tile prediction
     output_size = UNet.output_size

@@ -25,10 +25,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
 from storage.brats import CLASS_TO_BRATS
+from unet.outputs import Outputs, labels_of
 
 AXCODES = ("L", "P", "S")  # the BraTS orientation: affine diag(-1, -1, 1)
 SPACING = 1.0  # mm, in-plane, of the slice grid before the profile's downsampling
@@ -104,13 +106,18 @@ class Geometry:
 
     # ------------------------------------------------------------------ slices -> input grid
 
-    def restore(self, scores: np.ndarray) -> np.ndarray:
-        """(n, K, h, w) class scores of n slices -> (X0, Y0, n) class ids on the oriented input grid.
+    def restore(self, scores: np.ndarray, outputs: Outputs = "classes") -> np.ndarray:
+        """(n, K, h, w) class probabilities of n slices -> (X0, Y0, n) class ids on the oriented input grid.
 
-        Scores are upsampled linearly before the argmax (geometry of the labels: the network's
+        Probabilities are upsampled linearly before the labels are decided (the argmax, or for region
+        outputs the painting of ``unet.outputs.labels_of``; geometry of the labels: the network's
         pixel i sits on window row ``f*i``), pasted into the window (background outside), and
         resampled back to the input's in-plane spacing when it differs.
         """
+
+        def decide(p: np.ndarray) -> np.ndarray:
+            return p.argmax(axis=1) if outputs == "classes" else labels_of(torch.from_numpy(p), outputs).numpy()
+
         n, k = scores.shape[:2]
         if tuple(scores.shape[2:]) != self.slice_shape:
             raise ValueError(f"scores {scores.shape} do not fit the slices {self.slice_shape} of this scan")
@@ -123,12 +130,12 @@ class Geometry:
         inside = scores[..., sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0]
         if not self.resampled:  # argmax first: one byte a voxel from here on
             classes = np.zeros((n, h, w), dtype=np.uint8)
-            classes[:, sy, sx] = inside.argmax(axis=1)
+            classes[:, sy, sx] = decide(inside)
         else:
             plane = np.zeros((n, k, h, w), dtype=np.float32)
             plane[:, 0] = 1.0  # background outside the window
             plane[:, :, sy, sx] = inside
-            classes = _zoom_plane(plane, self.oriented[:2], order=1).argmax(axis=1).astype(np.uint8)
+            classes = decide(_zoom_plane(plane, self.oriented[:2], order=1)).astype(np.uint8)
         return classes.transpose(1, 2, 0)
 
     def unorient(self, volume: np.ndarray) -> np.ndarray:

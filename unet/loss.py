@@ -11,6 +11,8 @@
   (the ``tp`` profile keeps them at 1 mm while the network sees 2 mm): the class probabilities are
   then upsampled linearly to the labels, exactly as inference upsamples them
   (``unet.geometry.Geometry.restore``), and scored there.
+* For a network with region outputs (``unet.outputs``): binary cross-entropy of each region's
+  sigmoid (WT, TC, ET), + their soft Dice; no class weights (each region is its own problem).
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from storage.brats import CLASS_REGIONS
 from unet.model import center_crop
+from unet.outputs import (
+    Outputs,
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    region_probabilities,
+    region_targets,
+)
 
 
 def cross_entropy(
@@ -118,32 +126,39 @@ def upsample_linear(a: torch.Tensor, f: int) -> torch.Tensor:
     return a
 
 
-def region_dice(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice of the BraTS regions WT, TC, ET over the whole batch: (N, 4, H, W) class
-    probabilities and (N, H, W) classes -> (3,) Dice. ``smooth`` (in pixels) keeps a region absent
-    from the batch and from the prediction at 1."""
-    dices = []
-    for members in CLASS_REGIONS.values():
-        p = probs[:, list(members)].sum(1)
-        t = torch.isin(target, torch.tensor(members, device=target.device)).to(p.dtype)
-        dices.append((2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth))
-    return torch.stack(dices)
+def region_dice(probs: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice of the BraTS regions WT, TC, ET over the whole batch: (N, 3, H, W) region
+    probabilities and (N, 3, H, W) region masks -> (3,) Dice. ``smooth`` (in pixels) keeps a region
+    absent from the batch and from the prediction at 1."""
+    t = targets.to(probs.dtype)
+    dims = (0, 2, 3)
+    return (2 * (probs * t).sum(dims) + smooth) / (probs.sum(dims) + t.sum(dims) + smooth)
 
 
 DEEP_SUPERVISION_WEIGHTS = (1.0, 0.5, 0.25)  # the full-resolution output, then 1/2 and 1/4
 
 
 class SegLoss(nn.Module):
-    """Cross-entropy (class-weighted), + soft region Dice when ``dice``, of one output or of the
-    outputs of deep supervision (full resolution first); see the module docstring."""
+    """The loss of one output or of the outputs of deep supervision (full resolution first).
+
+    ``outputs="classes"``: cross-entropy (class-weighted), + the soft Dice of the regions (their
+    classes' probabilities summed) when ``dice``. ``outputs="regions"``: binary cross-entropy of each
+    region's sigmoid, + its soft Dice when ``dice`` (nnU-Net's BraTS loss). See the module docstring.
+    """
 
     class_weights: torch.Tensor | None
 
-    def __init__(self, class_weights: torch.Tensor | Sequence[float] | None = None, dice: bool = False) -> None:
+    def __init__(
+        self,
+        class_weights: torch.Tensor | Sequence[float] | None = None,
+        dice: bool = False,
+        outputs: Outputs = "classes",
+    ) -> None:
         super().__init__()
         w = None if class_weights is None else torch.as_tensor(class_weights).float()
         self.register_buffer("class_weights", w)
         self.dice = dice
+        self.outputs = outputs
 
     def forward(self, logits: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         outputs = [logits] if isinstance(logits, torch.Tensor) else list(logits)
@@ -156,14 +171,30 @@ class SegLoss(nn.Module):
         f = target.shape[-1] // w
         if not first and f > 1:  # an auxiliary output: the labels at its resolution
             target, f = target[..., :: target.shape[-2] // h, ::f], 1
-        if f == 1 or target.shape[-2:] != (f * h, f * w):
+        fine = f > 1 and target.shape[-2:] == (f * h, f * w)  # labels at f times the output's resolution
+        if not fine:
+            target = center_crop(target, (h, w))
+        target = target.long()
+        if self.outputs == "regions":
+            return self._regions(logits, region_targets(target), f if fine else 1)
+        if not fine:
             loss = cross_entropy(logits, target, self.class_weights)
             probs = torch.softmax(logits.float(), 1) if self.dice else None
-            target = center_crop(target, (h, w))
-        else:  # labels at f times the output's resolution: probabilities upsampled to them
+        else:  # probabilities upsampled to the labels
             probs = upsample_linear(torch.softmax(logits.float(), 1), f)
             weight = None if self.class_weights is None else self.class_weights.float()
-            loss = F.nll_loss(probs.clamp_min(1e-8).log(), target.long(), weight=weight)
+            loss = F.nll_loss(probs.clamp_min(1e-8).log(), target, weight=weight)
         if self.dice:
-            loss = loss + 1.0 - region_dice(probs, target.long()).mean()
+            loss = loss + 1.0 - region_dice(region_probabilities(probs), region_targets(target)).mean()
+        return loss
+
+    def _regions(self, logits: torch.Tensor, targets: torch.Tensor, f: int) -> torch.Tensor:
+        if f == 1:
+            loss = binary_cross_entropy_with_logits(logits, targets)
+            probs = torch.sigmoid(logits.float())
+        else:
+            probs = upsample_linear(torch.sigmoid(logits.float()), f)
+            loss = binary_cross_entropy(probs, targets)
+        if self.dice:
+            loss = loss + 1.0 - region_dice(probs, targets).mean()
         return loss

@@ -34,10 +34,9 @@ its logits always have the input's H, W (same mode: reflect pad to a multiple of
 
 The loss (the paper's cross-entropy, and what is added to it) is ``unet/loss.py``.
 
-Variants beyond the paper, each off by default: normalisation layers (``norm``), 2.5D input
-(``context``: the neighbouring axial slices of every modality as extra channels) and deep
-supervision (``deep_supervision``: 1x1 heads on the two decoder levels above the full resolution,
-whose outputs the loss also scores).
+Variants beyond the paper, each off by default: ``norm`` layers, 2.5D input (``context``: the
+neighbouring axial slices as extra channels), ``deep_supervision`` (1x1 heads on the two decoder
+levels above the full resolution, scored by the loss too), region ``outputs`` (``unet/outputs.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from unet.outputs import Outputs, channels, probabilities
 
 __all__ = ["UNetConfig", "UNet", "center_crop", "centre_slice", "mirror_pad"]
 
@@ -76,6 +77,9 @@ class UNetConfig(BaseModel):
     deep_supervision: bool = Field(
         False, description="auxiliary outputs at 1/2 and 1/4 resolution in the loss (same padding; paper: off)"
     )
+    outputs: Outputs = Field(
+        "classes", description="classes: a soft-max over the classes (paper); regions: a sigmoid per region WT, TC, ET"
+    )
 
     @model_validator(mode="after")
     def _supervised_outputs_need_same_padding(self) -> UNetConfig:
@@ -93,11 +97,8 @@ class UNetConfig(BaseModel):
 
 
 def center_crop(t: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Crop the last two (H, W) dims of ``t`` to ``size`` around the center.
-
-    If the size difference is odd the extra row/column is dropped at the bottom/right.
-    Raises ValueError if ``t`` is smaller than ``size``.
-    """
+    """Crop the last two (H, W) dims of ``t`` to ``size`` around the center (an odd difference drops
+    the extra row/column at the bottom/right); ValueError if ``t`` is smaller than ``size``."""
     th, tw = (size, size) if isinstance(size, int) else size
     h, w = t.shape[-2], t.shape[-1]
     if th > h or tw > w:
@@ -107,12 +108,9 @@ def center_crop(t: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
 
 
 def mirror_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
-    """Reflect-pad the last two dims of ``x`` by ``pad = (left, right, top, bottom)``.
-
-    Unlike a single ``F.pad(mode="reflect")`` this accepts pads >= the image size by
-    reflecting repeatedly, which yields the periodic mirror extension of the image (the
-    paper's "missing context is extrapolated by mirroring the input image").
-    """
+    """Reflect-pad the last two dims of ``x`` by ``pad = (left, right, top, bottom)``. Unlike one
+    ``F.pad(mode="reflect")`` it takes pads >= the image size by reflecting repeatedly: the periodic
+    mirror extension of the image (the paper's "missing context is extrapolated by mirroring")."""
     left, right, top, bottom = pad
     if min(pad) < 0:
         raise ValueError(f"pad must be non-negative, got {pad}")
@@ -179,9 +177,10 @@ class UNet(nn.Module):
         )  # down[-1] is the bottleneck
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
         self.up = nn.ModuleList([Up(c[i + 1], c[i], cfg.padding, cfg.norm) for i in reversed(range(cfg.depth))])
-        self.head = nn.Conv2d(c[0], cfg.num_classes, kernel_size=1, bias=True)
+        k = channels(cfg.outputs, cfg.num_classes)
+        self.head = nn.Conv2d(c[0], k, kernel_size=1, bias=True)
         if cfg.deep_supervision:  # heads on the decoder's outputs at 1/2 and 1/4 resolution
-            self.aux = nn.ModuleList([nn.Conv2d(c[i], cfg.num_classes, kernel_size=1) for i in (1, 2)])
+            self.aux = nn.ModuleList([nn.Conv2d(c[i], k, kernel_size=1) for i in (1, 2)])
         self.apply(self._init_weights)
 
     @staticmethod
@@ -223,6 +222,10 @@ class UNet(nn.Module):
         if not self.cfg.deep_supervision:
             raise ValueError("this network has no auxiliary outputs (deep_supervision is off)")
         return [self.head(x), self.aux[0](decoded[-2]), self.aux[1](decoded[-3])]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> (N, num_classes, h, w) float32 class probabilities, as ``cfg.outputs`` means them."""
+        return probabilities(logits, self.cfg.outputs)
 
     # ---- shape arithmetic ----------------------------------------------------------
 

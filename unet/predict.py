@@ -9,9 +9,11 @@ One code path for evaluation and inference::
       -> UNet forward (channels_last, autocast)        # valid mode: the crop's context from the
                                                        #   overlap-tile mirror padding
                                                        # (+ mirror TTA: mean with the left-right mirror)
-      -> softmax probabilities (N, K, h, w) float32    # pasted back; pixels without brain: background
+      -> class probabilities (N, K, h, w) float32      # pasted back; pixels without brain: background
+                                                       #   (unet.outputs: soft-max, or nested regions)
       -> Geometry.restore: upsample, window, spacing   # per batch, so memory stays one batch
-      -> argmax, reorient -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
+      -> argmax (or regions painted WT -> TC -> ET), reorient
+      -> (X, Y, Z) uint8 BraTS labels {0, 1, 2, 4} on the input's own grid
       -> PostProcess (below), chosen on the validation cases and kept with the model
 
 Cropping: background is exactly 0 and labelled background whatever the network says, so a batch
@@ -50,9 +52,10 @@ from unet.device import DEVICE_HELP, autocast_dtype
 from unet.ensemble import Ensemble
 from unet.geometry import Geometry, to_labels
 from unet.model import UNet, centre_slice, mirror_pad
+from unet.outputs import labels_of
 from unet.postprocess import PostProcess
 from unet.preprocess import PROFILES, Profile, preprocess_case
-from unet.quality import Evidence, labels_of
+from unet.quality import Evidence
 
 
 class Prediction(BaseModel):
@@ -93,7 +96,7 @@ def predict_plane(model: UNet, x: torch.Tensor, tta: bool = False) -> torch.Tens
     total = None
     for dims in flips:
         xi = x.flip(dims) if dims else x
-        p = torch.softmax(model.predict(xi).float(), dim=1)
+        p = model.probabilities(model.predict(xi))
         p = p.flip(dims) if dims else p
         total = p if total is None else total.add_(p)
     return total / len(flips)
@@ -170,13 +173,13 @@ def predict_crop(
         p = _forward_crop(model, xi, bi, amp, channels_last)  # (views, N, K, h, w)
         p = p.flip(dims) if dims else p
         if evidence is not None:
-            labels.append(labels_of(p[..., box[0] : box[1], box[2] : box[3]]))
+            labels.append(labels_of(p[..., box[0] : box[1], box[2] : box[3]], model.cfg.outputs))
         total = p if total is None else total.add_(p)
     views = total.div_(len(flips))
     if evidence is not None:  # outside the box all is background, sure of itself: the box alone is exact
         y0, y1, x0, x1 = box
         inside = (centre_slice(x, model.cfg)[..., y0:y1, x0:x1] != 0).any(1)
-        evidence.add(views[..., y0:y1, x0:x1], labels, inside)
+        evidence.add(views[..., y0:y1, x0:x1], labels, inside, model.cfg.outputs)
     return views.mean(0)
 
 
@@ -193,7 +196,7 @@ def _forward_crop(
     if channels_last:
         tile = tile.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        p = model.member_probs(tile) if isinstance(model, Ensemble) else torch.softmax(model(tile).float(), 1)[None]
+        p = model.member_probs(tile) if isinstance(model, Ensemble) else model.probabilities(model(tile))[None]
     # the tile's output row i lies over image row i + ay - r0, with r0 = pad - (input - output) / 2
     oy = ay - top + (xp.shape[-2] - model.output_size(xp.shape[-2])) // 2
     ox = ax - left + (xp.shape[-1] - model.output_size(xp.shape[-1])) // 2
@@ -279,7 +282,8 @@ def predict_volume(
     for start in range(0, todo.size, batch_size):
         idx = todo[start : start + batch_size]
         batch = with_context(slices, idx, model.cfg.context)  # one contiguous read, numpy or Zarr
-        classes[:, :, idx] = geometry.restore(predict_slices(model, batch, tta, evidence=evidence, **how))
+        probs = predict_slices(model, batch, tta, evidence=evidence, **how)
+        classes[:, :, idx] = geometry.restore(probs, model.cfg.outputs)
     return to_labels(geometry, classes)
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-# network classes 0 background, 1 NCR/NET, 2 ED, 3 ET -> the BraTS regions
-REGION_CLASSES = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+from unet.outputs import REGION_CLASSES, Outputs, labels_of
+
 SURE = 0.75  # threshold stability compares the regions of probability above SURE and above 1 - SURE
 SMOOTH = 50.0  # voxels added to each Dice's numerator and denominator: an empty region sure of itself is 1
 MAX_FLAGGED = 0.30  # the review rule flags at most this share of the calibration cases
@@ -43,14 +43,6 @@ DEFAULT_RULE = {"wt": 0.75, "tc": 0.6}  # where the calibration cases hold no ba
 MIN_RANGE_CASES = 10  # the whole-tumour volume check needs this many calibration cases
 MEMBERS_DISAGREE = 0.8  # member agreement below this is a reason to look
 WORDS = {"WT": "the whole tumour (edema)", "TC": "the tumour core", "ET": "the enhancing tumour"}
-
-
-def labels_of(probs: torch.Tensor) -> torch.Tensor:
-    """The argmax over the 4 classes of (…, 4, h, w) probabilities as uint8: a tournament of maxima,
-    ties to the lower class as ``argmax``; many times faster than ``argmax`` over a middle dimension."""
-    a, b, c, d = probs.unbind(-3)
-    low, high = (b > a).to(torch.uint8), (d > c).to(torch.uint8) + 2
-    return torch.where(torch.maximum(d, c) > torch.maximum(b, a), high, low)
 
 
 def _region(labels: torch.Tensor, region: str) -> torch.Tensor:
@@ -78,12 +70,15 @@ class Evidence:
         slot[name] = slot.get(name, 0) + value
 
     @torch.inference_mode()
-    def add(self, views: torch.Tensor, flips: list[torch.Tensor], inside: torch.Tensor) -> None:
+    def add(
+        self, views: torch.Tensor, flips: list[torch.Tensor], inside: torch.Tensor, outputs: Outputs = "classes"
+    ) -> None:
         """``views``: (V, N, K, h, w) each view's TTA-mean probabilities; ``flips``: per mirror, the
-        (V, N, h, w) labels of each view on it; ``inside``: (N, h, w) brain pixels."""
+        (V, N, h, w) labels of each view on it; ``inside``: (N, h, w) brain pixels; ``outputs``: how
+        the labels are decided from the probabilities (``unet.outputs.labels_of``)."""
         inside = inside[None]
-        labels = labels_of(views)
-        combined = labels_of(views.mean(0))[None] if len(views) > 1 else labels
+        labels = labels_of(views, outputs)
+        combined = labels_of(views.mean(0), outputs)[None] if len(views) > 1 else labels
         for region, classes in REGION_CLASSES.items():
             p = (1 - views[:, :, 0]) if region == "WT" else sum(views[:, :, k] for k in classes)
             p = p * inside

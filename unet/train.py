@@ -244,9 +244,10 @@ def optimization(
     schedule over the whole run, and the gradient scaler fp16 needs."""
     layout = torch.channels_last if channels_last else torch.preserve_format
     model = UNet(model_cfg).to(device, memory_format=layout)
-    counts = class_counts(data.store, data.train_set.refs) if cfg.class_weight_power is not None else None
+    weighted = cfg.class_weight_power is not None and model_cfg.outputs == "classes"
+    counts = class_counts(data.store, data.train_set.refs) if weighted else None
     weights = None if counts is None else class_weights_from_counts(counts, cfg.class_weight_power)
-    loss_fn = SegLoss(weights, dice=cfg.loss == "ce+dice").to(device)
+    loss_fn = SegLoss(weights, dice=cfg.loss == "ce+dice", outputs=model_cfg.outputs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(cfg.epochs * data.steps_per_epoch, 1)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(

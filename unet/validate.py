@@ -16,6 +16,7 @@ from unet.data import with_context
 from unet.loss import upsample_linear
 from unet.metrics import dice
 from unet.model import centre_slice
+from unet.outputs import labels_of
 
 
 @torch.no_grad()
@@ -43,10 +44,10 @@ def validate(
                 logits = model.predict(x)
             loss_sum += float(loss_fn(logits, y)) * len(x)
             n += len(x)
-            probs = upsample_linear(torch.softmax(logits.float(), 1), f)
+            probs = upsample_linear(model.probabilities(logits), f)
             outside = (centre_slice(x, model.cfg) == 0).all(1)  # no brain: background
             outside = outside.repeat_interleave(f, -2).repeat_interleave(f, -1)
-            pred[idx] = probs.argmax(1).masked_fill(outside, 0).to("cpu", torch.uint8).numpy()
+            pred[idx] = labels_of(probs, model.cfg.outputs).masked_fill(outside, 0).cpu().numpy()
         for r, members in CLASS_REGIONS.items():
             per_case[r].append(dice(np.isin(pred, members), np.isin(label, members)))
     model.train(was_training)
