@@ -20,7 +20,7 @@ from storage.registry import DEFAULT_ROOT
 from storage.versions import ModelVersion
 from tasks import report
 from tasks.artifacts import RunProgress
-from tasks.infer import announce_reviews, infer_case, summarize
+from tasks.infer import announce_reviews, infer_case, keep_failures, summarize
 from tasks.runners import case_threads, device_name, predict_runner
 from tasks.stage import gather
 from unet.predict import Prediction
@@ -67,6 +67,7 @@ def infer(
         on_device = unmapped(prediction.model_copy(update={"device": device}))  # a model is iterable: not mapped
         futures = infer_case.map(found.cases, prediction=on_device, **run)
         rows, failed = gather(futures, found.cases, progress)
+    keep_failures(failed, out, version)
     failures = [str(p) for p in found.problems] + [reason for _, reason in failed]
     summary = summarize(rows, failures, out, model, prediction)
     announce_reviews(rows, out)

@@ -9,8 +9,6 @@ announced a short while ago (``grace_s``: that triggered run is on its way); the
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -19,13 +17,11 @@ from prefect.states import Failed
 from flows.infer import infer
 from flows.sections import documented, sections
 from storage.cases import Naming
-from storage.inbox import announced, is_done, scan_inbox, state_path
+from storage.inbox import SWEEP_STATUSES, after_sweep, sweep_plan
 from storage.outputs import made_with
 from storage.registry import DEFAULT_ROOT, Registry
 from tasks import report
 from unet.predict import Prediction
-
-STATUSES = ("pending", "done", "arriving", "announced", "incomplete")
 
 
 @flow(name="sweep", log_prints=True)
@@ -52,29 +48,13 @@ def sweep(
     (prediction,) = sections(prediction=prediction)
     shown = report.used(prediction=prediction)
     version = Registry(registry_url).resolve(version)
-    now = time.time()
-    rows, pending = [], []
-    for root in inbox:
-        complete, waiting = scan_inbox(root, naming)
-        rows += [
-            {"case": Path(where).name, "status": "incomplete", "path": where, "why": why.strip()}
-            for where, _, why in (w.partition(": ") for w in waiting)
-        ]
-        for cid, scan in sorted(complete.items()):
-            note = announced(state_path(root), scan)
-            if is_done(
-                scan, out, made_with(version, prediction.tta, et_label or scan.case.et_label, prediction.postprocess)
-            ):
-                status = "done"
-            elif note and now - note.get("at", 0) < grace_s:
-                status = "announced"
-            elif now - scan.newest < settle_s:
-                status = "arriving"
-            else:
-                status = "pending"
-                pending.append(scan.path)
-            rows.append({"case": cid, "status": status, "path": scan.path})
-    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+
+    def how(scan) -> dict:
+        return made_with(version, prediction.tta, et_label or scan.case.et_label, prediction.postprocess)
+
+    rows = sweep_plan(inbox, out, version, how, naming, settle_s=settle_s, grace_s=grace_s)
+    pending = [r["path"] for r in rows if r["status"] == "pending"]
+    counts = {s: sum(r["status"] == s for r in rows) for s in SWEEP_STATUSES}
     log.info("model %s: %s", version, counts)
 
     summary = {"version": version, "out": out, **counts, "written": 0, "skipped": 0, "failed": 0}
@@ -84,7 +64,7 @@ def sweep(
         result = state.result(raise_on_failure=False)
         if isinstance(result, dict):
             summary.update({k: result[k] for k in ("written", "skipped", "failed") if k in result})
-    report.sweep(out, summary, rows, shown)
+    report.sweep(out, summary, after_sweep(rows, out, version), shown)
     if state is not None and not state.is_completed():
         return Failed(message=f"infer: {state.message}", data=summary)
     return summary

@@ -14,6 +14,9 @@ into events, and the ``sweep`` flow (``flows/sweep.py``) into inference runs.
   sent there too, so the watcher does not announce it again.
 * ``is_done``: a case whose record (``storage.outputs``) says it was made as asked and is newer
   than its files; inference itself skips on the same record after checking the sha256s.
+* ``standing``: where each folder of an inbox stands: incomplete (why), pending, failed (why),
+  segmented (by which model version, and whether that is still the best); ``brats inbox`` prints it
+  and the ``sweep`` flow's artifact shows it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from storage.brats import MODALITIES
 from storage.cases import CaseFiles, InvalidCase, case_files, discover
-from storage.outputs import finished
+from storage.outputs import failed, finished, segmented
 
 STATE_NAME = ".brats-watch.json"  # the inbox's memory of what was announced
 
@@ -192,3 +195,69 @@ def is_done(scan: Scan, out: str | Path, how: dict) -> bool:
     """Cheap check: a record made as ``how`` says, newer than the scan's files. (Inference re-checks sha256s.)"""
     done = finished(out, scan.case.case_id, how)
     return done is not None and done[1] >= scan.newest
+
+
+def standing(root: str | Path, out: str | Path, best: str | None, naming: str = "auto") -> list[dict]:
+    """One row per folder of the inbox: ``case``, ``status`` (incomplete, pending, failed, segmented),
+    ``why`` (incomplete or failed: the reason), ``version`` and ``best`` (segmented: by which model
+    version, and whether it is ``best``), ``review`` (the quality estimate's flag); complete scans
+    carry their ``scan`` (not shown). A segmentation or failure older than the scan's files is stale:
+    the scan is pending again."""
+    complete, waiting = scan_inbox(root, naming)
+    rows = [
+        {"case": _folder(where), "status": "incomplete", "why": why.strip(), "path": where}
+        for where, _, why in (w.partition(": ") for w in waiting)
+    ]
+    return rows + [_stand(scan, out, best) for _, scan in sorted(complete.items())]
+
+
+def _folder(where: str) -> str:
+    """The case a waiting entry names: the folder, or the folder of the (missing or empty) file."""
+    path = Path(where)
+    return path.parent.name if ".nii" in path.name else path.name
+
+
+def _stand(scan: Scan, out: str | Path, best: str | None) -> dict:
+    cid = scan.case.case_id
+    row = {"case": cid, "status": "pending", "why": "", "path": scan.path, "scan": scan}
+    done, fault = segmented(out, cid), failed(out, cid)
+    if done is not None and done[1] >= scan.newest:
+        version = done[0].get("model_version", "")
+        row |= {"status": "segmented", "version": version, "best": version == best}
+        row["review"] = bool(done[0].get("review"))
+    elif fault is not None and fault[1] >= scan.newest:
+        row |= {"status": "failed", "why": fault[0].get("reason", ""), "version": fault[0].get("model_version")}
+    return row
+
+
+SWEEP_STATUSES = ("pending", "done", "arriving", "announced", "incomplete")
+
+
+def sweep_plan(
+    roots: list[str], out: str | Path, best: str, how: Callable[[Scan], dict], naming: str = "auto", **wait: float
+) -> list[dict]:
+    """What the ``sweep`` flow does with each folder (``standing``'s rows): ``done`` (its record says
+    it was made as ``how(scan)`` asks, newer than the files), ``announced`` (the watcher announced it
+    less than ``wait["grace_s"]`` ago: that run is on its way), ``arriving`` (files changed less than
+    ``wait["settle_s"]`` ago), ``incomplete``, else ``pending``: to segment now (a failed one again)."""
+    now, rows = time.time(), []
+    for root in roots:
+        for row in standing(root, out, best, naming):
+            if scan := row.get("scan"):
+                note = announced(state_path(root), scan)
+                if is_done(scan, out, how(scan)):
+                    row["status"] = "done"
+                elif note and now - note.get("at", 0) < wait.get("grace_s", 900.0):
+                    row["status"] = "announced"
+                elif now - scan.newest < wait.get("settle_s", 60.0):
+                    row["status"] = "arriving"
+                else:
+                    row["status"] = "pending"
+            rows.append(row)
+    return rows
+
+
+def after_sweep(plan: list[dict], out: str | Path, best: str) -> list[dict]:
+    """The rows of ``sweep_plan`` as they stand once the sweep ran (``standing``), each with what the
+    sweep did with it (``sweep``: its planned status)."""
+    return [{**(_stand(row["scan"], out, best) if row.get("scan") else row), "sweep": row["status"]} for row in plan]

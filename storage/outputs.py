@@ -3,6 +3,7 @@
     <out>/<case>_seg.nii.gz    the segmentation, on the scan's own grid
     <out>/<case>.json          the record, written last: the "done" marker (with the quality
                                estimate: "quality", "review", "review_reasons")
+    <out>/<case>.failed.json   why the last try at the case failed (gone once it is segmented)
     <out>/review.csv           the segmentations flagged for review (the ``review`` flow appends)
 
 A record names what its segmentation was ``made_with`` (model version, TTA, ET label,
@@ -33,15 +34,40 @@ def made_with(version: str, tta: bool, et_label: int, postprocess: bool) -> dict
     return {"model_version": version, "tta": tta, "et_label": et_label, "postprocessed": postprocess}
 
 
-def finished(out: str | Path, case_id: str, how: dict) -> tuple[dict, float] | None:
-    """(record, its mtime) of a case segmented as ``how`` says, both files there, else None."""
-    seg, rec = outputs(out, case_id)
+def _read(path: Path) -> tuple[dict, float] | None:
     try:
-        done = json.loads(rec.read_text())
-        mtime = rec.stat().st_mtime
+        return json.loads(path.read_text()), path.stat().st_mtime
     except (OSError, ValueError):
         return None
-    return (done, mtime) if seg.is_file() and all(done.get(k) == v for k, v in how.items()) else None
+
+
+def segmented(out: str | Path, case_id: str) -> tuple[dict, float] | None:
+    """(record, its mtime) of the case's segmentation, whatever made it, both files there, else None."""
+    seg, rec = outputs(out, case_id)
+    done = _read(rec)
+    return done if done is not None and seg.is_file() else None
+
+
+def finished(out: str | Path, case_id: str, how: dict) -> tuple[dict, float] | None:
+    """(record, its mtime) of a case segmented as ``how`` says, both files there, else None."""
+    done = segmented(out, case_id)
+    return done if done is not None and all(done[0].get(k) == v for k, v in how.items()) else None
+
+
+def failure_path(out: str | Path, case_id: str) -> Path:
+    return Path(out) / f"{case_id}.failed.json"
+
+
+def note_failure(out: str | Path, case_id: str, reason: str, version: str) -> None:
+    """Keep why a case failed (``<case>.failed.json``) for the inbox status; segmenting it removes the note."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    note = {"case": case_id, "reason": reason, "model_version": version, "at": time.time()}
+    failure_path(out, case_id).write_text(json.dumps(note, indent=2))
+
+
+def failed(out: str | Path, case_id: str) -> tuple[dict, float] | None:
+    """(note, its mtime) of the case's last failure, if it has not been segmented since."""
+    return _read(failure_path(out, case_id))
 
 
 @contextmanager

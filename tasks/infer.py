@@ -21,7 +21,7 @@ from prefect import get_run_logger
 
 from storage.cases import CaseFiles
 from storage.nifti import atomic_write_bytes, digests, read_case, read_files, write_segmentation
-from storage.outputs import finished, made_with, outputs, writing
+from storage.outputs import failure_path, finished, made_with, note_failure, outputs, writing
 from tasks.stage import stage_task
 from unet import quality
 from unet.checkpoint import cached_model
@@ -91,6 +91,7 @@ def infer_case(
             "seconds": round(time.perf_counter() - start, 2),
         }
         atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
+        failure_path(out, case.case_id).unlink(missing_ok=True)
     return row(record, "written", record["seconds"])
 
 
@@ -113,6 +114,13 @@ def summarize(rows: list[dict], failures: list[str], out: str, model, prediction
         "review": len(flagged),  # the quality estimate's flag (unet.quality): look at these first
         "review_cases": flagged,
     }
+
+
+def keep_failures(failed: list[tuple[CaseFiles, str]], out: str, version: str) -> None:
+    """Note each failed case's one-line reason beside the outputs (``<case>.failed.json``: the inbox
+    status shows it until the case is segmented)."""
+    for case, reason in failed:
+        note_failure(out, case.case_id, reason, version)
 
 
 REVIEW_EVENT = "brats.segmentation.review"

@@ -221,9 +221,14 @@ def segmentation_picture(out: str, row: dict) -> bytes:
     return scan_png(np.rot90(flair), np.rot90(t1ce), np.rot90(classes), title)
 
 
+SWEEP_COLUMNS = ("case", "status", "sweep", "version", "best", "review", "why", "path")
+
+
 def sweep(out: str, summary: dict, rows: list[dict], sections: list[str]) -> None:
+    """``rows``: ``storage.inbox.after_sweep``'s: where each scan stands now, and what the sweep did."""
     if rows:
-        table(rows, "sweep-cases", "Scans in the inbox and what the sweep did with them")
+        shown = [{c: "" if r.get(c) is None else r[c] for c in SWEEP_COLUMNS} for r in rows]
+        table(shown, "sweep-cases", "Where each scan of the inbox stands, and what the sweep did with it")
     lines = [f"# Inbox sweep → `{out}`", "", *_facts(summary), "", *sections]
     markdown("\n".join(lines), "sweep-summary", "Inbox sweep summary")
 

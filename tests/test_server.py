@@ -422,7 +422,10 @@ def test_a_submitted_scan_is_segmented_by_the_triggered_run_and_the_sweep_does_t
     )
     table = stack.artifacts(swept["id"])["sweep-cases"]["data"]
     table = json.loads(table) if isinstance(table, str) else table
-    assert {r["case"]: r["status"] for r in table} == {"NEW_000": "done", "NEW_001": "pending"}
+    assert {r["case"]: (r["sweep"], r["status"], r["best"]) for r in table} == {
+        "NEW_000": ("done", "segmented", True),
+        "NEW_001": ("pending", "segmented", True),  # what the sweep did, and where the scan stands now
+    }
     assert (out / "NEW_001_seg.nii.gz").is_file()
     assert (out / "NEW_000_seg.nii.gz").stat().st_mtime_ns == stamp  # not segmented twice
     assert len(stack.runs_of("infer/scans")) == 1

@@ -99,6 +99,12 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         api=False,
         server=True,
     ),
+    "inbox": Command(
+        "flows.cli.inbox:status",
+        "where each scan of an inbox stands: incomplete, pending, failed (why), segmented (by which version)",
+        positional=("inbox",),
+        api=False,
+    ),
     "sweep": Command(
         "flows.sweep:sweep",
         "segment every complete scan in an inbox not yet segmented by the current model",

@@ -74,10 +74,10 @@ def rows(registry: Registry) -> list[dict]:
     return out
 
 
-def format_table(table: list[dict]) -> str:
-    widths = {c: max([len(c)] + [len(str(r[c])) for r in table]) for c in COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in COLUMNS) for r in table]
+def format_table(table: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in table]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns) for r in table]
     return "\n".join(line.rstrip() for line in lines)
 
 
