@@ -22,7 +22,7 @@ from prefect import get_run_logger
 from storage.cases import CaseFiles
 from storage.nifti import atomic_write_bytes, digests, read_case, read_files, write_segmentation
 from storage.outputs import failure_path, finished, made_with, note_failure, outputs, writing
-from tasks.stage import stage_task
+from tasks.stage import run_logger, stage_task
 from unet import quality
 from unet.checkpoint import cached_model
 from unet.postprocess import PostProcess
@@ -92,6 +92,18 @@ def infer_case(
         }
         atomic_write_bytes(record_path, json.dumps(record, indent=2).encode())  # last: the done marker
         failure_path(out, case.case_id).unlink(missing_ok=True)
+    run_logger().info(
+        "%s: %s by %s in %.1f s; WT %.1f ml, TC %.1f ml, ET %.1f ml; estimated Dice %s; %s",
+        case.case_id,
+        seg_path,
+        version,
+        record["seconds"],
+        volumes["WT"],
+        volumes["TC"],
+        volumes["ET"],
+        estimated,
+        f"TO REVIEW: {'; '.join(reasons)}" if reasons else "no review needed",
+    )
     return row(record, "written", record["seconds"])
 
 

@@ -17,9 +17,11 @@ from tasks.stage import stage_task
 SETTINGS: dict = {}  # set by flows.cli.served.serve in the serving process; the submitter never reads it
 
 
-@stage_task("segment-scan", "segment-{case}")
+@stage_task("segment-scan", "segment-{case}", tags=["served"])
 def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
     """Segment the case folder ``path`` (case id ``case``) with this process's warm model."""
+    from prefect import get_run_logger
+
     from storage.cases import InvalidCase, discover
     from storage.registry import Registry
     from tasks.artifacts import table
@@ -33,6 +35,7 @@ def segment_scan(path: str, case: str, naming: str = "auto") -> dict:
         raise found.problems[0] if found.problems else InvalidCase(path, f"no complete case {case} here")
     s = SETTINGS
     version = Registry(s["registry_url"]).resolve(s["version"])
+    get_run_logger().info("%s: segmenting %s with the served model %s", case, path, version)
     row = infer_case.fn(cases[0], s["out"], s["registry_url"], version, s["prediction"], s["et_label"])
     flag = f"TO REVIEW ({'; '.join(row['review_reasons'])})" if row["review"] else "no review needed"
     table([row], "served-scan", f"Scan {case} segmented by the served model {version}: {flag}")

@@ -17,7 +17,7 @@ import time
 import nibabel as nib
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId, TaskRunFilter, TaskRunFilterName
 
 from flows.cli.events import submit
 from storage.registry import Registry
@@ -40,6 +40,12 @@ def task_runs(name: str) -> list:
         return client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
 
 
+def task_run_logs(task_run_id) -> list[str]:
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+    return [log.message for log in found]
+
+
 def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alone(prefect_api, small_raw, tmp_path):
     models, out, inbox = tmp_path / "models", tmp_path / "out", tmp_path / "inbox"
     first = register_model(models)
@@ -52,12 +58,15 @@ def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alon
         f.rename(bad / f.name.replace(cases[0], "BAD_1"))
     (bad / "BAD_1_t1.nii.gz").write_bytes(b"\x1f\x8b garbage")
 
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_LOGGING_LEVEL": "INFO"}
     command = [sys.executable, "-m", "flows.cli", "serve", "--out", str(out), "--registry", str(models)]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    console = tmp_path / "serve.log"
+    server = subprocess.Popen(command, env=env, stdout=console.open("w"), stderr=subprocess.STDOUT)
     try:
-        ready = server.stdout.readline()
-        assert f"serving segment-scan: model {first}" in ready, ready
+        deadline = time.monotonic() + 120
+        while f"serving segment-scan: model {first}" not in console.read_text():
+            assert server.poll() is None and time.monotonic() < deadline, console.read_text()
+            time.sleep(0.2)
         time.sleep(1.0)  # subscribed right after it says so
         assert submit([str(bad), str(inbox / cases[0])], served=True) == 0
         record = written(out, cases[0])
@@ -74,6 +83,13 @@ def test_served_scans_are_segmented_by_the_warm_process_and_a_bad_one_fails_alon
         assert not (out / "BAD_1_seg.nii.gz").exists()
         (done,) = task_runs(f"segment-{cases[0]}")
         assert done.state.is_completed()
+        assert {"served", f"case:{cases[0]}"} <= set(done.tags)  # found in the UI by its case
+        deadline = time.monotonic() + 30  # its logs are on its page: what was segmented, by which model
+        while not any(" by " in m for m in task_run_logs(done.id)):
+            assert time.monotonic() < deadline, f"no logs in the served task run: {task_run_logs(done.id)}"
+            time.sleep(0.5)
+        logs = task_run_logs(done.id)
+        assert any(str(out / f"{cases[0]}_seg.nii.gz") in m and first in m for m in logs), logs
 
         second = register_model(models, seed=1)  # a new best: the next scan uses it, in the same process
         assert Registry(str(models)).best() == second

@@ -79,8 +79,8 @@ def deliver(scans: list[Scan], source: str, naming: str = "auto", served: bool =
         return
     from tasks.served import segment_scan
 
-    for s in scans:
-        segment_scan.delay(s.path, s.case.case_id, naming)
+    for s in scans:  # tagged with its case: the UI's task runs filter by it
+        segment_scan.with_options(tags=["served", f"case:{s.case.case_id}"]).delay(s.path, s.case.case_id, naming)
 
 
 def _now() -> str:

@@ -79,7 +79,8 @@ def serve(
         f"{time.strftime('%H:%M:%S')} serving segment-scan: model {resolved} ({info.profile}) on {device} -> {out}",
         flush=True,
     )
-    # a served task run has no flow run: its logs stay on this console (the UI has its state and table)
+    # a served task run has no flow run: its logs go to the task run's page; what Prefect logs outside
+    # any run (the task worker itself) stays on this console, without a warning for each line
     with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
         task_worker(served.segment_scan, limit=limit)
     return 0
