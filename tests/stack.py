@@ -128,10 +128,10 @@ def running_stack(base: Path, raw: Path) -> Iterator[Stack]:
     register_model(data / "models")
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, *args: str) -> subprocess.Popen:
+    def start(name: str, *args: str, program: str = "prefect") -> subprocess.Popen:
         out = open(logs / f"{name}.log", "wb")
         p = subprocess.Popen(
-            [str(BIN / "prefect"), *args],
+            [str(BIN / program), *args],
             env=env,
             cwd=ROOT,
             stdout=out,
@@ -154,8 +154,8 @@ def running_stack(base: Path, raw: Path) -> Iterator[Stack]:
             assert server.poll() is None and time.monotonic() < deadline, f"the server did not come up\n{stack.tail()}"
             time.sleep(0.5)
         # the workers start beside bootstrap.sh (a pool not made yet is made as a process pool)
-        start("worker-cpu", "worker", "start", "--pool", "cpu", "--type", "process", "--name", "cpu-1")
-        start("worker-gpu", "worker", "start", "--pool", "gpu", "--type", "process", "--name", "gpu-1")
+        start("worker-cpu", "worker", "--pool", "cpu", "--name", "cpu-1", program="brats")
+        start("worker-gpu", "worker", "--pool", "gpu", "--name", "gpu-1", program="brats")
         boot = subprocess.run(
             [str(ROOT / "deploy" / "bootstrap.sh")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
         )

@@ -25,7 +25,7 @@ import torch
 from flows.recipes import recipe
 from storage.inbox import STATE_NAME
 from storage.registry import Registry
-from tests.helpers import case_folders, new_scan
+from tests.helpers import case_folders, new_scan, stop
 from tests.stack import BIN, ROOT, running_stack
 
 
@@ -429,3 +429,49 @@ def test_a_submitted_scan_is_segmented_by_the_triggered_run_and_the_sweep_does_t
     assert (out / "NEW_001_seg.nii.gz").is_file()
     assert (out / "NEW_000_seg.nii.gz").stat().st_mtime_ns == stamp  # not segmented twice
     assert len(stack.runs_of("infer/scans")) == 1
+
+
+def test_a_stopped_worker_finishes_its_run_and_takes_no_new_one_and_stopped_twice_hands_it_back(stack, small_store):
+    """``brats worker`` as the README stops it: SIGTERM once, its flow run completes, no new run is
+    taken, and it leaves; SIGTERM twice, its run is cancelled (its process ends) and scheduled again."""
+    d = stack.deployment("train/gpu")
+    stack.post("/work_pools/", {"name": "drain", "type": "process"})
+    copied = ("flow_id", "entrypoint", "path", "pull_steps", "parameters", "parameter_openapi_schema")
+    stack.post("/deployments/", {**{k: d[k] for k in copied}, "name": "drain", "work_pool_name": "drain"})
+    training = {**TINY_TRAINING, "epochs": 4, "max_steps_per_epoch": 20, "precision": "fp32"}
+    params = {"store_url": small_store, "network": TINY_NETWORK, "training": training}
+    log = open(stack.logs / "worker-drain.log", "ab")
+
+    def worker() -> subprocess.Popen:
+        command = [str(BIN / "brats"), "worker", "--pool", "drain", "--name", "drain-1"]
+        return subprocess.Popen(command, env=stack.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def running(run_id: str) -> bool:
+        return stack.get(f"/flow_runs/{run_id}")["state"]["type"] == "RUNNING"
+
+    first_worker = worker()
+    try:
+        first = stack.run("train/drain", {**params, "registry_url": str(stack.data / "drain-1")})
+        stack.until("the first run under way", lambda: running(first), timeout=120)
+        first_worker.send_signal(signal.SIGTERM)
+        second = stack.run("train/drain", {**params, "registry_url": str(stack.data / "drain-2")})
+        assert stack.wait(first, timeout=240)["state"]["type"] == "COMPLETED"
+        assert first_worker.wait(timeout=60) == 0
+        assert stack.get(f"/flow_runs/{second}")["state"]["type"] == "SCHEDULED"  # not taken by a stopping worker
+    finally:
+        stop([first_worker])
+
+    second_worker = worker()
+    try:
+        stack.until("the second run under way", lambda: running(second), timeout=120)
+        pid = stack.until("its process", lambda: flow_run_process(second))
+        second_worker.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        second_worker.send_signal(signal.SIGTERM)
+        assert second_worker.wait(timeout=120) == 0
+        assert stack.get(f"/flow_runs/{second}")["state"]["type"] == "SCHEDULED"  # handed back to the pool
+        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
+    finally:
+        stop([second_worker])
+        stack.post(f"/flow_runs/{second}/set_state", {"state": {"type": "CANCELLED"}, "force": True})
+    assert b"no new flow run taken" in (stack.logs / "worker-drain.log").read_bytes()

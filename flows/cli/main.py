@@ -105,6 +105,12 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         positional=("inbox",),
         api=False,
     ),
+    "worker": Command(
+        "flows.cli.worker:work",
+        "a process worker of a pool; stopped (SIGTERM, Ctrl-C) it finishes its runs, stopped twice it hands them back",
+        api=False,
+        server=True,
+    ),
     "sweep": Command(
         "flows.sweep:sweep",
         "segment every complete scan in an inbox not yet segmented by the current model",
