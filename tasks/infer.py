@@ -56,22 +56,22 @@ def infer_case(
     done = _earlier_record(case, out, how, digests(files))
     if done is not None:
         return row(done, "skipped", time.perf_counter() - start)
-    scan = read_case(case, files)  # InvalidCase: a one-line reason, no retry
+    decoded = read_case(case, files)  # a storage.nifti.Case; InvalidCase: a one-line reason, no retry
     model, info = cached_model(registry_url, version, prediction.device)
     post = PostProcess.from_dict(info.postprocess) if prediction.postprocess else None
     evidence = Evidence()
     kw = dict(tta=prediction.tta, batch_size=prediction.batch_size, evidence=evidence)
-    labels, attrs = predict_case(model, scan, info.profile, post, **kw)
-    volumes, features = volumes_ml(labels, scan.zooms), evidence.features()
+    labels, attrs = predict_case(model, decoded, info.profile, post, **kw)
+    volumes, features = volumes_ml(labels, decoded.zooms), evidence.features()
     estimated = quality.estimate(features, info.quality)
     reasons = quality.review(estimated, features, volumes, info.quality)
     seg_path, record_path = outputs(out, case.case_id)
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)
     with writing(seg_path.parent):  # a second run of this case at once cannot interleave its pair with ours
-        if (done := _earlier_record(case, out, how, scan.sha256)) is not None:  # finished while we predicted
+        if (done := _earlier_record(case, out, how, decoded.sha256)) is not None:  # finished while we predicted
             return row(done, "skipped", time.perf_counter() - start)
-        write_segmentation(written, scan.reference, seg_path)  # the input's grid and header
+        write_segmentation(written, decoded.reference, seg_path)  # the input's grid and header
         record = {
             "case": case.case_id,
             **how,
@@ -79,7 +79,7 @@ def infer_case(
             "postprocess": post and post.to_dict(),
             "segmentation": str(seg_path),
             "inputs": case.files,
-            "sha256": scan.sha256,
+            "sha256": decoded.sha256,
             "shape": attrs["shape"],
             "zooms": attrs["zooms"],
             "geometry": attrs["geometry"],

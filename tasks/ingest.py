@@ -42,8 +42,8 @@ def ingest_case(case: CaseFiles, store_url: str, profile: str, dtype: str = "flo
         if stamped and a.get("stamps") != stamped:  # the same bytes, rewritten or copied: known by stamp next time
             store.restamp(case.case_id, stamped)
         return _row(a, "skipped", time.perf_counter() - start)
-    raw = read_case(case, files)
-    image, label, attrs = preprocess_case(raw, PROFILES[profile], dtype)  # InvalidCase: not a brain volume
+    decoded = read_case(case, files)  # the four volumes (and labels), validated: a storage.nifti.Case
+    image, label, attrs = preprocess_case(decoded, PROFILES[profile], dtype)  # InvalidCase: not a brain volume
     try:
         store.claim_slice_shape(image.shape[-2:])
     except ValueError as e:  # slices of another shape than the store's: this case is the one refused

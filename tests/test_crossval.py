@@ -53,11 +53,13 @@ def test_folds_are_disjoint_deterministic_and_cover_the_cases_outside_the_test_s
 def test_brats_train_folds_registers_an_ensemble_scored_out_of_fold(
     prefect_api, small_store, tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setenv("BRATS_BEST_FLOOR", "0")  # a few steps of a tiny network: the floor is for real models
+    monkeypatch.setenv("BRATS_BEST_FLOOR", "0")  # the floor (mean of WT, TC, ET) is for real models: this one
+    # learns the whole tumour in 12 epochs, not yet its core
     models = str(tmp_path / "models")
-    args = ["train", "--store", small_store, "--registry", models, "--folds", "3", "--epochs", "2"]
-    args += ["--base-channels", "4", "--depth", "2", "--padding", "same", "--context", "1", "--batch-size", "8"]
-    args += ["--max-steps-per-epoch", "2", "--workers", "0", "--keep", "last", "--validate-every", "2"]
+    args = ["train", "--store", small_store, "--registry", models, "--folds", "3", "--epochs", "12"]
+    args += ["--base-channels", "8", "--depth", "3", "--padding", "same", "--context", "1", "--batch-size", "8"]
+    args += ["--class-weight-power", "0.5", "--oversample-tumour", "2", "--lr", "3e-3"]
+    args += ["--workers", "0", "--keep", "last", "--validate-every", "12"]
     assert brats(args) == 0
     out = json.loads(capsys.readouterr().out)
     registry = Registry(models)
@@ -85,6 +87,7 @@ def test_brats_train_folds_registers_an_ensemble_scored_out_of_fold(
     assert {r["case"]: r["fold"] for r in cv["per_case"]} == {c: i for i, v in enumerate(vals) for c in v}
     assert info["postprocess_choice"]["on"] == "out-of-fold" and info["postprocess_choice"]["cases"] == len(cases)
     assert info["metrics"]["dice_WT"] == pytest.approx(np.mean([r["dice_WT"] for r in cv["per_case"]]), abs=1e-4)
+    assert info["metrics"]["dice_WT"] > 0.25  # the folds learned: an untrained network scores about 0.06 here
     assert [f["cases"] for f in cv["per_fold"]] == [len(v) for v in vals]
     summary = Artifact.get("cv-summary").data
     worst = min(cv["per_case"], key=lambda r: min(r["dice_WT"], r["dice_TC"], r["dice_ET"]))
@@ -94,7 +97,7 @@ def test_brats_train_folds_registers_an_ensemble_scored_out_of_fold(
     model, _ = load_model(registry, version)
     assert isinstance(model, Ensemble) and len(model.members) == 3
     result = evaluate(small_store, version, models, "test")
-    assert result["cases"] == len(store.split["test"]) and 0 <= result["dice_WT"] <= 1
+    assert result["cases"] == len(store.split["test"]) and result["dice_WT"] > 0.25
 
 
 def test_a_fold_needs_folds():

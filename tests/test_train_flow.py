@@ -36,8 +36,7 @@ def cli(*argv: str) -> int:
     return brats(list(argv))
 
 
-def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_store, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("BRATS_BEST_FLOOR", "0")  # a few steps of a tiny network: the floor is for real models
+def test_brats_train_registers_a_version_that_learned_with_its_artifacts(prefect_api, small_store, tmp_path, capsys):
     models = str(tmp_path / "models")
     rc = cli(
         "train",
@@ -46,17 +45,19 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
         "--registry",
         models,
         "--epochs",
-        "2",
+        "12",
         "--base-channels",
-        "4",
+        "8",
         "--depth",
-        "2",
+        "3",
         "--padding",
         "same",
         "--batch-size",
         "8",
-        "--max-steps-per-epoch",
-        "3",
+        "--class-weight-power",
+        "0.5",
+        "--oversample-tumour",
+        "2",
         "--workers",
         "0",
         "--lr",
@@ -72,19 +73,21 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     assert info["model"] == {
         "in_channels": 4,
         "num_classes": 4,
-        "base_channels": 4,
-        "depth": 2,
+        "base_channels": 8,
+        "depth": 3,
         "padding": "same",
         "norm": None,
         "context": 0,
         "deep_supervision": False,
+        "outputs": "classes",
     }
     assert info["profile"] == "full" and info["store"] == small_store
     assert info["store_fingerprint"] == store.fingerprint and info["split"] == store.split
-    assert info["train_config"]["epochs"] == 2 and info["train_config"]["max_steps_per_epoch"] == 3
-    assert [r["epoch"] for r in info["history"]] == [1, 2] and info["history"][-1]["steps"] == 6
+    assert info["train_config"]["epochs"] == 12 and info["train_config"]["class_weight_power"] == 0.5
+    assert [r["epoch"] for r in info["history"]] == list(range(1, 13))
     assert set(info["packages"]) == {"python", "torch", "prefect", "numpy", "zarr"}
-    assert info["metrics"]["dice_WT"] == out["metrics"]["dice_WT"] and 0 <= info["metrics"]["dice_mean"] <= 1
+    # it learned: an untrained network scores WT below 0.15 here (tests/test_train.py); and it passed the floor
+    assert info["metrics"]["dice_WT"] == out["metrics"]["dice_WT"] and info["metrics"]["dice_WT"] > 0.5
     # post-processing chosen on the validation cases, every candidate scored, recorded with the version
     assert (
         set(info["postprocess"]) == {"min_island_ml", "et_min_ml"}
@@ -98,14 +101,14 @@ def test_brats_train_registers_a_version_with_its_artifacts(prefect_api, small_s
     assert any(t["mean_hd95"] is not None for t in choice["tried"])  # the near-ties, settled by HD95
     for name in ("curves.png", "overlay-1.png", "overlay-2.png", "overlay-3.png"):
         assert registry.get(version, name).startswith(PNG), name
-    assert RegistryCheckpoint(registry, version).load()["epoch"] == 2
+    assert RegistryCheckpoint(registry, version).load()["epoch"] == 12
     model, loaded = load_model(registry)  # the best version, weights_only
     assert loaded.version == version
     assert model.predict(torch.zeros(1, 4, 64, 64)).shape == (1, 4, 64, 64)
 
     rows = Artifact.get("train-epochs").data
     rows = json.loads(rows) if isinstance(rows, str) else rows
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == list(range(1, 13))
     artifact = Artifact.get("train-summary")
     summary = artifact.data
     assert version in summary and "curves.png" in summary and "overlay-1.png" in summary
