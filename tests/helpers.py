@@ -113,7 +113,7 @@ def segmentation_snapshot(seg: Path) -> tuple[str, list]:
 def infer_snapshot(out: Path) -> dict:
     """Per case: the segmentation's voxels and header grid, and the record less its timing."""
     snap = {seg.name: segmentation_snapshot(seg) for seg in sorted(out.glob("*_seg.nii.gz"))}
-    for record in sorted(out.glob("*.json")):
+    for record in sorted(r for r in out.glob("*.json") if not r.name.endswith(".failed.json")):
         done = {k: v for k, v in json.loads(record.read_text()).items() if k != "seconds"}
         snap[record.name] = {**done, "segmentation": Path(done["segmentation"]).relative_to(out).as_posix()}
     return snap
