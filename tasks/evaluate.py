@@ -16,7 +16,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import torch
 from prefect import get_run_logger
 
 from storage.cases import InvalidCase
@@ -122,7 +121,7 @@ def overlay_case(
     z = int(np.argmax(tumour))
     model, _ = cached_model(registry_url, version, device)
     image = np.asarray(store.image(case_id)[z : z + 1], dtype=np.float32)
-    pred = labels_of(torch.from_numpy(predict_slices(model, image, tta)), model.cfg.outputs).numpy()[0]
+    pred = labels_of(predict_slices(model, image, tta), model.cfg.outputs)[0]
     label = store.label(case_id)
     f = label.shape[-1] // image.shape[-1] if label is not None else 1  # finer labels: on the slices' grid
     truth = np.asarray(label[z])[::f, ::f] if label is not None else None

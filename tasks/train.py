@@ -154,8 +154,7 @@ def _figures(registry: Registry, version: str, model: UNet, result, store_url: s
             cases.add(val.refs[i].case)
     for n, i in enumerate((firsts + [i for i in order if i not in firsts])[:OVERLAYS]):
         image, label = val.read(i)
-        probs = predict_slices(model, image[None].astype(np.float32), tta=True)
-        pred = labels_of(torch.from_numpy(probs), model.cfg.outputs).numpy()[0]
+        pred = labels_of(predict_slices(model, image[None].astype(np.float32), tta=True), model.cfg.outputs)[0]
         f = label.shape[-1] // pred.shape[-1]  # labels on a finer grid: shown on the slices' grid
         centre = image[model.cfg.context * 4 : model.cfg.context * 4 + 4]
         title = f"{val.refs[i].case} slice {val.refs[i].z}"

@@ -15,7 +15,7 @@ scan's own grid, voxel for voxel (``Geometry``, recorded with each case; ``to_la
       -> downsample by the profile's factor
 
 and back: upsample the class scores linearly, paste them into the window (background outside),
-resample them to the input's in-plane spacing, argmax, reorient. Z is never resampled: the
+resample them to the input's in-plane spacing, decide the labels, reorient. Z is never resampled: the
 network is 2D, so every axial slice is predicted on its own at its own position, whatever the
 slice spacing. A BraTS scan (240x240xN, 1 mm, LPS) passes through unchanged but for the window.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
@@ -115,9 +114,6 @@ class Geometry:
         resampled back to the input's in-plane spacing when it differs.
         """
 
-        def decide(p: np.ndarray) -> np.ndarray:
-            return p.argmax(axis=1) if outputs == "classes" else labels_of(torch.from_numpy(p), outputs).numpy()
-
         n, k = scores.shape[:2]
         if tuple(scores.shape[2:]) != self.slice_shape:
             raise ValueError(f"scores {scores.shape} do not fit the slices {self.slice_shape} of this scan")
@@ -128,14 +124,14 @@ class Geometry:
         h, w = self.plane
         sy, sx = slice(max(y0, 0), min(y1, h)), slice(max(x0, 0), min(x1, w))
         inside = scores[..., sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0]
-        if not self.resampled:  # argmax first: one byte a voxel from here on
+        if not self.resampled:  # labels first: one byte a voxel from here on
             classes = np.zeros((n, h, w), dtype=np.uint8)
-            classes[:, sy, sx] = decide(inside)
+            classes[:, sy, sx] = labels_of(inside, outputs)
         else:
             plane = np.zeros((n, k, h, w), dtype=np.float32)
             plane[:, 0] = 1.0  # background outside the window
             plane[:, :, sy, sx] = inside
-            classes = decide(_zoom_plane(plane, self.oriented[:2], order=1)).astype(np.uint8)
+            classes = labels_of(_zoom_plane(plane, self.oriented[:2], order=1), outputs)
         return classes.transpose(1, 2, 0)
 
     def unorient(self, volume: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from unet.outputs import REGION_CLASSES, Outputs, labels_of
+from unet.outputs import REGION_CLASSES, Outputs, labels_of, region_mask
 
 SURE = 0.75  # threshold stability compares the regions of probability above SURE and above 1 - SURE
 SMOOTH = 50.0  # voxels added to each Dice's numerator and denominator: an empty region sure of itself is 1
@@ -43,15 +43,6 @@ DEFAULT_RULE = {"wt": 0.75, "tc": 0.6}  # where the calibration cases hold no ba
 MIN_RANGE_CASES = 10  # the whole-tumour volume check needs this many calibration cases
 MEMBERS_DISAGREE = 0.8  # member agreement below this is a reason to look
 WORDS = {"WT": "the whole tumour (edema)", "TC": "the tumour core", "ET": "the enhancing tumour"}
-
-
-def _region(labels: torch.Tensor, region: str) -> torch.Tensor:
-    """The region's mask from network classes (``REGION_CLASSES``), by comparisons (``isin`` is slow)."""
-    first, *rest = REGION_CLASSES[region]
-    mask = labels == first
-    for c in rest:
-        mask |= labels == c
-    return mask
 
 
 def _dice(overlap: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -82,8 +73,8 @@ class Evidence:
         for region, classes in REGION_CLASSES.items():
             p = (1 - views[:, :, 0]) if region == "WT" else sum(views[:, :, k] for k in classes)
             p = p * inside
-            m = _region(labels, region) & inside
-            e = _region(combined, region) & inside
+            m = region_mask(labels, region) & inside
+            e = region_mask(combined, region) & inside
             dims = (1, 2, 3)
             self._acc(region, "sure", (p > SURE).sum(dims))
             self._acc(region, "maybe", (p > 1 - SURE).sum(dims))
@@ -91,7 +82,7 @@ class Evidence:
             self._acc(region, "me", (m & e).sum(dims))
             self._acc(region, "e", e.sum(dims))
             if len(flips) == 2:
-                f0, f1 = (_region(f, region) & inside for f in flips)
+                f0, f1 = (region_mask(f, region) & inside for f in flips)
                 self._acc(region, "ff", (f0 & f1).sum(dims))
                 self._acc(region, "f0", f0.sum(dims))
                 self._acc(region, "f1", f1.sum(dims))
