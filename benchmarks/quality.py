@@ -63,8 +63,7 @@ def main() -> int:
                     features = evidence.features()
         for name in per:
             times[name].append(statistics.median(per[name]))
-        est = quality.estimate(features, info.quality)
-        reasons = quality.review(est, features, volumes_ml(labels, scan.zooms), info.quality)
+        est, reasons = quality.assess(features, volumes_ml(labels, scan.zooms), info.quality)
         line = f"{case.case_id:24} {per['without'][0]:6.2f} s / {per['with'][0]:6.2f} s  est " + " ".join(
             f"{k} {v:.2f}" for k, v in est.items()
         )

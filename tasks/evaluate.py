@@ -93,8 +93,7 @@ def evaluate_stored_case(
     truth, source = ground_truth(store, case_id)
     metrics = evaluate_case(pred, truth, attrs["zooms"])
     features = evidence.features()
-    est = quality.estimate(features, info.quality)
-    reasons = quality.review(est, features, volumes_ml(pred, attrs["zooms"]), info.quality)
+    est, reasons = quality.assess(features, volumes_ml(pred, attrs["zooms"]), info.quality)
     return {
         "case": case_id,
         "grade": attrs.get("grade") or "",

@@ -63,8 +63,7 @@ def infer_case(
     kw = dict(tta=prediction.tta, batch_size=prediction.batch_size, evidence=evidence)
     labels, attrs = predict_case(model, decoded, info.profile, post, **kw)
     volumes, features = volumes_ml(labels, decoded.zooms), evidence.features()
-    estimated = quality.estimate(features, info.quality)
-    reasons = quality.review(estimated, features, volumes, info.quality)
+    estimated, reasons = quality.assess(features, volumes, info.quality)
     seg_path, record_path = outputs(out, case.case_id)
     et = how["et_label"]
     written = labels if et == 4 else np.where(labels == 4, np.uint8(et), labels)

@@ -63,7 +63,7 @@ def test_calibration_review_rule_and_held_out_figures():
     assert calibration["lines"]["WT"]["b"] == pytest.approx(1.6, abs=0.1)
     assert calibration["lines"]["WT"]["a"] == pytest.approx(-0.65, abs=0.1)
     rule = calibration["rule"]
-    estimates = [quality.estimate(c["features"], calibration) for c in train]
+    estimates = [quality.estimate(c["features"], c["volumes_ml"], calibration) for c in train]
     flagged = [e["WT"] < rule["wt"] or e["TC"] < rule["tc"] for e in estimates]
     bad = [c["dice"]["WT"] < 0.7 or c["dice"]["TC"] < 0.5 for c in train]
     assert sum(flagged) <= quality.MAX_FLAGGED * len(train)
@@ -72,7 +72,7 @@ def test_calibration_review_rule_and_held_out_figures():
     figures = quality.agreement(train, held)
     assert figures["WT"]["spearman"] > 0.9 and figures["WT"]["mae"] < 0.05
     assert figures["bad_flagged"] >= 0.75 * figures["bad"]
-    assert quality.estimate(train[0]["features"], None)["WT"] == pytest.approx(
+    assert quality.estimate(train[0]["features"], train[0]["volumes_ml"], None)["WT"] == pytest.approx(
         train[0]["features"]["WT"]["Q"], abs=1e-4
     )
     reasons = quality.review(
@@ -82,6 +82,30 @@ def test_calibration_review_rule_and_held_out_figures():
     assert quality.review({"WT": 1, "TC": 1, "ET": 1}, train[0]["features"], {"WT": 0.0}, calibration)[0] == (
         "no tumour found"
     )
+
+
+def test_a_small_enhancing_tumour_is_trusted_less_than_a_large_one_as_sure():
+    """The small-structure prior: the same sureness on 0.5 ml of ET estimates a lower Dice than on
+    20 ml (a third of the score), WT and TC are untouched, and a calibration fitted before the prior
+    (no ``small_ml``) is applied to the plain score it was fitted on."""
+    features = {r: {"Q": 0.9, "A": 0.9, "D": 1.0} for r in ("WT", "TC", "ET")}
+    small, large = {"WT": 60.0, "TC": 20.0, "ET": 0.5}, {"WT": 60.0, "TC": 20.0, "ET": 20.0}
+    identity = {"lines": {r: {"a": 0.0, "b": 1.0} for r in ("WT", "TC", "ET")}, "small_ml": quality.SMALL_ML}
+    assert quality.estimate(features, small, identity)["ET"] == pytest.approx(0.9 * 0.5 / 1.5, abs=1e-3)
+    assert quality.estimate(features, large, identity)["ET"] == pytest.approx(0.9 * 20 / 21, abs=1e-3)
+    assert quality.estimate(features, small, identity)["WT"] == quality.estimate(features, large, identity)["WT"] == 0.9
+    before = {"lines": identity["lines"]}  # a version calibrated by an earlier release
+    assert quality.estimate(features, small, before)["ET"] == 0.9
+    # fitted on cases whose ET Dice falls with their ET volume, the prior is kept in the calibration
+    train = cases(30)
+    for c, ml in zip(train, np.geomspace(0.2, 40, len(train))):
+        c["volumes_ml"] = {**c["volumes_ml"], "ET": float(ml)}
+        c["dice"]["ET"] = float(0.9 * ml / (ml + 1.0))
+        c["features"]["ET"] = {"Q": 0.9, "A": 0.9, "D": 1.0}
+    calibration = quality.fit(train)
+    assert calibration["small_ml"] == {"ET": 1.0}
+    figures = quality.agreement(train, quality.held_out(train))
+    assert figures["ET"]["mae"] < 0.02 and figures["ET"]["spearman"] > 0.95
 
 
 @pytest.mark.slow
