@@ -107,6 +107,12 @@ def test_tp_profile_crops_and_halves(real_case):
     # the 192 window, grid-centred, moved 4 voxels along W to hold the whole brain (rows 41..219)
     assert attrs["geometry"]["box"] == (24, 216, 28, 220) and attrs["brain_outside_window"] == 0
     assert set(np.unique(label)) <= {0, 1, 2, 3} and (label == 3).any()
+    # the window profile: the same window, images at 1 mm, each the 2x2 block whose mean tp keeps
+    fine, fine_label, fine_attrs = preprocess_case(case, PROFILES["window"])
+    assert fine.shape == (155, 4, 192, 192) and np.array_equal(fine_label, label)
+    assert fine_attrs["geometry"]["box"] == attrs["geometry"]["box"]
+    blocks = fine.astype(np.float32).reshape(155, 4, 96, 2, 96, 2).mean(axis=(3, 5))
+    assert np.abs(blocks - image.astype(np.float32)).max() < 0.02  # float16 rounding apart
 
 
 # ------------------------------------------------------------------ discovery

@@ -187,10 +187,10 @@ def test_naming_override_and_ambiguous_folders(real, tmp_path):
 # ------------------------------------------------------------------ any grid
 
 
-@pytest.mark.parametrize("profile", ["full", "tp"])
+@pytest.mark.parametrize("profile", ["full", "tp", "window"])
 @pytest.mark.parametrize("grid", ["brats", "mni", "ras", "sagittal"])
 def test_other_grids_map_to_the_slices_and_back_losslessly(real, tmp_path, grid, profile):
-    """The seg through the slices and back: exact in both profiles (tp halves the images' resolution,
+    """The seg through the slices and back: exact in every profile (tp halves the images' resolution,
     not the labels'); no brain voxel cut from the window."""
     make = {
         "brats": lambda i: i,

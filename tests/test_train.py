@@ -25,7 +25,7 @@ from unet.loss import CrossEntropy, SegLoss
 from unet.metrics import evaluate_case
 from unet.model import UNet, UNetConfig
 from unet.predict import predict_volume
-from unet.step import Optimization, train_step
+from unet.step import Optimization, crop, train_step
 from unet.train import Callbacks, TrainConfig, fit
 from unet.validate import validate
 
@@ -133,6 +133,58 @@ def test_region_outputs_learn_and_segment_a_whole_case(small_store):
     truth = to_labels(geometry, geometry.restore(one_hot))  # the stored labels, back on the case's grid
     assert set(np.unique(seg)) <= {0, 1, 2, 4} and seg.shape == truth.shape
     assert evaluate_case(seg, truth)["dice_WT"] > 0.5
+
+
+def test_patches_are_cut_where_the_tumour_is_and_again_the_same_on_resume():
+    """``unet.step.crop``: each slice's patch of the image and of its (finer) labels cover the same
+    place; a slice with tumour is mostly cut around it; the same seeds cut the same patches."""
+    x = torch.arange(64 * 64, dtype=torch.float32).reshape(1, 1, 64, 64).repeat(40, 2, 1, 1)
+    y = torch.zeros((40, 128, 128), dtype=torch.uint8)
+    y[:20, 100:110, 10:20] = 2  # tumour in the lower left of half the slices (label grid 2x finer)
+    params = torch.zeros((40, 8))
+    params[:, 4] = torch.arange(40) * 7919
+    cx, cy = crop(x, y, params, 32)
+    assert cx.shape == (40, 2, 32, 32) and cy.shape == (40, 64, 64)
+    rows, cols = cx[:, 0, 0, 0].long() // 64, cx[:, 0, 0, 0].long() % 64  # each patch's corner
+    assert torch.equal(cx[:, 0], x[0, 0][None, :32, :32] + (rows * 64 + cols)[:, None, None])
+    for i in range(40):
+        assert torch.equal(cy[i], y[i, 2 * rows[i] : 2 * rows[i] + 64, 2 * cols[i] : 2 * cols[i] + 64])
+    with_tumour = [(cy[i] > 0).any().item() for i in range(20)]
+    assert sum(with_tumour) >= 10  # about 2/3 centred on it, some of the rest find it too
+    assert not (cy[20:] > 0).any()
+    again = crop(x, y, params, 32)
+    assert torch.equal(again[0], cx) and torch.equal(again[1], cy)
+    assert crop(x, y, params, 64)[0] is x  # a slice no larger than the patch stays whole
+
+
+def test_trained_on_patches_a_model_segments_whole_slices(small_store):
+    """``patch``: trained on 32x32 crops of the 64x64 slices, it learns what an untrained net cannot,
+    and segments a whole case (whole slices) near its truth."""
+    model_cfg = UNetConfig(base_channels=8, depth=3, padding="same")
+    cfg = TrainConfig(
+        epochs=30,
+        batch_size=8,
+        lr=1e-2,
+        loss="ce+dice",
+        oversample_tumour=3.0,
+        workers=0,
+        checkpoint_every=0,
+        patch=32,
+        augment="light",
+    )
+    torch.manual_seed(cfg.seed)
+    store = SliceStore(small_store)
+    before = validate(
+        UNet(model_cfg), store, store.split["val"], SegLoss(dice=True), torch.device("cpu"), None, False, 16
+    )
+    result = fit(small_store, model_cfg, cfg)
+    assert before["dice_WT"] < 0.15 and result.best["dice_WT"] > 0.5
+    case = store.split["val"][0]
+    attrs = store.attrs(case)
+    seg = predict_volume(result.model.eval(), store.image(case), attrs["geometry"], attrs["slice_brain"], batch_size=16)
+    geometry = Geometry.from_dict(attrs["geometry"])
+    one_hot = np.eye(4, dtype=np.float32)[np.asarray(store.label(case)[:])].transpose(0, 3, 1, 2)
+    assert evaluate_case(seg, to_labels(geometry, geometry.restore(one_hot)))["dice_WT"] > 0.5
 
 
 def test_checkpoint_every_n_steps_and_every_epoch(small_store, tmp_path):

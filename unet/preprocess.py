@@ -8,7 +8,8 @@ background stays exactly 0.
 
 Profiles: ``full`` keeps whole slices (240x240 on the BraTS grid); ``tp`` takes a 192x192 window
 over the brain and halves the images' resolution (2x2 mean) -> 96x96, whatever the scan's grid;
-its labels stay at the window's 1 mm (192x192).
+its labels stay at the window's 1 mm (192x192); ``window`` keeps the same window at 1 mm (192x192
+images: with ``TrainConfig.patch`` 96, a training step costs what a ``tp`` step costs).
 
 How the slices lie on the scan's own grid is ``unet.geometry``.
 """
@@ -33,15 +34,16 @@ class Profile:
     factor: int  # in-plane downsampling factor
 
 
-PROFILES = {"full": Profile("full", None, 1), "tp": Profile("tp", 192, 2)}
+PROFILES = {"full": Profile("full", None, 1), "tp": Profile("tp", 192, 2), "window": Profile("window", 192, 1)}
 
 
 class Preprocessing(BaseModel):
     """How raw scans become slices, and how cases are split by patient."""
 
-    profile: Literal["full", "tp"] = Field(
+    profile: Literal["full", "tp", "window"] = Field(
         "full",
-        description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96",
+        description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96; "
+        "window: the same window at 1 mm",
     )
     naming: Naming = Field("auto", description=NAMING_HELP)
     dtype: Literal["float16", "float32"] = Field("float16", description="slice dtype in the store")

@@ -14,21 +14,56 @@ import torch
 from unet.augment import AUGMENTATIONS, apply_augment
 from unet.model import UNet
 
+TUMOUR_CENTRED = 2 / 3  # share of the patches of a slice with tumour that are centred on a tumour pixel
+
 
 def to_device(
-    batch, device: torch.device, channels_last: bool = False, augment: str = "off", fine_labels: bool = True
+    batch,
+    device: torch.device,
+    channels_last: bool = False,
+    augment: str = "off",
+    fine_labels: bool = True,
+    patch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image in the store dtype, uint8 label, augmentation params) from the loader ->
-    (float32 image, label) on the device, augmented there (``unet.augment``)."""
+    (float32 image, label) on the device, augmented there (``unet.augment``), then cut to
+    ``patch`` x ``patch`` pixels (``crop``) when given."""
     x, y, params = batch
     x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
     if not fine_labels and (f := y.shape[-1] // x.shape[-1]) > 1:
         y = y[..., ::f, ::f].contiguous()  # the slices' grid: the label at each slice pixel's corner
     if AUGMENTATIONS[augment] is not None:
         x, y = apply_augment(x, y, params.to(device, non_blocking=True))
+    if patch:
+        x, y = crop(x, y, params, patch)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
+
+
+def crop(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``size`` x ``size`` patch of each slice of a batch (N, C, H, W) and of its labels
+    (N, H', W', H' a multiple of H): centred on a random tumour pixel for ``TUMOUR_CENTRED`` of the
+    slices that have tumour, anywhere on the slice otherwise (clamped inside it). Drawn from each
+    sample's augmentation seed (``params[:, 4]``), so a resumed run cuts the same patches; a slice
+    no larger than ``size`` is left whole."""
+    n, _, h, w = x.shape
+    if size >= min(h, w):
+        return x, y
+    f = y.shape[-1] // w
+    seeds = params[:, 4].to("cpu", torch.int64).tolist()
+    xs, ys = [], []
+    for i, seed in enumerate(seeds):
+        u = torch.rand(3, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+        tumour = (y[i, ::f, ::f] > 0).nonzero() if u[0] < TUMOUR_CENTRED else y.new_zeros((0, 2))
+        if len(tumour):
+            cy, cx = tumour[int(u[1] * len(tumour))].tolist()
+            y0, x0 = min(max(cy - size // 2, 0), h - size), min(max(cx - size // 2, 0), w - size)
+        else:
+            y0, x0 = int(u[1] * (h - size + 1)), int(u[2] * (w - size + 1))
+        xs.append(x[i, :, y0 : y0 + size, x0 : x0 + size])
+        ys.append(y[i, f * y0 : f * (y0 + size), f * x0 : f * (x0 + size)])
+    return torch.stack(xs), torch.stack(ys)
 
 
 @dataclass

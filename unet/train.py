@@ -68,6 +68,14 @@ class TrainConfig(BaseModel):
     class_weight_power: float | None = Field(
         None, ge=0, description="weight classes by (1/frequency)**power; empty: plain cross-entropy"
     )
+    patch: int | None = Field(
+        None,
+        ge=16,
+        multiple_of=16,
+        description="train on patch×patch pixel crops of the slices (2/3 of them centred on tumour where a "
+        "slice has some) and predict on whole slices: e.g. 96 with profile window (1 mm) costs what tp costs; "
+        "empty: whole slices",
+    )
     fine_labels: bool = Field(
         True,
         description="score the loss on the labels' own grid where the store keeps them finer than the slices "
@@ -318,7 +326,7 @@ def train_epoch(
     loss_sum = torch.tensor(progress.epoch_loss[0], device=device)
     started, n_slices = time.perf_counter(), 0
     for step, batch in enumerate(data.loader, start=first):
-        x, y = to_device(batch, device, channels_last, cfg.augment, cfg.fine_labels)
+        x, y = to_device(batch, device, channels_last, cfg.augment, cfg.fine_labels, cfg.patch)
         loss_sum += train_step(opt, x, y)
         progress.epoch_loss[1] += 1
         progress.global_step += 1
