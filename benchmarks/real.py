@@ -158,7 +158,13 @@ def main() -> int:
         default="patient",
         help="folds by patient, or by site: leave-one-institution-out (each institution of the BraTS ids whole)",
     )
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="change a field of the recipe")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="change a field of the recipe (a data field, e.g. profile, for every variant: they share one store)",
+    )
     p.add_argument(
         "--ablation", nargs="+", metavar="NAME:FIELD=JSON,…", help="variants of the recipe, on the same folds"
     )
@@ -170,6 +176,8 @@ def main() -> int:
 
     recipe = named(args.recipe)
     base = {"fold_by": args.by, **parse_changes(",".join(args.set))}
+    data = {k: base.pop(k) for k in list(base) if k in type(recipe.data).model_fields}  # one store for every variant
+    recipe = recipe.model_copy(update={"data": type(recipe.data).model_validate({**recipe.data.model_dump(), **data})})
     variants = [
         (name, {**base, **parse_changes(text)}) for name, _, text in (v.partition(":") for v in args.ablation or [])
     ]
@@ -197,7 +205,7 @@ def main() -> int:
                 print(f"{name}: kept from {done}")
                 continue
             print(f"{name}: recipe {args.recipe} with {changes or 'no change'} ...", flush=True)
-            results[name] = {"changes": changes, **run_variant(store, models, recipe, changes, args.seed)}
+            results[name] = {"changes": {**data, **changes}, **run_variant(store, models, recipe, changes, args.seed)}
             done.write_text(json.dumps(results[name], indent=2, default=str))
 
     for name, r in results.items():
