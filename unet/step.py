@@ -26,16 +26,16 @@ def to_device(
     patch: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image in the store dtype, uint8 label, augmentation params) from the loader ->
-    (float32 image, label) on the device, augmented there (``unet.augment``), then cut to
-    ``patch`` x ``patch`` pixels (``crop``) when given."""
+    (float32 image, label) on the device, cut to ``patch`` x ``patch`` pixels (``crop``) when
+    given, and augmented there (``unet.augment``)."""
     x, y, params = batch
     x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
     if not fine_labels and (f := y.shape[-1] // x.shape[-1]) > 1:
         y = y[..., ::f, ::f].contiguous()  # the slices' grid: the label at each slice pixel's corner
+    if patch:  # before augmenting: the augmentation costs what the patch's pixels cost
+        x, y = crop(x, y, params, patch)
     if AUGMENTATIONS[augment] is not None:
         x, y = apply_augment(x, y, params.to(device, non_blocking=True))
-    if patch:
-        x, y = crop(x, y, params, patch)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
