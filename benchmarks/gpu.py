@@ -43,8 +43,9 @@ def steps(work: Path, device: str, tiny: bool, raw: str | None) -> list[tuple[st
     store, models, new = str(work / "slices.zarr"), str(work / "models"), str(work / "new")
     shape = ["--shape", "48", "48", "24"] if tiny else []
     if tiny:
-        train = ["--base-channels", "4", "--depth", "2", "--no-deep-supervision", "--context", "0", "--epochs", "1"]
-        train += ["--max-steps-per-epoch", "3", "--batch-size", "4", "--workers", "0", "--validate-every", "1"]
+        train = ["--base-channels", "8", "--depth", "2", "--no-deep-supervision", "--context", "0", "--epochs", "12"]
+        train += ["--max-steps-per-epoch", "15", "--batch-size", "8", "--lr", "0.01", "--augment", "light"]
+        train += ["--workers", "0", "--validate-every", "12"]  # ~60 steps: a synthetic tumour learnt
         step = ["--base", "4", "--depth", "2", "--size", "48", "--batch", "2", "--steps", "1", "--warmup", "0"]
         step += ["--paddings", "same", "--workers", "1", "--cores", "1", "--cases", "2", "--loader-windows", "1"]
     else:

@@ -1,5 +1,6 @@
 """The GPU check (``benchmarks/gpu.py``) in its tiny configuration on the CPU: every step (the flows end
-to end, the train/loader and batch-inference benchmarks) passes and prints its figure."""
+to end, the train/loader and batch-inference benchmarks) passes and prints its figure, and the model
+it trains has learnt the synthetic tumours."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_the_gpu_check_runs_every_step_in_its_tiny_configuration(tmp_path):
     }
     assert all(result == "ok" for _, result, _ in rows.values())
     assert rows["ingest"][2] == "4" and re.fullmatch(r"[\d.]+ slices/s", rows["train flow"][2])
-    assert 0.0 <= float(rows["evaluate flow"][2]) <= 1.0 and float(rows["batch inference"][2]) > 0
+    # 60 steps learn the synthetic tumours: an untrained net's whole tumour Dice is near 0 (test_train)
+    assert float(rows["evaluate flow"][2]) > 0.4 and float(rows["batch inference"][2]) > 0
     assert rows["train step + loader"][2].startswith("same")
     assert len(list((work / "out").glob("*_seg.nii.gz"))) == 2  # the infer flow's segmentations

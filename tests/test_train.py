@@ -93,6 +93,15 @@ def test_a_few_steps_lower_the_loss(small_store):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("steps", [1, 4, 5, 20])
+def test_any_number_of_steps_trains(small_store, steps):
+    """The one-cycle schedule takes any run length (20 steps at a 5 % warm-up is one warm-up step,
+    which ``torch.optim.lr_scheduler.OneCycleLR`` alone divides by zero on)."""
+    cfg = TrainConfig(epochs=steps, batch_size=4, max_steps_per_epoch=1, workers=0, checkpoint_every=0, warmup=0.05)
+    result = fit(small_store, TINY, cfg)
+    assert result.history[-1]["steps"] == steps
+
+
 def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store):
     model_cfg = UNetConfig(base_channels=8, depth=3, padding="same")
     cfg = TrainConfig(

@@ -258,8 +258,11 @@ def optimization(
     loss_fn = SegLoss(weights, dice=cfg.loss == "ce+dice", outputs=model_cfg.outputs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(cfg.epochs * data.steps_per_epoch, 1)
+    # OneCycleLR divides by (warm-up steps - 1): a warm-up of exactly one step crashes it, so a short run
+    # warms up over 2 steps at least, and a run of a few steps not at all
+    warmup = min(max(cfg.warmup, 2 / total), 0.5) if cfg.warmup and total > 4 else 0.0
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup, cycle_momentum=False
+        optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup, cycle_momentum=False
     )
     amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
