@@ -58,6 +58,11 @@ def test_every_field_of_every_section_is_an_option_of_its_command(capsys):
 @pytest.mark.parametrize(
     "argv,dest,value",
     [
+        (
+            ["ingest", "RAW", "--store", "S", "--split-ratios", "0.5", "0.25", "0.25"],
+            "data.split_ratios",
+            [0.5, 0.25, 0.25],
+        ),
         (["ingest", "RAW", "--store", "S", "--split", "0.5", "0.25", "0.25"], "data.split_ratios", [0.5, 0.25, 0.25]),
         (["train", "--store", "S", "--augment", "off"], "training.augment", "off"),
         (["train", "--store", "S", "--class-weight-power", "none"], "training.class_weight_power", None),

@@ -35,7 +35,9 @@ def test_ingest_train_evaluate_infer(prefect_api, small_raw, tmp_path, capsys, m
     new = tmp_path / "new"
     write_dataset(new, cases=2, seed=99, shape=SMALL, with_seg=False, prefix="BraTS19_NEW")
 
-    ingested = brats(capsys, "ingest", small_raw, "--store", store, "--workers", "1", "--split", "0.5", "0.25", "0.25")
+    ingested = brats(
+        capsys, "ingest", small_raw, "--store", store, "--workers", "1", "--split-ratios", "0.5", "0.25", "0.25"
+    )
     assert ingested["ingested"] == 6
 
     # the cpu recipe, one small model: enough steps to learn the synthetic tumours

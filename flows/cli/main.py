@@ -48,7 +48,9 @@ class Command:
         return getattr(importlib.import_module(module), name)
 
 
-RAW = dict(positional=("raw",), flags={"split_ratios": "--split"})  # what the commands that read raw folders take
+# what the commands that read raw folders take; --split-ratios (train/val/test shares) was --split, which
+# evaluate uses for a split's name: the old spelling still works where people type it
+RAW = dict(positional=("raw",), flags={"split_ratios": "--split"})
 
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "synth": Command(
