@@ -160,3 +160,23 @@ def test_earlier_spellings_still_work_with_a_note(capsys):
     ]
     err = capsys.readouterr().err
     assert "--models is now --registry" in err and "--model is now --version" in err
+
+
+@pytest.mark.parametrize(
+    "poll,env,expected",
+    [
+        (None, {}, 2.0),
+        (None, {"PREFECT_WORKER_QUERY_SECONDS": "7"}, 7.0),
+        (1.0, {"PREFECT_WORKER_QUERY_SECONDS": "7"}, 1.0),
+    ],
+)
+def test_the_worker_polls_as_often_as_asked_and_by_default_every_2_s(poll, env, expected):
+    """``brats worker --poll``: the interval reaches Prefect's own worker settings in the worker's process."""
+    from flows.cli.worker import worker_env
+
+    base = {k: v for k, v in os.environ.items() if k != "PREFECT_WORKER_QUERY_SECONDS"}
+    read = "from prefect.settings import get_current_settings; print(get_current_settings().worker.query_seconds)"
+    out = subprocess.run(
+        [sys.executable, "-c", read], env=worker_env({**base, **env}, poll), capture_output=True, text=True
+    )
+    assert float(out.stdout.strip()) == expected, out.stderr[-2000:]

@@ -24,9 +24,12 @@ import subprocess
 import sys
 
 DRAIN_GRACE_S = 5.0  # a run submitted by the last poll before the signal may take this long to start
+POLL_S = 2.0  # Prefect's default is 10 s: a run triggered by a new scan would wait 5 s on average for it
 
 
-def work(pool: str, name: str | None = None, limit: int | None = None, healthcheck: bool = False) -> int:
+def work(
+    pool: str, name: str | None = None, limit: int | None = None, healthcheck: bool = False, poll: float | None = None
+) -> int:
     """A process worker of the pool that finishes its runs when asked to stop (once) or hands them back (twice).
 
     Args:
@@ -34,9 +37,11 @@ def work(pool: str, name: str | None = None, limit: int | None = None, healthche
         name: the worker's name (default: Prefect's)
         limit: at most this many flow runs at once
         healthcheck: serve Prefect's worker health check (http://localhost:8080/health)
+        poll: seconds between the worker's queries for flow runs to start (default:
+            PREFECT_WORKER_QUERY_SECONDS where set, else 2)
     """
     command = [sys.executable, "-m", "flows.cli.worker", pool, name or "", str(limit or 0), str(int(healthcheck))]
-    worker = subprocess.Popen(command, start_new_session=True)
+    worker = subprocess.Popen(command, start_new_session=True, env=worker_env(os.environ, poll))
 
     def forward(signum, frame) -> None:
         worker.send_signal(signal.SIGTERM)
@@ -44,6 +49,12 @@ def work(pool: str, name: str | None = None, limit: int | None = None, healthche
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
     return worker.wait()
+
+
+def worker_env(env, poll: float | None) -> dict[str, str]:
+    """The worker process's environment: ``poll`` as Prefect's query interval, else the one set, else ``POLL_S``."""
+    seconds = poll if poll is not None else env.get("PREFECT_WORKER_QUERY_SECONDS", POLL_S)
+    return {**env, "PREFECT_WORKER_QUERY_SECONDS": str(seconds)}
 
 
 async def serve(pool: str, name: str | None, limit: int | None, healthcheck: bool) -> None:
