@@ -10,7 +10,11 @@ and its record are written. Then the hands-off path: ``brats watch INBOX --serve
 repeat copies a case's four files into the watched inbox as a scanner would, and the clock runs from
 the last file written to the record (the watcher's settle time included). For comparison, the cold
 path a deployment's flow run takes: ``brats infer <folder>`` as a new process (imports, model load,
-prediction, write), timed the same way.
+prediction, write), timed the same way. With ``--event N``, also the event path of "Deploy":
+``deploy/bootstrap.sh`` against the server (pools, deployments, triggers), the model copied into
+``$BRATS_STORAGE/models``, one ``brats worker --pool cpu``; each repeat ``brats submit <folder>``
+(no ``--served``: the ``brats.scan.arrived`` event -> the ``infer/scans`` deployment's trigger -> a
+flow run on the worker, a new process) until the record is in ``$BRATS_DATA/segmentations``.
 
 The model: ``--models``/``--model`` (e.g. a trained ``tp`` version), else an untrained ``tp`` U-Net
 of ``--base`` channels (the cost does not depend on the weights). Prints each time and the medians.
@@ -69,6 +73,33 @@ def until_written(out: Path, case_id: str, start: float, timeout: float = 300) -
     return time.perf_counter() - start
 
 
+def event_path(case: Path, models: Path, version: str | None, repeats: int, tmp: Path, env: dict, log, procs) -> list:
+    """Seconds from ``brats submit`` to the record, through the deployed trigger and a process worker."""
+    data = tmp / "data"
+    deployed = {
+        **env,
+        "BRATS_DATA": str(data),
+        "BRATS_STORAGE": str(data),
+        "PATH": f"{Path(program('brats')).parent}:{env['PATH']}",
+    }
+    subprocess.run(["sh", str(ROOT / "deploy" / "bootstrap.sh")], env=deployed, check=True, stdout=log, stderr=log)
+    shutil.copytree(models, data / "models", dirs_exist_ok=True)
+    if version:
+        from storage.registry import Registry
+
+        Registry(str(data / "models")).set_best(version)
+    procs.append(subprocess.Popen([program("brats"), "worker", "--pool", "cpu"], env=deployed, stdout=log, stderr=log))
+    time.sleep(5.0)  # the worker's start-up is not a scan's wait
+    times = []
+    for r in range(repeats):
+        folder = new_scan(case, data / "inbox", f"{case.name}_e{r}")
+        start = time.perf_counter()
+        subprocess.run([program("brats"), "submit", str(folder)], env=deployed, check=True, capture_output=True)
+        times.append(until_written(data / "segmentations", folder.name, start))
+        print(f"event {r + 1}: segmentation written {times[-1]:.1f} s after `brats submit` began")
+    return times
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", type=Path, default=ROOT / "tests" / "data" / "Brats18_2013_2_1", help="a case folder")
@@ -77,6 +108,7 @@ def main() -> int:
     ap.add_argument("--base", type=int, default=16, help="base channels of the untrained model")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--cold", type=int, default=2, help="cold `brats infer` runs for comparison (0: none)")
+    ap.add_argument("--event", type=int, default=0, help="scans through the deployed event path (0: none)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="brats-scan2seg-"))
@@ -129,6 +161,7 @@ def main() -> int:
             subprocess.run(infer + (["--model", version] if version else []), env=env, check=True, capture_output=True)
             cold.append(until_written(out, folder.name, start))
             print(f"cold `brats infer` {r + 1}: {cold[-1]:.1f} s")
+        event = event_path(args.case, models, version, args.event, tmp, env, log, procs) if args.event else []
     finally:
         stop(*reversed(procs))
         log.close()
@@ -139,6 +172,8 @@ def main() -> int:
     print(f"  watched (brats watch --served): last file -> segmentation  median {statistics.median(watched):5.1f} s")
     if cold:
         print(f"  cold (`brats infer`, a new process)                 median {statistics.median(cold):5.1f} s")
+    if event:
+        print(f"  event (brats submit -> trigger -> worker run)       median {statistics.median(event):5.1f} s")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
