@@ -93,11 +93,35 @@ def event_path(case: Path, models: Path, version: str | None, repeats: int, tmp:
     times = []
     for r in range(repeats):
         folder = new_scan(case, data / "inbox", f"{case.name}_e{r}")
-        start = time.perf_counter()
+        began, start = time.time(), time.perf_counter()
         subprocess.run([program("brats"), "submit", str(folder)], env=deployed, check=True, capture_output=True)
+        submitted = time.perf_counter() - start
         times.append(until_written(data / "segmentations", folder.name, start))
-        print(f"event {r + 1}: segmentation written {times[-1]:.1f} s after `brats submit` began")
+        spent = where(env, folder.name, began, submitted)
+        print(f"event {r + 1}: segmentation written {times[-1]:.1f} s after `brats submit` began; {spent}")
     return times
+
+
+def where(env: dict, case_id: str, began: float, submitted: float) -> str:
+    """Where an event-path scan's seconds went, from its flow run's times on the server."""
+    from datetime import datetime
+
+    import httpx
+
+    query = {"flow_runs": {"name": {"any_": [f"infer-{case_id}"]}}}
+    for _ in range(300):  # the record is written before the run reports its end
+        runs = httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json=query, timeout=30).json()
+        if runs and runs[0]["end_time"]:
+            break
+        time.sleep(0.1)
+    else:
+        return "its flow run not found, or not ended"
+    t = {k: datetime.fromisoformat(runs[0][k]).timestamp() for k in ("created", "start_time", "end_time")}
+    return (
+        f"brats submit {submitted:.1f} s, event -> run created {t['created'] - began - submitted:.1f} s, "
+        f"created -> running (worker poll, new process, imports) {t['start_time'] - t['created']:.1f} s, "
+        f"running -> done (model, prediction, files) {t['end_time'] - t['start_time']:.1f} s"
+    )
 
 
 def main() -> int:
