@@ -72,9 +72,8 @@ class TrainConfig(BaseModel):
         None,
         ge=16,
         multiple_of=16,
-        description="train on patch×patch pixel crops of the slices (2/3 of them centred on tumour where a "
-        "slice has some) and predict on whole slices: e.g. 96 with profile window (1 mm) costs what tp costs; "
-        "empty: whole slices",
+        description="train on patch×patch crops of the slices (unet.step.crop), "
+        "predict on whole slices: 96 with profile window (1 mm) costs what tp costs; empty: whole slices",
     )
     fine_labels: bool = Field(
         True,
@@ -258,8 +257,7 @@ def optimization(
     loss_fn = SegLoss(weights, dice=cfg.loss == "ce+dice", outputs=model_cfg.outputs).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(cfg.epochs * data.steps_per_epoch, 1)
-    # OneCycleLR divides by (warm-up steps - 1): a warm-up of exactly one step crashes it, so a short run
-    # warms up over 2 steps at least, and a run of a few steps not at all
+    # OneCycleLR divides by (warm-up steps - 1): a short run warms up over 2 steps at least, a tiny one not at all
     warmup = min(max(cfg.warmup, 2 / total), 0.5) if cfg.warmup and total > 4 else 0.0
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup, cycle_momentum=False
