@@ -63,6 +63,9 @@ def test_augmentation_is_a_function_of_the_key(small_store, train_cases):
     assert torch.equal(image, plain_image) and torch.equal(label, plain_label)  # workers only read
     assert torch.equal(p1, p2) and not torch.equal(p1, other)
     assert torch.equal(identity, torch.from_numpy(augment_params(None, None)))
+    plain = SliceDataset(small_store, train_cases, augment=None, seed=3)  # no augmentation: a seed per sample still
+    seeds = {float(plain[(i, 2, k)][2][4]) for k in range(8)}  # (the patch a crop cuts is drawn from it)
+    assert len(seeds) == 8 and torch.equal(plain[(i, 2, 5)][2], plain[(i, 2, 5)][2])
     x, y = apply_augment(image[None].float(), label[None], p1[None])
     assert x.shape == (1, 4, 64, 64) and y.dtype == torch.uint8 and not torch.equal(x[0], image.float())
     assert set(y.unique().tolist()) <= set(label.unique().tolist())

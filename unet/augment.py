@@ -91,9 +91,13 @@ N_PARAMS = _SCALARS + len(_PER_MODALITY) * MODALITIES
 
 
 def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None) -> np.ndarray:
-    """(N_PARAMS,) float32 parameters of one sample; ``cfg`` or ``rng`` None gives the identity."""
+    """(N_PARAMS,) float32 parameters of one sample; ``cfg`` or ``rng`` None gives the identity (with
+    ``rng``, still the sample's own seed ``p[4]``: ``unet.step.crop`` draws its patch from it)."""
     p = identity_params()
-    if cfg is None or rng is None:
+    if rng is None:
+        return p
+    if cfg is None:
+        p[4] = rng.integers(0, 2**24)
         return p
     m = MODALITIES
 

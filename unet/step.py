@@ -47,7 +47,7 @@ def crop(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor, size: int) -> t
     slices that have tumour, anywhere on the slice otherwise (clamped inside it). Drawn from each
     sample's augmentation seed (``params[:, 4]``), so a resumed run cuts the same patches; a slice
     no larger than ``size`` is left whole."""
-    n, _, h, w = x.shape
+    h, w = x.shape[-2:]
     if size >= min(h, w):
         return x, y
     f = y.shape[-1] // w
