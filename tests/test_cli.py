@@ -96,6 +96,16 @@ def test_submit_and_watch_refuse_at_once_without_a_server(tmp_path):
         assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
         (line,) = done.stderr.splitlines()
         assert line.startswith(f"brats {argv[0]}: no Prefect server configured (set PREFECT_API_URL)")
+    for command in ("submit", "watch", "worker"):  # their help needs no server
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", command, "--help"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and done.stdout.startswith(f"usage: brats {command}"), done.stderr[-2000:]
 
 
 def test_a_failing_command_ends_with_one_line_and_no_traceback(prefect_api, small_store, tmp_path, capfd):

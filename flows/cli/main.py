@@ -174,12 +174,13 @@ def one_line_console() -> None:
 
 
 def run(name: str, command: Command, argv: list[str], debug: bool) -> int:
-    if command.server and not configured_api():
+    asks_help = bool({"-h", "--help"} & set(argv))
+    if command.server and not configured_api() and not asks_help:
         raise ValueError(
             "no Prefect server configured (set PREFECT_API_URL): events sent to a temporary API would trigger nothing"
         )
     server = None
-    if command.api and not configured_api() and not {"-h", "--help"} & set(argv):
+    if command.api and not configured_api() and not asks_help:
         from flows.cli.embedded import EphemeralAPI
 
         server = EphemeralAPI.start()  # comes up while the flow is imported and its options parsed
