@@ -102,6 +102,13 @@ def test_any_number_of_steps_trains(small_store, steps):
     assert result.history[-1]["steps"] == steps
 
 
+def test_a_long_warm_up_is_kept_as_asked(small_store):
+    """The short-run guard only lengthens a warm-up: 80 % of 20 steps peaks near step 16, not at half."""
+    cfg = TrainConfig(epochs=20, batch_size=4, max_steps_per_epoch=1, workers=0, checkpoint_every=0, warmup=0.8)
+    lrs = [r["lr"] for r in fit(small_store, TINY, cfg).history]  # after each step
+    assert 13 <= max(range(len(lrs)), key=lrs.__getitem__) <= 16
+
+
 def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store):
     model_cfg = UNetConfig(base_channels=8, depth=3, padding="same")
     cfg = TrainConfig(

@@ -258,7 +258,7 @@ def optimization(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(cfg.epochs * data.steps_per_epoch, 1)
     # OneCycleLR divides by (warm-up steps - 1): a short run warms up over 2 steps at least, a tiny one not at all
-    warmup = min(max(cfg.warmup, 2 / total), 0.5) if cfg.warmup and total > 4 else 0.0
+    warmup = max(cfg.warmup, 2 / total) if cfg.warmup and total > 4 else 0.0
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=cfg.lr, total_steps=total, pct_start=warmup, cycle_momentum=False
     )
