@@ -115,6 +115,22 @@ def test_tp_profile_crops_and_halves(real_case):
     assert np.abs(blocks - image.astype(np.float32)).max() < 0.02  # float16 rounding apart
 
 
+def test_tp_clip_clips_each_modality_to_its_brain_percentiles_then_takes_the_z_score(real_case):
+    case = read_case(discover(real_case).cases[0])
+    plain, label, _ = preprocess_case(case, PROFILES["tp"], np.float32)
+    image, clip_label, attrs = preprocess_case(case, PROFILES["tp-clip"], np.float32)
+    assert image.shape == plain.shape and np.array_equal(clip_label, label) and attrs["profile"] == "tp-clip"
+    volumes = [case.volumes[m] for m in ("flair", "t1", "t1ce", "t2")]
+    brain = np.any([v != 0 for v in volumes], axis=0)
+    for c, v in enumerate(volumes):
+        lo, hi = np.percentile(v[brain], (0.5, 99.5))
+        clipped = np.clip(v[brain].astype(np.float64), lo, hi)
+        assert attrs["mean"][c] == pytest.approx(clipped.mean()) and attrs["std"][c] == pytest.approx(clipped.std())
+        top = (hi - attrs["mean"][c]) / attrs["std"][c]  # no value above the clipped maximum's z-score
+        assert image[:, c].max() <= top + 1e-4 and plain[:, c].max() > top + 0.5  # tp's bright tail is cut
+    assert np.array_equal(image == 0, plain == 0)  # background stays exactly 0
+
+
 # ------------------------------------------------------------------ discovery
 
 

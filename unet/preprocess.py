@@ -4,7 +4,8 @@ Slice convention: ``slices[z, c] == volume_c[:, :, z]`` on the canonical grid (b
 ``flair, t1, t1ce, t2`` order. Labels become network classes 0..3 (BraTS label 4 -> class 3).
 
 Normalization: per case, per modality z-score over brain voxels (nonzero in any modality);
-background stays exactly 0.
+background stays exactly 0. ``tp-clip`` first clips each modality's brain voxels to their 0.5th-99.5th
+percentiles (a scanner's bright vessels or fat no longer set the scale), then takes the z-score.
 
 Profiles: ``full`` keeps whole slices (240x240 on the BraTS grid); ``tp`` takes a 192x192 window
 over the brain and halves the images' resolution (2x2 mean) -> 96x96, whatever the scan's grid;
@@ -32,18 +33,24 @@ class Profile:
     name: str
     window: int | None  # in-plane window, voxels of the 1 mm grid; None: the whole plane
     factor: int  # in-plane downsampling factor
+    clip: tuple[float, float] | None = None  # brain-voxel percentiles each modality is clipped to first
 
 
-PROFILES = {"full": Profile("full", None, 1), "tp": Profile("tp", 192, 2), "window": Profile("window", 192, 1)}
+PROFILES = {
+    "full": Profile("full", None, 1),
+    "tp": Profile("tp", 192, 2),
+    "window": Profile("window", 192, 1),
+    "tp-clip": Profile("tp-clip", 192, 2, clip=(0.5, 99.5)),
+}
 
 
 class Preprocessing(BaseModel):
     """How raw scans become slices, and how cases are split by patient."""
 
-    profile: Literal["full", "tp", "window"] = Field(
+    profile: Literal["full", "tp", "window", "tp-clip"] = Field(
         "full",
         description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96; "
-        "window: the same window at 1 mm",
+        "window: the same window at 1 mm; tp-clip: tp with each modality clipped to its 0.5–99.5th percentiles",
     )
     naming: Naming = Field("auto", description=NAMING_HELP)
     dtype: Literal["float16", "float32"] = Field("float16", description="slice dtype in the store")
@@ -79,8 +86,13 @@ SLAB = 8  # axial planes processed at once: small enough to stay in the CPU's ca
 TORCH_SERIAL = 32768  # torch runs an operation on fewer values than this on the calling thread (its grain size)
 
 
-def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, list[float], list[float]]:
+def normalized_slices(
+    volumes, mask: np.ndarray, dtype=np.float32, clip: tuple[float, float] | None = None
+) -> tuple[np.ndarray, list[float], list[float]]:
     """Z-score each modality over the brain -> (Z, C, X, Y) slices in ``dtype``, background exactly 0.
+
+    ``clip``: percentiles (e.g. 0.5, 99.5) of each modality's brain voxels to clip them to before the
+    z-score (its mean and deviation are then those of the clipped voxels).
 
     Work is confined to the brain's bounding box; brain voxels are the mask, and since voxels
     outside it are zero in every modality, sums over the box are sums over the brain. Integer scans
@@ -106,12 +118,19 @@ def normalized_slices(volumes, mask: np.ndarray, dtype=np.float32) -> tuple[np.n
     means, stds = [], []
     for c, v in enumerate(volumes):
         vb = v[box]
-        total, squares = _moments(vb)
-        mean = total / n
-        std = float(np.sqrt(max(squares / n - mean * mean, 0.0))) or 1.0
+        limits = np.percentile(vb[inside], clip) if clip and inside.any() else None
+        if limits is not None:
+            brain = np.clip(vb[inside].astype(np.float64), *limits)
+            mean, std = float(brain.mean()), float(brain.std()) or 1.0
+        else:
+            total, squares = _moments(vb)
+            mean = total / n
+            std = float(np.sqrt(max(squares / n - mean * mean, 0.0))) or 1.0
         for z0 in range(0, vb.shape[2], SLAB):
             planes = slice(z0, z0 + SLAB)
             t = vb[:, :, planes].astype(np.float32)
+            if limits is not None:
+                np.clip(t, *limits, out=t)
             t -= mean
             t *= 1.0 / std
             t *= inside[:, :, planes]
@@ -164,7 +183,9 @@ def preprocess_case(
     omask = geometry.reorient(mask)
     f = profile.factor
     final = f == 1 and not geometry.resampled  # normalized slices are the result, in its dtype: no second cast
-    normed, means, stds = normalized_slices(oriented, omask, dtype if final else np.float32)  # (Z, C, X, Y)
+    normed, means, stds = normalized_slices(
+        oriented, omask, dtype if final else np.float32, profile.clip
+    )  # (Z, C, X, Y)
     slices = downsample(geometry.window(normed, order=1), f, dtype)
     in_window, outside = _brain_in_window(geometry, omask)
     labels = None if case.seg is None else _window_classes(geometry, geometry.reorient(case.seg))
