@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from storage.outputs import outputs
 from storage.versions import ModelVersion
 from tasks.artifacts import key, markdown, png_markdown, table
-from tasks.figures import scan_png
 from unet.metrics import REGIONS
 
 METRICS = {"dice": "Dice", "hd95": "HD95 (mm)"}  # the per-case table; sensitivity and specificity stay in the record
@@ -210,6 +209,8 @@ PICTURES = 8  # pictures in an inference summary: a markdown artifact holds them
 
 def segmentation_picture(out: str, row: dict) -> bytes:
     """The written segmentation of a case over its FLAIR and T1ce, at the axial slice with the most tumour."""
+    from tasks.figures import scan_png  # here: matplotlib is imported once the segmentations are written
+
     record = json.loads(outputs(out, row["case"])[1].read_text())
     seg = np.asanyarray(nib.load(record["segmentation"]).dataobj)
     z = int(np.argmax((seg > 0).sum((0, 1))))

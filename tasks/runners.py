@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect_dask import DaskTaskRunner
 
 from unet.device import cores, pick_device, torch_threads
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read by the worker processes as they start
 logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
@@ -44,6 +47,8 @@ logging.getLogger("prefect.task_runner.dask").addFilter(_NoDashboard())
 def dask_runner(
     address: str | None = None, workers: int | None = None, processes: bool | None = None
 ) -> DaskTaskRunner:
+    from prefect_dask import DaskTaskRunner  # here: a flow without Dask (infer) starts without importing it
+
     address = address or os.environ.get("BRATS_DASK_ADDRESS") or None
     if address:
         return DaskTaskRunner(address=address)
