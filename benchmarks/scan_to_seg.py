@@ -117,9 +117,12 @@ def where(env: dict, case_id: str, began: float, submitted: float) -> str:
     else:
         return "its flow run not found, or not ended"
     t = {k: datetime.fromisoformat(runs[0][k]).timestamp() for k in ("created", "start_time", "end_time")}
+    states = httpx.get(f"{env['PREFECT_API_URL']}/flow_run_states/", params={"flow_run_id": runs[0]["id"]}).json()
+    pending = min(datetime.fromisoformat(s["timestamp"]).timestamp() for s in states if s["type"] == "PENDING")
     return (
         f"brats submit {submitted:.1f} s, event -> run created {t['created'] - began - submitted:.1f} s, "
-        f"created -> running (worker poll, new process, imports) {t['start_time'] - t['created']:.1f} s, "
+        f"created -> pending (the worker's poll) {pending - t['created']:.1f} s, "
+        f"pending -> running (a new process: Prefect, the flow's imports) {t['start_time'] - pending:.1f} s, "
         f"running -> done (model, prediction, files) {t['end_time'] - t['start_time']:.1f} s"
     )
 
