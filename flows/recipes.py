@@ -53,7 +53,7 @@ RECIPES: dict[str, Recipe] = {
         network=UNetConfig(base_channels=64, depth=4, padding="valid", norm=None),
         training=TrainConfig(epochs=20, batch_size=4, lr=1e-4, loss="ce", augment="light"),
     ),
-    "cpu": _strong_2d("tp", 16, epochs=12, batch_size=8, lr=3e-3, validate_every=4, workers=1, device="cpu"),
+    "cpu": _strong_2d("tp-clip", 16, epochs=12, batch_size=8, lr=3e-3, validate_every=4, workers=1, device="cpu"),
     "gpu": _strong_2d("full", 64, epochs=30, batch_size=32, lr=1e-3, validate_every=5, workers=8, device="cuda"),
 }
 

@@ -157,7 +157,7 @@ def test_deployments_pools_and_triggers_are_on_the_server(stack):
         "pipeline/cpu": "cpu",
     }
     data = [d["parameters"]["data"] for n, d in deployments.items() if n.startswith(("ingest", "pipeline"))]
-    assert [(d["profile"], d["split_ratios"]) for d in data] == [("tp", [0.7, 0.15, 0.15])] * 3
+    assert [(d["profile"], d["split_ratios"]) for d in data] == [("tp-clip", [0.7, 0.15, 0.15])] * 3
     assert deployments["ingest/nightly"]["parameters"]["raw"] == [str(stack.data / "raw")]
     assert [s["schedule"].get("cron") for s in deployments["ingest/nightly"]["schedules"]] == ["0 2 * * *"]
     assert [s["schedule"].get("interval") for s in deployments["sweep/inbox"]["schedules"]] == [1800]
