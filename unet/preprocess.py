@@ -118,9 +118,10 @@ def normalized_slices(
     means, stds = [], []
     for c, v in enumerate(volumes):
         vb = v[box]
-        limits = np.percentile(vb[inside], clip) if clip and inside.any() else None
+        brain = vb[inside] if clip and inside.any() else None  # gathered once: percentiles, then moments
+        limits = np.percentile(brain, clip) if brain is not None else None
         if limits is not None:
-            brain = np.clip(vb[inside].astype(np.float64), *limits)
+            brain = np.clip(brain.astype(np.float64), *limits)
             mean, std = float(brain.mean()), float(brain.std()) or 1.0
         else:
             total, squares = _moments(vb)
