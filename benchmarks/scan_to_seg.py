@@ -12,9 +12,10 @@ the last file written to the record (the watcher's settle time included). For co
 path a deployment's flow run takes: ``brats infer <folder>`` as a new process (imports, model load,
 prediction, write), timed the same way. With ``--event N``, also the event path of "Deploy":
 ``deploy/bootstrap.sh`` against the server (pools, deployments, triggers), the model copied into
-``$BRATS_STORAGE/models``, one ``brats worker --pool cpu``; each repeat ``brats submit <folder>``
-(no ``--served``: the ``brats.scan.arrived`` event -> the ``infer/scans`` deployment's trigger -> a
-flow run on the worker, a new process) until the record is in ``$BRATS_DATA/segmentations``.
+``$BRATS_STORAGE/models``, one ``brats worker --pool cpu`` (``--no-warm`` first, then ``--warm``);
+each repeat ``brats submit <folder>`` (no ``--served``: the ``brats.scan.arrived`` event -> the
+``infer/scans`` deployment's trigger -> a flow run on the worker: a new process, or one forked from
+its warm process) until the record is in ``$BRATS_DATA/segmentations``.
 
 The model: ``--models``/``--model`` (e.g. a trained ``tp`` version), else an untrained ``tp`` U-Net
 of ``--base`` channels (the cost does not depend on the weights). Prints each time and the medians.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -73,8 +75,10 @@ def until_written(out: Path, case_id: str, start: float, timeout: float = 300) -
     return time.perf_counter() - start
 
 
-def event_path(case: Path, models: Path, version: str | None, repeats: int, tmp: Path, env: dict, log, procs) -> list:
-    """Seconds from ``brats submit`` to the record, through the deployed trigger and a process worker."""
+def event_path(case: Path, models: Path, version: str | None, repeats: int, tmp: Path, env: dict, log, procs) -> dict:
+    """Seconds from ``brats submit`` to the record, through the deployed trigger and a process worker:
+    ``{"cold": [...], "warm": [...]}``, the worker started with ``--no-warm`` (a new Python process per
+    flow run, as Prefect's own worker) and then with ``--warm`` (forked from a warm one), one after the other."""
     data = tmp / "data"
     deployed = {
         **env,
@@ -88,17 +92,22 @@ def event_path(case: Path, models: Path, version: str | None, repeats: int, tmp:
         from storage.registry import Registry
 
         Registry(str(data / "models")).set_best(version)
-    procs.append(subprocess.Popen([program("brats"), "worker", "--pool", "cpu"], env=deployed, stdout=log, stderr=log))
-    time.sleep(5.0)  # the worker's start-up is not a scan's wait
-    times = []
-    for r in range(repeats):
-        folder = new_scan(case, data / "inbox", f"{case.name}_e{r}")
-        began, start = time.time(), time.perf_counter()
-        subprocess.run([program("brats"), "submit", str(folder)], env=deployed, check=True, capture_output=True)
-        submitted = time.perf_counter() - start
-        times.append(until_written(data / "segmentations", folder.name, start))
-        spent = where(env, folder.name, began, submitted)
-        print(f"event {r + 1}: segmentation written {times[-1]:.1f} s after `brats submit` began; {spent}")
+    times: dict[str, list] = {}
+    for mode in ("cold", "warm"):
+        command = [program("brats"), "worker", "--pool", "cpu", "--warm" if mode == "warm" else "--no-warm"]
+        worker = subprocess.Popen(command, env=deployed, stdout=log, stderr=log)
+        time.sleep(8.0)  # the worker's start-up (and its warm process's imports) is not a scan's wait
+        times[mode] = []
+        for r in range(repeats):
+            folder = new_scan(case, data / "inbox", f"{case.name}_{mode}{r}")
+            began, start = time.time(), time.perf_counter()
+            subprocess.run([program("brats"), "submit", str(folder)], env=deployed, check=True, capture_output=True)
+            submitted = time.perf_counter() - start
+            times[mode].append(until_written(data / "segmentations", folder.name, start))
+            spent = where(env, folder.name, began, submitted)
+            print(f"event ({mode} worker) {r + 1}: written {times[mode][-1]:.1f} s after `brats submit`; {spent}")
+        worker.send_signal(signal.SIGTERM)  # it leaves once idle
+        worker.wait(timeout=60)
     return times
 
 
@@ -122,7 +131,7 @@ def where(env: dict, case_id: str, began: float, submitted: float) -> str:
     return (
         f"brats submit {submitted:.1f} s, event -> run created {t['created'] - began - submitted:.1f} s, "
         f"created -> pending (the worker's poll) {pending - t['created']:.1f} s, "
-        f"pending -> running (a new process: Prefect, the flow's imports) {t['start_time'] - pending:.1f} s, "
+        f"pending -> running (the run's process: Prefect, the flow's imports) {t['start_time'] - pending:.1f} s, "
         f"running -> done (model, prediction, files) {t['end_time'] - t['start_time']:.1f} s"
     )
 
@@ -188,7 +197,7 @@ def main() -> int:
             subprocess.run(infer + (["--model", version] if version else []), env=env, check=True, capture_output=True)
             cold.append(until_written(out, folder.name, start))
             print(f"cold `brats infer` {r + 1}: {cold[-1]:.1f} s")
-        event = event_path(args.case, models, version, args.event, tmp, env, log, procs) if args.event else []
+        event = event_path(args.case, models, version, args.event, tmp, env, log, procs) if args.event else {}
     finally:
         stop(*reversed(procs))
         log.close()
@@ -199,8 +208,8 @@ def main() -> int:
     print(f"  watched (brats watch --served): last file -> segmentation  median {statistics.median(watched):5.1f} s")
     if cold:
         print(f"  cold (`brats infer`, a new process)                 median {statistics.median(cold):5.1f} s")
-    if event:
-        print(f"  event (brats submit -> trigger -> worker run)       median {statistics.median(event):5.1f} s")
+    for mode, times in event.items():
+        print(f"  event, {mode} worker (brats submit -> trigger -> run) median {statistics.median(times):5.1f} s")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
