@@ -17,10 +17,13 @@ from tests.conftest import child_env
 FLOW = """
 import os, sys, time
 from pathlib import Path
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
 
 @flow
 def probe(out: str, sleep: float = 0.0, fail: bool = False) -> None:
+    get_run_logger().warning("probe under way")
+    emit_event("probe.done", resource={"prefect.resource.id": f"probe.{os.getpid()}"})
     Path(out).write_text(f"{os.getpid()} {os.getppid()} {os.environ.get('PROBE_TAG', '')} {os.getcwd()}")
     time.sleep(sleep)
     if fail:
@@ -91,6 +94,9 @@ def test_a_flow_run_is_forked_from_the_warm_process_with_its_own_environment(pre
     assert int(ppid) == warm_pid and int(pid) != proc.pid  # forked from the warm process, not started
     assert (tag, cwd) == ("the-runs-own", str(tmp_path))  # the launcher's environment and folder
     assert state(run_id) == "COMPLETED"
+    # what Prefect sends as a process exits (logs, events) is sent before the launcher ends
+    assert "probe under way" in [log.message for log in logs(run_id)]
+    assert f"probe.{pid}" in events(prefect_api, "probe.done")
 
 
 def test_a_failed_flow_run_ends_its_launcher_as_it_ends_the_plain_engine(prefect_api, warm, tmp_path):
@@ -128,6 +134,27 @@ def test_without_a_warm_process_the_launcher_is_the_plain_engine(prefect_api, wa
     pid, _, tag, _ = out.read_text().split(" ", 3)
     assert int(pid) == proc.pid and tag == "the-runs-own"  # the launcher became the engine itself
     assert state(run_id) == "COMPLETED"
+
+
+def logs(run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+
+
+def events(api: str, name: str) -> list[str]:
+    """The resource ids of the events called ``name`` the API holds."""
+    import httpx
+
+    body = {"filter": {"event": {"name": [name]}}, "limit": 50}
+    for _ in range(50):  # the server persists events a moment after it receives them
+        found = httpx.post(f"{api}/events/filter", json=body, timeout=30).json()["events"]
+        if found:
+            return [e["resource"]["prefect.resource.id"] for e in found]
+        time.sleep(0.2)
+    return []
 
 
 def alive(pid: int) -> bool:

@@ -110,7 +110,9 @@ def receive(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def child(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """In the forked child: become the launcher's flow-run process, run the engine, report, exit."""
+    """In the forked child: become the launcher's flow-run process, run the engine, report, exit
+    (``SystemExit`` out of ``serve``: the interpreter's own exit)."""
+    import atexit
     import runpy
     import threading
 
@@ -141,10 +143,10 @@ def child(conn: socket.socket, request: dict, fds: list[int]) -> None:
 
         traceback.print_exc()
         code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    conn.sendall(f"{code}\n".encode())
-    os._exit(code)
+    # Exit as the engine's own process would, so that what Prefect sends at exit (the last logs,
+    # events such as brats.segmentation.review) is sent; the launcher hears the status after that.
+    atexit.register(lambda: conn.sendall(f"{code}\n".encode()))
+    sys.exit(code)
 
 
 def die_with_launcher(conn: socket.socket) -> None:
