@@ -24,11 +24,17 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 VERSION_PREFIX = "v"
-# local path or fsspec URL: $BRATS_MODELS, else the deploy's ($BRATS_STORAGE/models, as deploy/prefect.yaml
-# puts it), else runs/models
-DEFAULT_ROOT = os.environ.get("BRATS_MODELS") or (
-    f"{os.environ['BRATS_STORAGE'].rstrip('/')}/models" if os.environ.get("BRATS_STORAGE") else "runs/models"
-)
+
+
+def default_root(env) -> str:
+    """Where the ``brats`` command looks for models: ``$BRATS_MODELS``, else the deploy's registry
+    (``$BRATS_STORAGE/models`` as deploy/prefect.yaml puts it, ``BRATS_STORAGE`` defaulting to
+    ``BRATS_DATA`` as deploy/bootstrap.sh does), else runs/models. A local path or an fsspec URL."""
+    storage = env.get("BRATS_STORAGE") or env.get("BRATS_DATA")
+    return env.get("BRATS_MODELS") or (f"{storage.rstrip('/')}/models" if storage else "runs/models")
+
+
+DEFAULT_ROOT = default_root(os.environ)
 
 
 class Registry:

@@ -190,3 +190,18 @@ def test_the_worker_polls_as_often_as_asked_and_by_default_every_2_s(poll, env, 
         [sys.executable, "-c", read], env=worker_env({**base, **env}, poll), capture_output=True, text=True
     )
     assert float(out.stdout.strip()) == expected, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, "runs/models"),
+        ({"BRATS_DATA": "/srv/brats"}, "/srv/brats/models"),  # bootstrap.sh: BRATS_STORAGE defaults to it
+        ({"BRATS_DATA": "/srv/brats", "BRATS_STORAGE": "s3://brats/"}, "s3://brats/models"),
+        ({"BRATS_STORAGE": "/data", "BRATS_MODELS": "/elsewhere"}, "/elsewhere"),
+    ],
+)
+def test_the_command_finds_the_models_where_the_deploy_puts_them(env, expected):
+    from storage.registry import default_root
+
+    assert default_root(env) == expected
