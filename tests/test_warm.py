@@ -127,9 +127,20 @@ def test_signals_to_the_launcher_reach_the_run_and_killing_it_kills_the_run(pref
     until("the orphaned run's process gone", lambda: not alive(child), timeout=10)
 
 
-def test_without_a_warm_process_the_launcher_is_the_plain_engine(prefect_api, warm, tmp_path):
+@pytest.mark.parametrize("socket_kind", ["none", "hangs up"])
+def test_without_a_warm_process_the_launcher_is_the_plain_engine(prefect_api, warm, tmp_path, socket_kind):
+    import socket
+    import threading
+
     root, _, _ = warm
-    run_id, out, proc = launch(prefect_api, root, None, tmp_path)
+    path = None
+    if socket_kind == "hangs up":  # a warm process that cannot take the run: it closes the connection
+        path = str(tmp_path / "refusing.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True).start()
+    run_id, out, proc = launch(prefect_api, root, path, tmp_path)
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
     pid, _, tag, _ = out.read_text().split(" ", 3)
     assert int(pid) == proc.pid and tag == "the-runs-own"  # the launcher became the engine itself

@@ -41,12 +41,14 @@ def launch() -> None:
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(os.environ[SOCKET_ENV])
-    except (KeyError, OSError):
+        request = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv[1:]}).encode()
+        socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
+        reply = conn.makefile("rb")
+        child = int(reply.readline() or 0)  # the child says its pid first
+    except (KeyError, OSError, ValueError):
+        child = 0
+    if not child:  # no warm process, or it could not take the run: start it as Prefect would
         os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])
-    request = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "argv": sys.argv[1:]}).encode()
-    socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
-    reply = conn.makefile("rb")
-    child = int(reply.readline())
 
     def forward(signum, frame) -> None:
         try:
