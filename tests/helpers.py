@@ -1,6 +1,6 @@
 """What several test modules build: small synthetic raw folders, a registered tiny model, scans
 copied into an inbox, stores and output folders as snapshots that compare equal when they hold
-the same data; a free port and a way to stop the processes a test started."""
+the same data; a free port, a way to stop the processes a test started and to see whether one is alive."""
 
 from __future__ import annotations
 
@@ -123,6 +123,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie is gone too); reads /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # the name in parentheses may hold spaces
+    except FileNotFoundError:
+        return False
 
 
 def stop(procs: list[subprocess.Popen], grace: float = 15) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from storage.store import SliceStore
 from tests.conftest import child_env
+from tests.helpers import alive
 from unet.augment import N_PARAMS, AugmentConfig, apply_augment, augment_params
 from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader, with_context
 
@@ -134,14 +135,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone too
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_leave_when_the_trainer_is_killed(tmp_path):
     script = tmp_path / "pids.py"
@@ -156,14 +149,14 @@ def test_workers_leave_when_the_trainer_is_killed(tmp_path):
     )
     try:
         workers = [int(p) for p in proc.stdout.readline().split()]
-        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        assert len(workers) == 2 and all(alive(p) for p in workers)
     finally:
         proc.kill()  # kill -9: no clean shutdown of the loader
         proc.wait()
     deadline = time.monotonic() + 20
-    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(p) for p in workers)
+    assert not any(alive(p) for p in workers)
 
 
 def test_with_context_stacks_the_neighbours_in_order_and_repeats_the_ends():

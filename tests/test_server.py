@@ -25,7 +25,7 @@ import torch
 from flows.recipes import recipe
 from storage.inbox import STATE_NAME
 from storage.registry import Registry
-from tests.helpers import case_folders, new_scan, stop
+from tests.helpers import alive, case_folders, new_scan, stop
 from tests.stack import BIN, ROOT, running_stack
 
 
@@ -470,7 +470,7 @@ def test_a_stopped_worker_finishes_its_run_and_takes_no_new_one_and_stopped_twic
         second_worker.send_signal(signal.SIGTERM)
         assert second_worker.wait(timeout=120) == 0
         assert stack.get(f"/flow_runs/{second}")["state"]["type"] == "SCHEDULED"  # handed back to the pool
-        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
+        assert not alive(pid)
     finally:
         stop([second_worker])
         stack.post(f"/flow_runs/{second}/set_state", {"state": {"type": "CANCELLED"}, "force": True})

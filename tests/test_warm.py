@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli.warm import SOCKET_ENV
 from tests.conftest import child_env
+from tests.helpers import alive
 
 FLOW = """
 import os, sys, time
@@ -64,9 +66,9 @@ def launch(prefect_api, root: Path, socket_path: str | None, tmp_path: Path, **p
         PREFECT_API_URL=prefect_api,
         PROBE_TAG="the-runs-own",
     )
-    env.pop("BRATS_WARM_ENGINE", None)
+    env.pop(SOCKET_ENV, None)
     if socket_path:
-        env["BRATS_WARM_ENGINE"] = socket_path
+        env[SOCKET_ENV] = socket_path
     command = [sys.executable, "-m", "flows.cli.warm"]
     return run.id, out, subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE)
 
@@ -166,11 +168,3 @@ def events(api: str, name: str) -> list[str]:
             return [e["resource"]["prefect.resource.id"] for e in found]
         time.sleep(0.2)
     return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat.split()[2] != b"Z"

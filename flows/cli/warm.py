@@ -17,7 +17,8 @@ as the command would have. To the worker the launcher *is* the flow run's proces
 The warm process preloads third-party modules only (``PRELOAD``). The project's own modules, which
 read settings such as ``BRATS_MODELS`` from the environment when imported, are imported by each
 child under the flow run's own environment; Prefect's settings are rebuilt from it. Without a warm
-process (its socket unset or gone) the launcher becomes ``python -m prefect.engine`` itself. The
+process (its socket unset or gone), or when it hangs up without taking the run, the launcher becomes
+``python -m prefect.engine`` itself. The
 warm process imports what was installed when it started: restart the worker after an upgrade.
 """
 
