@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +20,7 @@ from storage.store import SliceStore
 from storage.synth import make_case, write_case
 from tasks.ingest import ingest_case
 from tests.conftest import rewrite_nifti
-from unet.preprocess import PROFILES, preprocess_case
+from unet.preprocess import PROFILES, normalized_slices, preprocess_case, standard_curve
 
 SHAPE = (48, 48, 24)
 REAL_COUNTS = {0: 8_866_915, 1: 4_514, 2: 34_894, 4: 21_677}
@@ -129,6 +130,32 @@ def test_tp_clip_clips_each_modality_to_its_brain_percentiles_then_takes_the_z_s
         top = (hi - attrs["mean"][c]) / attrs["std"][c]  # no value above the clipped maximum's z-score
         assert image[:, c].max() <= top + 1e-4 and plain[:, c].max() > top + 0.5  # tp's bright tail is cut
     assert np.array_equal(image == 0, plain == 0)  # background stays exactly 0
+
+
+def test_tp_hist_maps_each_modality_s_brain_percentiles_onto_a_standard_normal_s(real_case):
+    case = read_case(discover(real_case).cases[0])
+    volumes = [case.volumes[m] for m in ("flair", "t1", "t1ce", "t2")]
+    brain = np.any([v != 0 for v in volumes], axis=0)
+    ranks = PROFILES["tp-hist"].landmarks
+    slices, _, _ = normalized_slices(volumes, brain, np.float32, landmarks=ranks)
+    normal = [NormalDist().inv_cdf(r / 100) for r in ranks]
+    for c, v in enumerate(volumes):
+        mapped = slices[:, c].transpose(1, 2, 0)[brain]  # (Z, X, Y) back to the scan's voxels
+        assert np.allclose(np.percentile(mapped, ranks), normal, atol=0.02)  # t1's 50th: -0.00, not its z-score
+        order = np.argsort(v[brain], kind="stable")
+        assert (np.diff(mapped[order]) >= -1e-5).all()  # monotone: brighter stays brighter
+    assert not slices.transpose(1, 0, 2, 3)[:, ~brain.transpose(2, 0, 1)].any()  # background exactly 0
+    image, label, attrs = preprocess_case(case, PROFILES["tp-hist"], np.float32)
+    plain, plain_label, _ = preprocess_case(case, PROFILES["tp"], np.float32)
+    assert image.shape == plain.shape and np.array_equal(label, plain_label) and attrs["profile"] == "tp-hist"
+    assert np.array_equal(image == 0, plain == 0)  # background stays exactly 0
+
+
+def test_standard_curve_stays_finite_and_rising_on_a_modality_zero_in_half_the_brain():
+    brain = np.concatenate([np.zeros(5000), np.arange(1, 5001, dtype=np.float64)])
+    xp, fp = standard_curve(brain, PROFILES["tp-hist"].landmarks)
+    assert (np.diff(xp) > 0).all() and (np.diff(fp) > 0).all() and np.isfinite(fp).all()
+    assert np.interp(brain, xp, fp).max() < 5  # the top end segment's slope, not a tie's
 
 
 # ------------------------------------------------------------------ discovery

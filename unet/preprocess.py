@@ -6,6 +6,12 @@ Slice convention: ``slices[z, c] == volume_c[:, :, z]`` on the canonical grid (b
 Normalization: per case, per modality z-score over brain voxels (nonzero in any modality);
 background stays exactly 0. ``tp-clip`` first clips each modality's brain voxels to their 0.5th-99.5th
 percentiles (a scanner's bright vessels or fat no longer set the scale), then takes the z-score.
+``tp-hist`` standardises each modality's histogram instead (Nyul & Udupa 1999, on a fixed scale): the
+brain voxels' 1st, 10th, ..., 90th, 99th percentiles are mapped piecewise linearly onto a standard
+normal's quantiles at the same ranks (beyond the ends, the end segments go on), so two scanners'
+contrasts between the landmarks become alike too, not only their mean and spread. The scale is fixed,
+not learned from training cases as Nyul's is: the two differ by one monotone map shared by every case,
+and a fixed scale needs nothing kept beside the model and sees no held-out case.
 
 Profiles: ``full`` keeps whole slices (240x240 on the BraTS grid); ``tp`` takes a 192x192 window
 over the brain and halves the images' resolution (2x2 mean) -> 96x96, whatever the scan's grid;
@@ -18,6 +24,7 @@ How the slices lie on the scan's own grid is ``unet.geometry``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -34,6 +41,7 @@ class Profile:
     window: int | None  # in-plane window, voxels of the 1 mm grid; None: the whole plane
     factor: int  # in-plane downsampling factor
     clip: tuple[float, float] | None = None  # brain-voxel percentiles each modality is clipped to first
+    landmarks: tuple[float, ...] | None = None  # brain-voxel percentiles mapped onto a standard normal's
 
 
 PROFILES = {
@@ -41,16 +49,18 @@ PROFILES = {
     "tp": Profile("tp", 192, 2),
     "window": Profile("window", 192, 1),
     "tp-clip": Profile("tp-clip", 192, 2, clip=(0.5, 99.5)),
+    "tp-hist": Profile("tp-hist", 192, 2, landmarks=(1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)),
 }
 
 
 class Preprocessing(BaseModel):
     """How raw scans become slices, and how cases are split by patient."""
 
-    profile: Literal["full", "tp", "window", "tp-clip"] = Field(
+    profile: Literal["full", "tp", "window", "tp-clip", "tp-hist"] = Field(
         "full",
         description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96; "
-        "window: the same window at 1 mm; tp-clip: tp with each modality clipped to its 0.5–99.5th percentiles",
+        "window: the same window at 1 mm; tp-clip: tp with each modality clipped to its 0.5–99.5th percentiles; "
+        "tp-hist: tp with each modality's histogram standardised (percentiles mapped onto a standard normal's)",
     )
     naming: Naming = Field("auto", description=NAMING_HELP)
     dtype: Literal["float16", "float32"] = Field("float16", description="slice dtype in the store")
@@ -87,12 +97,18 @@ TORCH_SERIAL = 32768  # torch runs an operation on fewer values than this on the
 
 
 def normalized_slices(
-    volumes, mask: np.ndarray, dtype=np.float32, clip: tuple[float, float] | None = None
+    volumes,
+    mask: np.ndarray,
+    dtype=np.float32,
+    clip: tuple[float, float] | None = None,
+    landmarks: tuple[float, ...] | None = None,
 ) -> tuple[np.ndarray, list[float], list[float]]:
     """Z-score each modality over the brain -> (Z, C, X, Y) slices in ``dtype``, background exactly 0.
 
     ``clip``: percentiles (e.g. 0.5, 99.5) of each modality's brain voxels to clip them to before the
-    z-score (its mean and deviation are then those of the clipped voxels).
+    z-score (its mean and deviation are then those of the clipped voxels). ``landmarks``: percentiles
+    of each modality's brain voxels mapped onto a standard normal's (``standard_curve``) in place of
+    the z-score (the mean and deviation returned are then the brain's own).
 
     Work is confined to the brain's bounding box; brain voxels are the mask, and since voxels
     outside it are zero in every modality, sums over the box are sums over the brain. Integer scans
@@ -118,10 +134,11 @@ def normalized_slices(
     means, stds = [], []
     for c, v in enumerate(volumes):
         vb = v[box]
-        brain = vb[inside] if clip and inside.any() else None  # gathered once: percentiles, then moments
-        limits = np.percentile(brain, clip) if brain is not None else None
-        if limits is not None:
-            brain = np.clip(brain.astype(np.float64), *limits)
+        brain = vb[inside] if (clip or landmarks) and inside.any() else None  # gathered once
+        limits = np.percentile(brain, clip) if brain is not None and clip else None
+        curve = standard_curve(brain, landmarks) if brain is not None and landmarks else None
+        if brain is not None:
+            brain = np.clip(brain.astype(np.float64), *limits) if limits is not None else brain.astype(np.float64)
             mean, std = float(brain.mean()), float(brain.std()) or 1.0
         else:
             total, squares = _moments(vb)
@@ -130,10 +147,13 @@ def normalized_slices(
         for z0 in range(0, vb.shape[2], SLAB):
             planes = slice(z0, z0 + SLAB)
             t = vb[:, :, planes].astype(np.float32)
-            if limits is not None:
-                np.clip(t, *limits, out=t)
-            t -= mean
-            t *= 1.0 / std
+            if curve is not None:
+                t = np.interp(t, *curve).astype(np.float32)
+            else:
+                if limits is not None:
+                    np.clip(t, *limits, out=t)
+                t -= mean
+                t *= 1.0 / std
             t *= inside[:, :, planes]
             tt = torch.from_numpy(t)
             for k in range(t.shape[2]):
@@ -143,6 +163,22 @@ def normalized_slices(
         means.append(mean)
         stds.append(std)
     return out, means, stds
+
+
+def standard_curve(brain: np.ndarray, landmarks: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(xp, fp) for ``np.interp``: the brain voxels' ``landmarks`` percentiles -> a standard normal's
+    quantiles at the same ranks, each end segment carried on to the brain's minimum and maximum."""
+    ranks = np.asarray(landmarks, dtype=np.float64)
+    fp = np.array([NormalDist().inv_cdf(r / 100) for r in ranks])
+    xp = np.maximum.accumulate(np.percentile(brain, ranks).astype(np.float64))
+    span = max(float(xp[-1] - xp[0]), 1e-6)
+    xp = xp + np.arange(len(xp)) * span * 1e-9  # ties (a modality zero in much of the brain): strictly rising
+    low = (fp[1] - fp[0]) / max(xp[1] - xp[0], span / 100)  # slopes of the end segments, never infinite
+    high = (fp[-1] - fp[-2]) / max(xp[-1] - xp[-2], span / 100)
+    lo, hi = min(float(brain.min()), xp[0]) - 1.0, max(float(brain.max()), xp[-1]) + 1.0
+    xp = np.concatenate([[lo], xp, [hi]])
+    fp = np.concatenate([[fp[0] - (xp[1] - lo) * low], fp, [fp[-1] + (hi - xp[-2]) * high]])
+    return xp, fp
 
 
 def _moments(v: np.ndarray) -> tuple[float, float]:
@@ -185,7 +221,7 @@ def preprocess_case(
     f = profile.factor
     final = f == 1 and not geometry.resampled  # normalized slices are the result, in its dtype: no second cast
     normed, means, stds = normalized_slices(
-        oriented, omask, dtype if final else np.float32, profile.clip
+        oriented, omask, dtype if final else np.float32, profile.clip, profile.landmarks
     )  # (Z, C, X, Y)
     slices = downsample(geometry.window(normed, order=1), f, dtype)
     in_window, outside = _brain_in_window(geometry, omask)
