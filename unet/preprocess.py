@@ -11,7 +11,8 @@ brain voxels' 1st, 10th, ..., 90th, 99th percentiles are mapped piecewise linear
 normal's quantiles at the same ranks (beyond the ends, the end segments go on), so two scanners'
 contrasts between the landmarks become alike too, not only their mean and spread. The scale is fixed,
 not learned from training cases as Nyul's is: the two differ by one monotone map shared by every case,
-and a fixed scale needs nothing kept beside the model and sees no held-out case.
+and a fixed scale needs nothing kept beside the model and sees no held-out case. By site it lost to
+``tp-clip`` on every region (README, "What to expect"): no recipe uses it.
 
 Profiles: ``full`` keeps whole slices (240x240 on the BraTS grid); ``tp`` takes a 192x192 window
 over the brain and halves the images' resolution (2x2 mean) -> 96x96, whatever the scan's grid;
