@@ -135,11 +135,12 @@ def normalized_slices(
     means, stds = [], []
     for c, v in enumerate(volumes):
         vb = v[box]
-        brain = vb[inside] if (clip or landmarks) and inside.any() else None  # gathered once
+        brain = vb[inside].astype(np.float64) if (clip or landmarks) and inside.any() else None  # gathered once
         limits = np.percentile(brain, clip) if brain is not None and clip else None
         curve = standard_curve(brain, landmarks) if brain is not None and landmarks else None
         if brain is not None:
-            brain = np.clip(brain.astype(np.float64), *limits) if limits is not None else brain.astype(np.float64)
+            if limits is not None:
+                np.clip(brain, *limits, out=brain)
             mean, std = float(brain.mean()), float(brain.std()) or 1.0
         else:
             total, squares = _moments(vb)
