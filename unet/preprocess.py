@@ -135,10 +135,11 @@ def normalized_slices(
     means, stds = [], []
     for c, v in enumerate(volumes):
         vb = v[box]
-        brain = vb[inside].astype(np.float64) if (clip or landmarks) and inside.any() else None  # gathered once
-        limits = np.percentile(brain, clip) if brain is not None and clip else None
+        brain = vb[inside] if (clip or landmarks) and inside.any() else None  # gathered once, the scan's dtype
+        limits = np.percentile(brain, clip) if brain is not None and clip else None  # (sorts 16-bit values)
         curve = standard_curve(brain, landmarks) if brain is not None and landmarks else None
         if brain is not None:
+            brain = brain.astype(np.float64)
             if limits is not None:
                 np.clip(brain, *limits, out=brain)
             mean, std = float(brain.mean()), float(brain.std()) or 1.0
