@@ -42,6 +42,18 @@ def rewrite_nifti(path, data, affine=None, dtype=None) -> None:
     nib.save(out, path)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test machine's cores are shared: one intra-op thread is faster here, and deterministic
+    (modules that train: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API (ephemeral, SQLite) for the whole session, visible to Dask worker processes too."""

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from prefect.artifacts import Artifact
 
 from flows.cli.main import main as brats
@@ -27,12 +26,7 @@ TRAINING = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_folds_are_disjoint_deterministic_and_cover_the_cases_outside_the_test_split(small_store):

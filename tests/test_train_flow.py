@@ -24,12 +24,7 @@ TRAINING = TrainConfig(epochs=2, batch_size=8, max_steps_per_epoch=3, checkpoint
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cli(*argv: str) -> int:
