@@ -205,15 +205,7 @@ def choose_postprocess(
 def _calibrate(rows: list[dict], on: str) -> dict:
     """The quality estimate's calibration on these held-out cases (rows with ``features``, Dice,
     ``truth_WT_ml`` and ``volumes_ml``), and how its leave-one-out estimates track their Dice."""
-    cases = [
-        {
-            "features": r["features"],
-            "dice": {k: r[f"dice_{k}"] for k in REGIONS},
-            "WT_ml": r["truth_WT_ml"],
-            "volumes_ml": r["volumes_ml"],
-        }
-        for r in rows
-    ]
+    cases = quality.cases_of(rows)
     held = quality.held_out(cases)
     for row, h in zip(rows, held):
         row.update({f"est_{k}": v for k, v in h["quality"].items()}, review=bool(h["reasons"]))

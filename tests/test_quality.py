@@ -149,3 +149,41 @@ def test_a_scan_with_a_modality_replaced_by_noise_is_flagged_and_the_intact_one_
         review(broken.name, str(out))
     listed = (out / "review.csv").read_text().splitlines()
     assert len(listed) == 2 and listed[1].startswith(f"{broken.name},") and "whole tumour uncertain" in listed[1]
+
+
+def benchmark_run(root: Path, seed: int) -> tuple[Path, list[dict]]:
+    """A ``benchmarks/real.py`` record of 21 out-of-fold cases, and each case's kept segmentation:
+    a 1000-voxel enhancing tumour, of which run 1 keeps a share that falls with the case's true Dice."""
+    rows = []
+    for i, c in enumerate(cases(21, seed=0)):
+        case = f"case{i:02d}"
+        rows.append(
+            {"case": case, "features": c["features"], "truth_WT_ml": c["WT_ml"], "volumes_ml": c["volumes_ml"]}
+            | {f"dice_{r}": d for r, d in c["dice"].items()}
+            | {f"est_{r}": c["features"][r]["Q"] for r in c["dice"]}
+        )
+        labels = np.zeros((10, 10, 10), dtype=np.uint8)
+        labels.reshape(-1)[: 1000 if seed == 0 else int(1000 * c["dice"]["WT"]) + 1] = 4
+        (root / "models" / f"v{i % 5}").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(root / "models" / f"v{i % 5}" / f"oof-{case}.npz", labels=labels)
+    (root / "real-benchmark.json").write_text(json.dumps({"cpu": {"per_case": rows}}))
+    return root / "real-benchmark.json", rows
+
+
+def test_the_estimate_benchmark_pools_runs_and_ranks_member_agreement(tmp_path):
+    import subprocess
+    import sys
+
+    a, rows = benchmark_run(tmp_path / "a", 0)
+    b, _ = benchmark_run(tmp_path / "b", 1)
+    script = Path(__file__).parents[1] / "benchmarks" / "estimate.py"
+    run = lambda *args: subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)  # noqa: E731
+    out = run(a, b)
+    assert out.returncode == 0, out.stderr
+    figures = quality.agreement(quality.cases_of(rows), quality.held_out(quality.cases_of(rows)))
+    mean_row = next(line for line in out.stdout.splitlines() if line.startswith("mean of 2 runs"))
+    assert mean_row.split()[4:6] == [f"{figures['WT']['spearman']:.3f}", f"{figures['WT']['mae']:.3f}"]
+    assert f"{2 * figures['flagged']} of 42 case estimates flagged" in out.stdout
+    out = run(a, "--members", b)  # the members' agreement falls with the true WT Dice: ranks it exactly
+    assert out.returncode == 0, out.stderr
+    assert "WT: two members' agreement 1.000" in out.stdout

@@ -221,6 +221,20 @@ def review(quality: dict, features: dict, volumes_ml: dict, calibration: dict | 
     return reasons
 
 
+def cases_of(rows: list[dict]) -> list[dict]:
+    """Scored rows (``features``, ``dice_WT`` …, ``truth_WT_ml``, ``volumes_ml``: what an out-of-fold or
+    validation case records) -> the cases ``fit`` takes."""
+    return [
+        {
+            "features": r["features"],
+            "dice": {k: r[f"dice_{k}"] for k in REGION_CLASSES},
+            "WT_ml": r["truth_WT_ml"],
+            "volumes_ml": r["volumes_ml"],
+        }
+        for r in rows
+    ]
+
+
 def held_out(cases: list[dict]) -> list[dict]:
     """Each case's estimate and review reasons by a calibration fitted on the *other* cases (leave one
     out): how the estimate does on a case it was not fitted on. Cases as ``fit`` takes them, with
