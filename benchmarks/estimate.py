@@ -34,8 +34,16 @@ REGIONS = ("WT", "TC", "ET")
 
 
 def rows_of(path: Path) -> list[dict]:
-    (record,) = json.loads(path.read_text()).values()
-    return record["per_case"]
+    """The out-of-fold rows of a ``benchmarks/real.py`` record; a file that is not one: a one-line exit."""
+    try:
+        (record,) = json.loads(path.read_text()).values()
+        rows = record["per_case"]
+        missing = next((r["case"] for r in rows if "features" not in r or "est_WT" not in r), None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a record of benchmarks/real.py ({type(e).__name__}: {e})") from None
+    if missing:
+        raise SystemExit(f"{path}: case {missing} has no quality estimate (a record from before the estimate)")
+    return rows
 
 
 def held_out_figures(rows: list[dict]) -> dict:
@@ -46,8 +54,10 @@ def held_out_figures(rows: list[dict]) -> dict:
 
 
 def out_of_fold(run: Path, case: str) -> np.ndarray:
-    (path,) = (run.parent / "models").glob(f"*/oof-{case}.npz")
-    return np.load(path)["labels"]
+    found = list((run.parent / "models").glob(f"*/oof-{case}.npz"))
+    if len(found) != 1:
+        raise SystemExit(f"{run.parent / 'models'}: {len(found)} out-of-fold segmentations of {case}, not one")
+    return np.load(found[0])["labels"]
 
 
 def members(a: Path, b: Path) -> str:
@@ -84,19 +94,21 @@ def main() -> int:
     if args.members:
         print(members(args.runs[0], args.members))
         return 0
-    figures = {}
+    records = [(run.parent.name, rows_of(run)) for run in args.runs]  # every file read before any output
+    figures = []
     print(f"{'run':28}" + "".join(f"{'rho ' + k:>9}{'MAE ' + k:>9}" for k in REGIONS) + "  flagged  bad caught")
-    for run in args.runs:
-        h = figures[run.parent.name] = held_out_figures(rows_of(run))
+    for name, rows in records:
+        h = held_out_figures(rows)
+        figures.append(h)
         cells = "".join(f"{h[k]['spearman']:>9.3f}{h[k]['mae']:>9.3f}" for k in REGIONS)
-        print(f"{run.parent.name:28}{cells}  {h['flagged']:>3}/{h['cases']:<4} {h['bad_flagged']}/{h['bad']}")
+        print(f"{name:28}{cells}  {h['flagged']:>3}/{h['cases']:<4} {h['bad_flagged']}/{h['bad']}")
     for name, pick in (("mean", statistics.fmean), ("worst", None)):
         cells = ""
         for k in REGIONS:
-            rho, mae = [f[k]["spearman"] for f in figures.values()], [f[k]["mae"] for f in figures.values()]
+            rho, mae = [f[k]["spearman"] for f in figures], [f[k]["mae"] for f in figures]
             cells += f"{(pick or min)(rho):>9.3f}{(pick or max)(mae):>9.3f}"
         print(f"{name + f' of {len(figures)} runs':28}{cells}")
-    total = {k: sum(f[k] for f in figures.values()) for k in ("flagged", "cases", "bad_flagged", "bad")}
+    total = {k: sum(f[k] for f in figures) for k in ("flagged", "cases", "bad_flagged", "bad")}
     print(
         f"all runs: {total['flagged']} of {total['cases']} case estimates flagged"
         f" ({total['flagged'] / total['cases']:.0%}), {total['bad_flagged']} of {total['bad']} bad ones"

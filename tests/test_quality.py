@@ -187,3 +187,7 @@ def test_the_estimate_benchmark_pools_runs_and_ranks_member_agreement(tmp_path):
     out = run(a, "--members", b)  # the members' agreement falls with the true WT Dice: ranks it exactly
     assert out.returncode == 0, out.stderr
     assert "WT: two members' agreement 1.000" in out.stdout
+    (tmp_path / "other.json").write_text('{"cpu": {"summary": {}}}')  # not a record of benchmarks/real.py
+    out = run(a, tmp_path / "other.json")
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.strip() == f"{tmp_path / 'other.json'}: not a record of benchmarks/real.py (KeyError: 'per_case')"
