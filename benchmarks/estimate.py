@@ -30,7 +30,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-REGIONS = ("WT", "TC", "ET")
+from storage.brats import REGIONS as LABELS  # noqa: E402  (region -> BraTS labels; numpy only)
+
+REGIONS = tuple(LABELS)  # WT, TC, ET
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -63,10 +65,9 @@ def out_of_fold(run: Path, case: str) -> np.ndarray:
 def members(a: Path, b: Path) -> str:
     from scipy.stats import spearmanr
 
-    from storage.brats import REGIONS as LABELS
     from unet.metrics import dice
 
-    rows, estimated = rows_of(a), {r["case"]: r for r in rows_of(b)}
+    rows, other = rows_of(a), {r["case"]: r for r in rows_of(b)}
     agree = {k: [] for k in REGIONS}
     for r in rows:
         la, lb = out_of_fold(a, r["case"]), out_of_fold(b, r["case"])
@@ -78,7 +79,7 @@ def members(a: Path, b: Path) -> str:
         truth = [r[f"dice_{k}"] for r in rows]
         rho_agree = spearmanr(agree[k], truth).statistic
         rho_est = spearmanr([r[f"est_{k}"] for r in rows], truth).statistic
-        rho_b = spearmanr([estimated[r["case"]][f"dice_{k}"] for r in rows], truth).statistic
+        rho_b = spearmanr([other[r["case"]][f"dice_{k}"] for r in rows], truth).statistic
         lines.append(
             f"  {k}: two members' agreement {rho_agree:.3f}, the estimate {rho_est:.3f}"
             f" (the second run's true Dice: {rho_b:.3f})"
@@ -102,11 +103,11 @@ def main() -> int:
         figures.append(h)
         cells = "".join(f"{h[k]['spearman']:>9.3f}{h[k]['mae']:>9.3f}" for k in REGIONS)
         print(f"{name:28}{cells}  {h['flagged']:>3}/{h['cases']:<4} {h['bad_flagged']}/{h['bad']}")
-    for name, pick in (("mean", statistics.fmean), ("worst", None)):
-        cells = ""
-        for k in REGIONS:
-            rho, mae = [f[k]["spearman"] for f in figures], [f[k]["mae"] for f in figures]
-            cells += f"{(pick or min)(rho):>9.3f}{(pick or max)(mae):>9.3f}"
+    for name, of_rho, of_mae in (("mean", statistics.fmean, statistics.fmean), ("worst", min, max)):
+        cells = "".join(
+            f"{of_rho(f[k]['spearman'] for f in figures):>9.3f}{of_mae(f[k]['mae'] for f in figures):>9.3f}"
+            for k in REGIONS
+        )
         print(f"{name + f' of {len(figures)} runs':28}{cells}")
     total = {k: sum(f[k] for f in figures) for k in ("flagged", "cases", "bad_flagged", "bad")}
     print(
