@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from unet.loss import CrossEntropy, class_weights_from_counts, cross_entropy
 from unet.model import UNet, UNetConfig, center_crop, mirror_pad
+from unet.norm import IBN
 
 
 def tiny(padding: str = "valid", base: int = 4, depth: int = 4, **kw) -> UNet:
@@ -197,6 +198,26 @@ def test_optional_norm(norm: str, cls: type) -> None:
         UNetConfig(norm="group")
     with pytest.raises(ValueError):
         UNetConfig(padding="reflect")
+
+
+def test_ibn_norm_drops_the_first_levels_contrast_on_half_its_channels() -> None:
+    """``norm ibn``: one mixed layer after the first conv (instance norm on its first half of the
+    channels, batch norm on the rest), batch norm everywhere else."""
+    model = tiny("same", base=4, depth=2, norm="ibn")
+    mixed = [m for m in model.modules() if isinstance(m, IBN)]
+    assert len(mixed) == 1 and model.down[0][1] is mixed[0]
+    assert sum(isinstance(m, nn.InstanceNorm2d) for m in model.modules()) == 1
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 2 * 5  # the mixed layer's half too
+    layer = mixed[0].eval()
+    x = torch.randn(2, 4, 16, 16)
+    scaled = x * torch.tensor([3.0, 0.5, 1.0, 1.0])[:, None, None] + torch.tensor([1.0, -2.0, 0.0, 0.0])[:, None, None]
+    y, y_scaled = layer(x), layer(scaled)
+    assert torch.allclose(y[:, :2], y_scaled[:, :2], atol=1e-4)  # contrast and brightness gone: instance half
+    assert torch.equal(y[:, 2:], y_scaled[:, 2:])  # untouched channels, untouched output
+    assert not torch.allclose(layer(x * 3)[:, 2:], y[:, 2:])  # the batch half keeps the scale it was given
+    model.train()
+    out = model(torch.randn(2, 4, 32, 32).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 4, 32, 32) and torch.isfinite(out).all()
 
 
 # ----------------------------------------------------------------------------- flops

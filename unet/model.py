@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from unet.norm import norm_layer
 from unet.outputs import Outputs, channels, probabilities
 
 __all__ = ["UNetConfig", "UNet", "center_crop", "centre_slice", "mirror_pad"]
@@ -68,8 +69,10 @@ class UNetConfig(BaseModel):
     padding: Literal["valid", "same"] = Field(
         "valid", description="valid: the paper's unpadded convs (overlap-tile); same: zero-padded"
     )
-    norm: Literal["batch", "instance"] | None = Field(
-        None, description="normalisation after each 3x3 conv (paper: none)"
+    norm: Literal["batch", "instance", "ibn"] | None = Field(
+        None,
+        description="normalisation after each 3x3 conv (paper: none); ibn: batch norm, but instance norm on half "
+        "the channels of the network's first conv (IBN-Net)",
     )
     context: int = Field(
         0, ge=0, le=4, description="2.5D: neighbouring axial slices on each side as extra channels (paper: 0)"
@@ -134,17 +137,15 @@ def centre_slice(x: torch.Tensor, cfg: UNetConfig) -> torch.Tensor:
 
 
 class DoubleConv(nn.Sequential):
-    """[3x3 conv (+ norm) + ReLU] x 2 — one level of either path."""
+    """[3x3 conv (+ norm) + ReLU] x 2 — one level of either path. ``norm`` ibn: the mixed layer after
+    the first conv, batch norm after the second (``UNet`` asks for it in the first level only)."""
 
     def __init__(self, c_in: int, c_out: int, padding: str, norm: str | None) -> None:
         pad = 0 if padding == "valid" else 1
         layers: list[nn.Module] = []
-        for ci in (c_in, c_out):
+        for i, ci in enumerate((c_in, c_out)):
             layers.append(nn.Conv2d(ci, c_out, kernel_size=3, padding=pad, bias=True))
-            if norm == "batch":
-                layers.append(nn.BatchNorm2d(c_out))
-            elif norm == "instance":
-                layers.append(nn.InstanceNorm2d(c_out, affine=True))
+            layers += norm_layer("batch" if norm == "ibn" and i else norm, c_out)
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 
@@ -171,12 +172,13 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         c = [cfg.base_channels * 2**i for i in range(cfg.depth + 1)]  # 64 ... 1024
+        norm = "batch" if cfg.norm == "ibn" else cfg.norm  # ibn: the mixed layer in the first level only
         self.down = nn.ModuleList(
             [DoubleConv(cfg.input_channels, c[0], cfg.padding, cfg.norm)]
-            + [DoubleConv(c[i], c[i + 1], cfg.padding, cfg.norm) for i in range(cfg.depth)]
+            + [DoubleConv(c[i], c[i + 1], cfg.padding, norm) for i in range(cfg.depth)]
         )  # down[-1] is the bottleneck
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.up = nn.ModuleList([Up(c[i + 1], c[i], cfg.padding, cfg.norm) for i in reversed(range(cfg.depth))])
+        self.up = nn.ModuleList([Up(c[i + 1], c[i], cfg.padding, norm) for i in reversed(range(cfg.depth))])
         k = channels(cfg.outputs, cfg.num_classes)
         self.head = nn.Conv2d(c[0], k, kernel_size=1, bias=True)
         if cfg.deep_supervision:  # heads on the decoder's outputs at 1/2 and 1/4 resolution
