@@ -10,7 +10,8 @@ torch's default threads (the cores), the recipe's precision (``autocast_dtype``)
 * ``eager``: contiguous (NCHW) tensors;
 * ``channels_last``: NHWC tensors and weights (what the recipes train with: ``training.channels_last``);
 * ``+compile``: ``torch.compile`` of the model (inductor; its compile time is reported, not timed);
-* ``+fp32``: no autocast (the recipe's ``auto`` precision is bf16 on a CPU with native bf16).
+* ``+fp32``: no autocast (the recipe's ``auto`` precision is bf16 on a CPU with native bf16);
+* ``+instance``, ``+ibn``: the network's ``norm`` in place of the recipe's batch norm (``unet/norm.py``).
 
 The variants are timed in turn within each round (order reversed every other round, so drift
 on a shared machine falls on all of them alike); medians of ``--rounds`` rounds of ``--steps`` steps.
@@ -40,6 +41,8 @@ def make(variant: str, network, training) -> tuple[Optimization, torch.Tensor, t
     torch.manual_seed(0)
     choices = set(variant.split("+"))
     layout = torch.channels_last if "channels_last" in choices else torch.contiguous_format
+    for norm in choices & {"instance", "ibn"}:
+        network = network.model_copy(update={"norm": norm})
     model = UNet(network).to(memory_format=layout).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=100_000)

@@ -34,7 +34,7 @@ its logits always have the input's H, W (same mode: reflect pad to a multiple of
 
 The loss (the paper's cross-entropy, and what is added to it) is ``unet/loss.py``.
 
-Variants beyond the paper, each off by default: ``norm`` layers, 2.5D input (``context``: the
+Variants beyond the paper, each off by default: ``norm`` layers (``unet/norm.py``), 2.5D input (``context``: the
 neighbouring axial slices as extra channels), ``deep_supervision`` (1x1 heads on the two decoder
 levels above the full resolution, scored by the loss too), region ``outputs`` (``unet/outputs.py``).
 """
