@@ -5,7 +5,8 @@
 * ``ibn``: batch norm everywhere, but the network's first conv is followed by ``IBN``: instance norm
   on half its channels, batch norm on the other half (Pan et al. 2018, "Two at once: enhancing
   learning and generalization capacities via IBN-Net"): a scan's contrast and brightness, what
-  differs most between scanners, are dropped where they enter, for a small part of instance norm's cost.
+  differs most between scanners, are dropped where they enter; a training step costs 8 % more than
+  with batch norm alone, 25 % with instance norm everywhere (``benchmarks/cpu_step.py``, 2 cores).
 """
 
 from __future__ import annotations
