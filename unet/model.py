@@ -137,15 +137,15 @@ def centre_slice(x: torch.Tensor, cfg: UNetConfig) -> torch.Tensor:
 
 
 class DoubleConv(nn.Sequential):
-    """[3x3 conv (+ norm) + ReLU] x 2 — one level of either path. ``norm`` ibn: the mixed layer after
-    the first conv, batch norm after the second (``UNet`` asks for it in the first level only)."""
+    """[3x3 conv (+ norm) + ReLU] x 2 — one level of either path; ``first``: another norm after the
+    first conv (default: ``norm``)."""
 
-    def __init__(self, c_in: int, c_out: int, padding: str, norm: str | None) -> None:
+    def __init__(self, c_in: int, c_out: int, padding: str, norm: str | None, first: str | None = None) -> None:
         pad = 0 if padding == "valid" else 1
         layers: list[nn.Module] = []
-        for i, ci in enumerate((c_in, c_out)):
+        for ci, kind in ((c_in, first or norm), (c_out, norm)):
             layers.append(nn.Conv2d(ci, c_out, kernel_size=3, padding=pad, bias=True))
-            layers += norm_layer("batch" if norm == "ibn" and i else norm, c_out)
+            layers += norm_layer(kind, c_out)
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
 
@@ -172,9 +172,9 @@ class UNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         c = [cfg.base_channels * 2**i for i in range(cfg.depth + 1)]  # 64 ... 1024
-        norm = "batch" if cfg.norm == "ibn" else cfg.norm  # ibn: the mixed layer in the first level only
+        norm = "batch" if cfg.norm == "ibn" else cfg.norm  # ibn: the mixed layer after the first conv only
         self.down = nn.ModuleList(
-            [DoubleConv(cfg.input_channels, c[0], cfg.padding, cfg.norm)]
+            [DoubleConv(cfg.input_channels, c[0], cfg.padding, norm, first=cfg.norm)]
             + [DoubleConv(c[i], c[i + 1], cfg.padding, norm) for i in range(cfg.depth)]
         )  # down[-1] is the bottleneck
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
