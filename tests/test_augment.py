@@ -39,7 +39,7 @@ def brain_batch(n: int = 4, size: int = 32, seed: int = 0):
 
 
 @pytest.mark.parametrize("fine", [1, 2])
-@pytest.mark.parametrize("name", ["strong", "scanner"])
+@pytest.mark.parametrize("name", ["strong", "scanner", "gin"])
 def test_strong_augmentation_keeps_background_zero_and_labels_valid(fine, name):
     image, label = brain_batch()
     label = label.repeat_interleave(fine, -2).repeat_interleave(fine, -1)  # labels on a finer grid (profile tp)
@@ -67,6 +67,7 @@ def test_every_strong_operation_changes_only_the_brain():
         "lowres": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_lowres=1),
         "gamma": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gamma=1),
         "bias": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_bias=1),
+        "gin": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gin=1),
         "scale": AugmentConfig(
             flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_scale=1, scale=(0.7, 0.8)
         ),
@@ -95,3 +96,31 @@ def test_a_bias_field_is_smooth_and_scales_each_modality_on_its_own():
     assert field.min() > 0.2 and field.max() < 5  # exp of a quadratic with coefficients in +-0.3
     assert (field[..., 1:, :] - field[..., :-1, :]).abs().max() < 0.1  # smooth: no step between neighbours
     assert not torch.allclose(field[0, 0], field[0, 1])  # each modality its own field
+
+
+def test_gin_gives_each_modality_its_own_random_network_the_same_on_every_context_slice():
+    """GIN (``unet.augment._gin``): a sample's modality goes through one random network on each slice
+    of its 2.5D context (identical slices in, identical out), keeps its brain mean, and becomes a
+    contrast no linear change of the image gives; a share of 0 leaves the sample as it was, and the
+    same parameters give the same image (a resumed run replays it)."""
+    image, label = brain_batch(n=3)
+    context = image.repeat(1, 3, 1, 1)  # 3 identical slices x 4 modalities: channel j is modality j % 4
+    cfg = AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gin=1)
+    params = torch.from_numpy(np.stack([augment_params(cfg, np.random.default_rng(i)) for i in range(3)]))
+    params[1, 6] = 0.0  # the second sample: no GIN
+    params[2, 6] = 1.0  # the third: GIN alone
+    x, y = apply_augment(context, label, params)
+    again, _ = apply_augment(context, label, params)
+    assert torch.equal(x, again) and torch.equal(y, label)
+    torch.testing.assert_close(x[:, :4], x[:, 4:8])
+    torch.testing.assert_close(x[:, :4], x[:, 8:])
+    torch.testing.assert_close(x[1], context[1])
+    brain = (image[0] != 0).any(0)
+    assert ((x[0] == 0) | brain).all()  # background stays 0
+    before, after = context[2, :4, brain], x[2, :4, brain]  # (modality, brain voxels)
+    torch.testing.assert_close(after.mean(1), before.mean(1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(after.std(1), before.std(1), atol=1e-3, rtol=1e-3)
+    for m in range(4):  # not a gain and offset of the modality: a new contrast
+        fit = np.polyfit(before[m].numpy(), after[m].numpy(), 1)
+        residual = after[m].numpy() - np.polyval(fit, before[m].numpy())
+        assert residual.std() > 0.1 * after[m].std().item(), m

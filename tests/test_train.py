@@ -115,14 +115,21 @@ def _segment_and_score(model, store: SliceStore, case: str) -> float:
     return evaluate_case(seg, truth)["dice_WT"]
 
 
-@pytest.mark.parametrize("norm", [None, "ibn"])
-def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store, norm):
-    """The paper's network (no norm), and with IBN (``unet/norm.py``), whose instance half keeps no
-    running statistics: both learn, and segmenting the validation cases whole in eval mode gives
-    what validation scored."""
+@pytest.mark.parametrize("norm, augment", [(None, "light"), ("ibn", "light"), (None, "gin")])
+def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store, norm, augment):
+    """The paper's network (no norm), with IBN (``unet/norm.py``), whose instance half keeps no
+    running statistics, and trained on GIN's random contrasts (``unet/augment.py``): each learns,
+    and segmenting the validation cases whole in eval mode gives what validation scored."""
     model_cfg = UNetConfig(base_channels=8, depth=3, padding="same", norm=norm)
     cfg = TrainConfig(
-        epochs=12, batch_size=8, lr=3e-3, class_weight_power=0.5, oversample_tumour=2.0, workers=0, checkpoint_every=0
+        epochs=12,
+        batch_size=8,
+        lr=3e-3,
+        class_weight_power=0.5,
+        oversample_tumour=2.0,
+        augment=augment,
+        workers=0,
+        checkpoint_every=0,
     )
     torch.manual_seed(cfg.seed)
     untrained = UNet(model_cfg)

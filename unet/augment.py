@@ -13,7 +13,12 @@ Two sets (``AUGMENTATIONS``):
   inverted), each with its own probability;
 * ``scanner``: ``strong`` and what another scanner changes in each modality on its own: a smooth
   multiplicative bias field (a quadratic in-plane, as MR coil inhomogeneity is), wider brightness
-  and offset, contrast and gamma more often.
+  and offset, contrast and gamma more often;
+* ``gin``: ``strong`` and, for half the samples, global intensity non-linear augmentation (GIN,
+  Ouyang et al., IEEE TMI 2022, for segmentation on an unseen site): each modality through its own
+  shallow network of random 1x1 or 3x3 convolutions and leaky ReLUs, drawn afresh per sample,
+  rescaled to the modality's brain mean and spread and mixed with the image by a random share.
+  Shapes stay (the labels hold); contrast and texture become ones no scanner in training gave.
 
 Spatial changes move image, labels and the brain mask with one sampling grid (bilinear for the
 image, nearest for labels; labels may be on a finer grid than the image, as in the ``tp`` profile).
@@ -56,6 +61,7 @@ class AugmentConfig:
     p_invert_gamma: float = 0.0  # ... applied to 1 - x instead
     p_bias: float = 0.0  # per modality: a bias field exp(quadratic in x, y), coefficients uniform in +- bias
     bias: float = 0.3
+    p_gin: float = 0.0  # per sample: GIN (``_gin``), mixed in by a share uniform in [0, 1]
 
 
 _STRONG = AugmentConfig(
@@ -78,12 +84,13 @@ AUGMENTATIONS: dict[str, AugmentConfig | None] = {
     "light": AugmentConfig(),
     "strong": _STRONG,
     "scanner": replace(_STRONG, intensity_scale=0.3, intensity_shift=0.2, p_contrast=0.3, p_bias=0.3),
+    "gin": replace(_STRONG, p_gin=0.5),
 }
 
 # One sample's parameters, in this order (M = MODALITIES): flip, angle, zoom, noise std, noise seed,
-# invert gamma, then per modality: gain, shift, blur sigma, contrast, low-res zoom, gamma, and the
+# invert gamma, GIN's share, then per modality: gain, shift, blur sigma, contrast, low-res zoom, gamma, and the
 # bias field's coefficients of x, y, x², y², xy (coordinates in [-1, 1]).
-_SCALARS = 6
+_SCALARS = 7
 _BIAS = ("bias_x", "bias_y", "bias_xx", "bias_yy", "bias_xy")
 _PER_MODALITY = ("gain", "shift", "blur", "contrast", "lowres", "gamma", *_BIAS)
 BIAS_OFFSET = 3.0  # a bias field multiplies raw intensities: z' = b z + (b - 1) * mean/std, mean/std about this
@@ -124,6 +131,8 @@ def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None) -
         per[name] = np.where(biased, rng.uniform(-cfg.bias, cfg.bias, m), 0.0)
     for i, name in enumerate(_PER_MODALITY):
         p[_SCALARS + i * m : _SCALARS + (i + 1) * m] = per[name]
+    if cfg.p_gin:  # drawn last and only here: the other sets replay the draws they always made
+        p[6] = maybe(cfg.p_gin, 0.0, 1.0, off=0.0)
     return p
 
 
@@ -149,6 +158,8 @@ def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tup
     params = params.to(x.device, torch.float32)
     x, y, brain = _spatial(x, y, params)
     c = x.shape[1]
+    if (params[:, 6] > 0).any():
+        x = _gin(x, brain, params[:, 6], params[:, 4])
     if (params[:, 3] > 0).any():
         noise = torch.stack(
             [torch.randn(x.shape[1:], generator=_generator(x.device, int(s))) for s in params[:, 4].tolist()]
@@ -244,3 +255,47 @@ def _gamma(x: torch.Tensor, brain: torch.Tensor, gamma: torch.Tensor, invert: to
     u = torch.where(inv, 1 - u, u) ** gamma[:, :, None, None]
     u = torch.where(inv, 1 - u, u)
     return torch.where(gamma[:, :, None, None] != 1, lo + span * u, x)
+
+
+GIN_LAYERS, GIN_WIDTH = 4, 2  # GIN's random network: 4 convolutions, 2 channels between them (the paper's)
+
+
+def _gin(x: torch.Tensor, brain: torch.Tensor, share: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """GIN on the samples with ``share`` > 0: each (sample, modality) through its own random network
+    (weights from the sample's seed, so a resumed run replays them; one network for the modality on
+    every slice of its 2.5D context), rescaled to the brain mean and standard deviation the modality
+    had, then ``share * gin + (1 - share) * image``. Channel j is modality j % MODALITIES."""
+    on = torch.nonzero(share > 0)[:, 0].tolist()
+    n_on, c, h, w = len(on), x.shape[1], *x.shape[-2:]
+    m = MODALITIES
+    # slices of the context as the batch, (sample, modality) as channels: a grouped conv gives each its own net
+    g = x[on].reshape(n_on, c // m, m, h, w).transpose(0, 1).reshape(c // m, n_on * m, h, w)
+    g = g.contiguous(memory_format=torch.channels_last)  # grouped convolutions: twice as fast on CPU (oneDNN)
+    gens = [torch.Generator().manual_seed(int(seeds[i]) + 2) for i in on]  # + 1 is unet.step.crop's
+    for layer in range(GIN_LAYERS):
+        c_in = 1 if layer == 0 else GIN_WIDTH
+        c_out = 1 if layer == GIN_LAYERS - 1 else GIN_WIDTH
+        kernels, shifts = [], []
+        for gen in gens:
+            k = torch.randn(m * c_out, c_in, 3, 3, generator=gen)
+            if torch.rand(1, generator=gen).item() < 0.5:  # a 1x1 kernel: the 3x3's centre alone
+                k = k * F.pad(torch.ones(1, 1, 1, 1), (1, 1, 1, 1))
+            kernels.append(k)
+            shifts.append(torch.randn(m * c_out, generator=gen))
+        g = F.conv2d(g, torch.cat(kernels).to(x.device), torch.cat(shifts).to(x.device), padding=1, groups=n_on * m)
+        if layer < GIN_LAYERS - 1:
+            g = F.leaky_relu(g)
+    g = g.reshape(c // m, n_on, m, h, w).transpose(0, 1).reshape(n_on, c, h, w)
+    inside = brain[on].to(x.dtype)
+    count = inside.sum((2, 3), keepdim=True).clamp_min(1)
+
+    def moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = (t * inside).sum((2, 3), keepdim=True) / count
+        return mean, (((t - mean) * inside) ** 2).sum((2, 3), keepdim=True).div(count).sqrt().clamp_min(1e-6)
+
+    (mean_x, std_x), (mean_g, std_g) = moments(x[on]), moments(g)
+    g = (g - mean_g) / std_g * std_x + mean_x
+    a = share[on][:, None, None, None]
+    out = x.clone()
+    out[on] = a * g + (1 - a) * x[on]
+    return out

@@ -56,11 +56,12 @@ class TrainConfig(BaseModel):
     )
     oversample_tumour: float = Field(1.0, ge=1, description="draw slices with tumour this many times as often (1 = no)")
     skip_empty: bool = Field(True, description="leave out slices without brain")
-    augment: Literal["off", "light", "strong", "scanner"] = Field(
+    augment: Literal["off", "light", "strong", "scanner", "gin"] = Field(
         "light",
         description="light: left-right flips, small rotations, intensity jitter; strong: nnU-Net's 2D set "
         "(rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma); scanner: strong and "
-        "per-modality bias fields, wider brightness, more contrast and gamma (another hospital's scanner)",
+        "per-modality bias fields, wider brightness, more contrast and gamma (another hospital's scanner); "
+        "gin: strong and random shallow convolution networks per modality (GIN: unseen contrasts and textures)",
     )
     loss: Literal["ce", "ce+dice"] = Field(
         "ce", description="ce: the paper's cross-entropy; ce+dice: plus the soft Dice of the regions WT, TC, ET"
