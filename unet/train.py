@@ -58,10 +58,9 @@ class TrainConfig(BaseModel):
     skip_empty: bool = Field(True, description="leave out slices without brain")
     augment: Literal["off", "light", "strong", "scanner", "gin"] = Field(
         "light",
-        description="light: left-right flips, small rotations, intensity jitter; strong: nnU-Net's 2D set "
-        "(rotation, scaling, noise, blur, brightness, contrast, low resolution, gamma); scanner: strong and "
-        "per-modality bias fields, wider brightness, more contrast and gamma (another hospital's scanner); "
-        "gin: strong and random shallow convolution networks per modality (GIN: unseen contrasts and textures)",
+        description="light: flips, small rotations, intensity jitter; strong: nnU-Net's 2D set (rotation, scaling, "
+        "noise, blur, brightness, contrast, low resolution, gamma); scanner: strong, per-modality bias fields, wider "
+        "intensity changes; gin: strong and random shallow conv networks per modality (unseen contrasts, textures)",
     )
     loss: Literal["ce", "ce+dice"] = Field(
         "ce", description="ce: the paper's cross-entropy; ce+dice: plus the soft Dice of the regions WT, TC, ET"
