@@ -191,3 +191,20 @@ def test_the_estimate_benchmark_pools_runs_and_ranks_member_agreement(tmp_path):
     out = run(a, tmp_path / "other.json")
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.strip() == f"{tmp_path / 'other.json'}: not a record of benchmarks/real.py (KeyError: 'per_case')"
+
+
+def test_the_review_rule_spends_its_budget_on_the_least_trusted_cases():
+    """``choose_rule`` catches the bad cases and flags up to ``MAX_FLAGGED`` of all, the least trusted
+    first: a margin above the bad cases' estimates, so a new case a little better than the best of
+    the bad ones is still flagged (a rule drawn tight around them would not flag it); the tumour
+    core's estimate does the flagging where it can (the lowest WT threshold)."""
+    rng = np.random.default_rng(0)
+    tc = np.r_[rng.uniform(0.2, 0.45, 6), rng.uniform(0.6, 0.95, 34)]  # 6 bad cores among 40 cases
+    wt = np.full(40, 0.9)
+    train = [{"dice": {"WT": w, "TC": t, "ET": t}} for w, t in zip(wt, tc)]
+    estimates = [{"WT": w, "TC": t} for w, t in zip(wt, tc)]  # estimates that rank perfectly
+    rule = quality.choose_rule(estimates, train)
+    flagged = [e["WT"] < rule["wt"] or e["TC"] < rule["tc"] for e in estimates]
+    assert all(flagged[:6])  # every bad case
+    assert quality.MAX_FLAGGED * len(train) >= sum(flagged) >= quality.MAX_FLAGGED * len(train) - 2 > 6  # the budget
+    assert rule["tc"] > tc[:6].max() + 0.1 and rule["wt"] == 0.4  # a margin, and by the core's estimate
