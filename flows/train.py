@@ -75,6 +75,8 @@ def train(
         return _cross_validate(store_url, registry_url, network, training, fresh, shown)
     if fold is not None and not training.folds:
         raise ValueError(f"fold {fold} given, but training.folds is 0: set the number of folds")
+    if fold is not None:
+        training = training.member(fold)  # members may take turns at the augmentation
     version, attempt = open_version(registry_url, store_url, network, training, fresh, fold)
     if attempt == 0:
         log.info("fold %d: version %s is already trained; reused", fold, version)
@@ -106,7 +108,7 @@ def _cross_validate(
     for i, cases in enumerate(plan_folds(store_url, training)):
         log.info("fold %d (by %s) validates %d case(s): %s", i, training.fold_by, len(cases), ", ".join(cases))
     members = _run_folds(store_url, registry_url, network, training, fresh)
-    version = register_ensemble(registry_url, members)
+    version = register_ensemble(registry_url, members, training)
     cv = cross_validation(store_url, registry_url, version)
     metrics = cv["metrics"]
     summary = {

@@ -107,9 +107,9 @@ def plan_folds(store_url: str, training: TrainConfig) -> list[list[str]]:
 
 
 @stage_task("register-ensemble")
-def register_ensemble(registry_url: str, members: list[str]) -> str:
-    """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation): no
-    weights of its own; it predicts with the mean of their probabilities (``unet.ensemble``)."""
+def register_ensemble(registry_url: str, members: list[str], training: TrainConfig) -> str:
+    """A version that is the ensemble of ``members`` (the K fold versions of one cross-validation, run
+    with ``training``): no weights of its own; it predicts with the mean of their probabilities."""
     infos = [ModelVersion(registry_url, m).info for m in members]
     first = infos[0]
     return ModelVersion.open(
@@ -125,7 +125,7 @@ def register_ensemble(registry_url: str, members: list[str]) -> str:
             "val": [],
             "folds": [i.split["val"] for i in infos],
         },
-        train_config=first.train_config,
+        train_config=training.model_dump(),
         packages=package_versions(),
     ).version
 

@@ -99,3 +99,19 @@ def test_a_fold_needs_folds():
 
     state = train("unused", "unused", NETWORK, TRAINING.model_copy(update={"folds": 0}), fold=1, return_state=True)
     assert state.is_failed() and "training.folds is 0" in state.message
+
+
+def test_the_members_take_turns_at_the_augmentation(prefect_api, small_store, tmp_path, monkeypatch):
+    """``member_augment``: fold i's model trains with the i-th augmentation in turn, its version says which,
+    and the run started again reuses each member (each fold's run is the same run as before)."""
+    from flows.train import train
+
+    monkeypatch.setenv("BRATS_BEST_FLOOR", "0")
+    models = str(tmp_path / "models")
+    training = TRAINING.model_copy(update={"member_augment": ("strong", "gin")})
+    out = train(small_store, models, NETWORK, training)
+    registry = Registry(models)
+    assert [registry.info(m)["train_config"]["augment"] for m in out["members"]] == ["strong", "gin", "strong"]
+    ensemble = registry.info(out["version"])["train_config"]
+    assert ensemble["member_augment"] == ["strong", "gin"] and ensemble["augment"] == TRAINING.augment
+    assert train(small_store, models, NETWORK, training)["members"] == out["members"]

@@ -36,6 +36,8 @@ from unet.model import UNet, UNetConfig
 from unet.step import Optimization, to_device, train_step
 from unet.validate import validate
 
+Augment = Literal["off", "light", "strong", "scanner", "gin"]
+
 
 class TrainConfig(BaseModel):
     """The training run: optimizer, schedule, sampling, augmentation, where it runs."""
@@ -56,11 +58,16 @@ class TrainConfig(BaseModel):
     )
     oversample_tumour: float = Field(1.0, ge=1, description="draw slices with tumour this many times as often (1 = no)")
     skip_empty: bool = Field(True, description="leave out slices without brain")
-    augment: Literal["off", "light", "strong", "scanner", "gin"] = Field(
+    augment: Augment = Field(
         "light",
         description="light: flips, small rotations, intensity jitter; strong: nnU-Net's 2D set (rotation, scaling, "
         "noise, blur, brightness, contrast, low resolution, gamma); scanner: strong, per-modality bias fields, wider "
         "intensity changes; gin: strong and random shallow conv networks per modality (unseen contrasts, textures)",
+    )
+    member_augment: tuple[Augment, ...] = Field(
+        (),
+        description="cross-validation: fold i's model trains with the i-th of these in turn (e.g. strong gin), "
+        "so the ensemble's members differ in what they were shown; empty: every member uses augment",
     )
     loss: Literal["ce", "ce+dice"] = Field(
         "ce", description="ce: the paper's cross-entropy; ce+dice: plus the soft Dice of the regions WT, TC, ET"
@@ -110,6 +117,11 @@ class TrainConfig(BaseModel):
         if value == 1:
             raise ValueError("cross-validation needs 2 folds or more (0: no cross-validation)")
         return value
+
+    def member(self, fold: int) -> TrainConfig:
+        """The training of fold ``fold``'s model: its own augmentation where the members take turns."""
+        turns = self.member_augment
+        return self.model_copy(update={"augment": turns[fold % len(turns)]}) if turns else self
 
     @field_validator("augment", mode="before")
     @classmethod
@@ -163,6 +175,11 @@ class Progress:
     best_state: dict = field(default_factory=dict)
     epoch_loss: list = field(default_factory=lambda: [0.0, 0])  # sum of batch losses, batches
     resumed_from: tuple[int, int] | None = None
+
+
+# what a checkpoint keeps: of the run's Progress, and the state of these parts of its Optimization
+PROGRESS = ("epoch", "step", "global_step", "epoch_loss", "history", "best", "best_state")
+STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 
 
 @dataclass
@@ -274,39 +291,20 @@ def resume(checkpoint, opt: Optimization, model_cfg: UNetConfig, cfg: TrainConfi
         return Progress()
     if state["model_config"] != model_cfg.model_dump() or state["plan"] != run_definition(cfg):
         raise ValueError("the checkpoint belongs to another model or training config; start afresh")
-    opt.model.load_state_dict(state["model"])
-    opt.optimizer.load_state_dict(state["optimizer"])
-    opt.scheduler.load_state_dict(state["scheduler"])
-    opt.scaler.load_state_dict(state["scaler"])
+    for k in STATEFUL:
+        getattr(opt, k).load_state_dict(state[k])
     set_rng_state(state["rng"])
-    kept = {k: state[k] for k in ("epoch", "step", "global_step", "history", "best", "best_state", "epoch_loss")}
-    return Progress(**kept, resumed_from=(state["epoch"], state["step"]))
+    return Progress(**{k: state[k] for k in PROGRESS}, resumed_from=(state["epoch"], state["step"]))
 
 
 def save(checkpoint, opt: Optimization, progress: Progress, model_cfg: UNetConfig, cfg: TrainConfig, callbacks) -> None:
     """Checkpoint the run where ``progress`` says it stands (nothing without a checkpoint)."""
     if checkpoint is None:
         return
-    p = progress
-    checkpoint.save(
-        {
-            "epoch": p.epoch,
-            "step": p.step,
-            "global_step": p.global_step,
-            "epoch_loss": p.epoch_loss,
-            "model": opt.model.state_dict(),
-            "optimizer": opt.optimizer.state_dict(),
-            "scheduler": opt.scheduler.state_dict(),
-            "scaler": opt.scaler.state_dict(),
-            "rng": rng_state(),
-            "history": p.history,
-            "best": p.best,
-            "best_state": p.best_state,
-            "model_config": model_cfg.model_dump(),
-            "plan": run_definition(cfg),
-        }
-    )
-    callbacks.on_checkpoint(p.epoch, p.step)
+    state = {k: getattr(progress, k) for k in PROGRESS} | {"rng": rng_state(), "plan": run_definition(cfg)}
+    state |= {k: getattr(opt, k).state_dict() for k in STATEFUL}
+    checkpoint.save(state | {"model_config": model_cfg.model_dump()})
+    callbacks.on_checkpoint(progress.epoch, progress.step)
 
 
 def train_epoch(

@@ -53,6 +53,8 @@ def _argument(prop: dict) -> dict:
     elif kind == "array":
         items = prop.get("prefixItems") or [prop.get("items", {})]
         kw = {"type": _type(items[0].get("type")), "nargs": len(items) if "prefixItems" in prop else "+"}
+        if "enum" in items[0]:  # a list of names: each one checked
+            kw["choices"] = items[0]["enum"]
     elif kind == "object":
         kw = {"type": json.loads}
     else:
@@ -66,7 +68,7 @@ def _help(prop: dict) -> str:
     text = prop.get("description", "")
     if "default" in prop and "(default:" not in text:  # a description may say its default itself
         default = prop["default"]
-        text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        text += f" (default: {' '.join(map(str, default)) or 'empty' if isinstance(default, list) else default})"
     return text.replace("%", "%%")
 
 
