@@ -115,3 +115,34 @@ def test_the_members_take_turns_at_the_augmentation(prefect_api, small_store, tm
     ensemble = registry.info(out["version"])["train_config"]
     assert ensemble["member_augment"] == ["strong", "gin"] and ensemble["augment"] == TRAINING.augment
     assert train(small_store, models, NETWORK, training)["members"] == out["members"]
+
+
+def test_the_members_benchmark_scores_each_run_and_each_pair_on_the_same_folds(prefect_api, small_store, tmp_path):
+    """``benchmarks/members.py`` on two cross-validations laid out as ``benchmarks/real.py`` leaves them:
+    each run alone scores exactly what its fold models recorded out of fold, and the pair is an ensemble."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from flows.train import train
+
+    records = {}
+    for name, lr in (("a", 3e-3), ("b", 1e-3)):  # same folds (same seed), models trained otherwise
+        run = tmp_path / name
+        out = train(small_store, str(run / "models"), NETWORK, TRAINING.model_copy(update={"lr": lr, "folds": 2}))
+        (run / "slices-x.zarr").symlink_to(small_store)
+        record = {"postprocess": {"postprocess": {}}, "per_case": []}  # no post-processing: the raw out-of-fold
+        (run / "real-benchmark.json").write_text(json.dumps({"cpu": record}))
+        registry = Registry(str(run / "models"))
+        records[name] = {r["case"]: r for m in out["members"] for r in registry.info(m)["out_of_fold"]}
+    script = Path(__file__).parents[1] / "benchmarks" / "members.py"
+    args = [sys.executable, script, tmp_path / "a" / "real-benchmark.json", tmp_path / "b" / "real-benchmark.json"]
+    done = subprocess.run([*map(str, args), "--out", str(tmp_path / "scores.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores) == {"A", "B", "A+B"} and set(scores["A"]) == set(records["a"])
+    for case, recorded in records["a"].items():
+        assert scores["A"][case]["dice_WT"] == pytest.approx(recorded["dice_WT"], abs=1e-3)
+        assert scores["B"][case]["dice_WT"] == pytest.approx(records["b"][case]["dice_WT"], abs=1e-3)
+    assert any(scores["A+B"][c] != scores["A"][c] and scores["A+B"][c] != scores["B"][c] for c in records["a"])
+    assert [line.split()[0] for line in done.stdout.splitlines()[-3:]] == ["A", "B", "A+B"]
