@@ -10,7 +10,8 @@ One model (``training.folds`` 0):
        ``evaluate/after-train`` deployment evaluates exactly that version
 
 K-fold cross-validation (``training.folds`` K >= 2): the labelled cases outside the store's test
-split are cut into K folds by patient; fold i's model trains on the others, and segments fold i
+split are cut into K folds by patient (or site); fold i's model trains on the others (with the i-th of
+``training.member_augment`` in turn, where the members take turns), and segments fold i
 (its *out-of-fold* cases) on their original grids. Each fold is a run of this flow (``fold`` i): on
 a server, runs of the same deployment, started together so that K workers take one each; on one
 machine, subflows one after another. Then an **ensemble** version (the mean of the K models'
@@ -149,7 +150,10 @@ def _run_folds(store_url: str, registry_url: str, network: UNetConfig, training:
     failed = [f"fold {i}: {s.name} {s.message or ''}".strip() for i, s in enumerate(states) if not s.is_completed()]
     if failed:
         raise RuntimeError("cross-validation folds did not complete: " + "; ".join(failed))
-    return [open_version.fn(registry_url, store_url, network, training, False, i)[0] for i in range(training.folds)]
+    return [
+        open_version.fn(registry_url, store_url, network, training.member(i), False, i)[0]
+        for i in range(training.folds)
+    ]
 
 
 def _announce(version: str, store_url: str, registry_url: str, best: bool, metrics: dict) -> None:

@@ -229,7 +229,8 @@ def test_a_run_submitted_from_the_ui_form_unchanged_runs_the_recipe(stack, tmp_p
 @pytest.mark.slow
 def test_cpu_folds_run_side_by_side_on_the_cpu_pool(stack, small_store, tmp_path):
     """train/cpu with 2 folds starts each fold as a run of train/cpu; with no gpu tag on CPU training
-    one cpu worker runs both at once, and the parent registers their ensemble when both are done."""
+    one cpu worker runs both at once, and the parent registers their ensemble when both are done:
+    the fold versions its runs trained, each with the augmentation of its turn."""
     models = str(tmp_path / "models")
     training = {**TINY_TRAINING, "folds": 2}
     parent = stack.wait(
@@ -253,6 +254,8 @@ def test_cpu_folds_run_side_by_side_on_the_cpu_pool(stack, small_store, tmp_path
     assert not [t["name"] for t in tasks if "gpu" in t["tags"]]
     ensemble = [v for v in Registry(models).versions() if v.get("kind") == "ensemble"]
     assert len(ensemble) == 1 and len(ensemble[0]["members"]) == 2
+    # the recipe's members take turns at the augmentation, each fold run its own
+    assert [Registry(models).info(m)["train_config"]["augment"] for m in ensemble[0]["members"]] == ["strong", "gin"]
 
 
 @pytest.mark.slow
