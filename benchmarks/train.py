@@ -44,11 +44,10 @@ import torch
 from storage.store import SliceStore
 from unet.augment import AugmentConfig, apply_augment, augment_params
 from unet.data import EpochSampler, SliceDataset, make_loader
-from unet.device import pick_device
+from unet.device import autocast_dtype, pick_device
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
 from unet.step import Optimization, train_step
-from unet.train import autocast_dtype
 
 H100_DENSE_BF16_TFLOPS = 989.0  # H100 SXM, dense (no sparsity)
 

@@ -16,10 +16,10 @@ from flows.train import train
 from storage.registry import DEFAULT_ROOT
 from storage.store import SliceStore
 from tasks import report
+from unet.config import TrainConfig
 from unet.model import UNetConfig
 from unet.predict import Prediction
 from unet.preprocess import Preprocessing
-from unet.train import TrainConfig
 
 
 @flow(name="pipeline", log_prints=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from unet.config import TrainConfig
 from unet.model import UNetConfig
 from unet.preprocess import Preprocessing
-from unet.train import TrainConfig
 
 
 class Recipe(BaseModel):

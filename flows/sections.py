@@ -4,7 +4,7 @@ resolves the sections it uses.
 * Sections (pydantic models, shown as typed groups of the run form in the Prefect UI and as option
   groups of ``brats COMMAND --help``), each defined beside the code it configures:
   ``unet.preprocess.Preprocessing`` (``data``), ``unet.model.UNetConfig`` (``network``),
-  ``unet.train.TrainConfig`` (``training``), ``unet.predict.Prediction`` (``prediction``); the
+  ``unet.config.TrainConfig`` (``training``), ``unet.predict.Prediction`` (``prediction``); the
   named sets of them are ``flows.recipes``.
 * ``PARAMETERS``: the description of every parameter several flows take (``store_url``,
   ``registry_url``, ``version``, …); ``@documented`` adds them to a flow's docstring, where Prefect

@@ -43,9 +43,9 @@ from tasks.evaluate import choose_postprocess, cross_validation, predict_out_of_
 from tasks.stage import final_states
 from tasks.train import train_model_on
 from tasks.versions import open_version, plan_folds, promote_if_best, register_ensemble
+from unet.config import TrainConfig
 from unet.device import pick_device
 from unet.model import UNetConfig
-from unet.train import TrainConfig
 
 EVENT = "brats.model.trained"
 MAX_ATTEMPTS = 3

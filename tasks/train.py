@@ -23,11 +23,12 @@ from tasks.artifacts import RunProgress
 from tasks.figures import curves_png, overlay_png
 from tasks.stage import stage_task
 from unet.checkpoint import RegistryCheckpoint, save_model
+from unet.config import TrainConfig
 from unet.data import SliceDataset
 from unet.model import UNet, UNetConfig
 from unet.outputs import labels_of
 from unet.predict import predict_slices
-from unet.train import Callbacks, TrainConfig, fit
+from unet.train import Callbacks, fit
 
 OVERLAYS = 3
 

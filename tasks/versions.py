@@ -24,8 +24,8 @@ from storage.split import make_folds
 from storage.store import SliceStore
 from storage.versions import ModelVersion, listed, promotion
 from tasks.stage import run_logger, stage_task
+from unet.config import TrainConfig, run_definition
 from unet.model import UNetConfig
-from unet.train import TrainConfig, run_definition
 
 
 def package_versions() -> dict[str, str]:

@@ -27,10 +27,10 @@ def fields(model) -> set[str]:
 
 
 def test_every_field_of_every_section_is_an_option_of_its_command(capsys):
+    from unet.config import TrainConfig
     from unet.model import UNetConfig
     from unet.predict import Prediction
     from unet.preprocess import Preprocessing
-    from unet.train import TrainConfig
 
     expected = {
         ("ingest",): fields(Preprocessing) | {"store", "store_url"},

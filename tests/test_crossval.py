@@ -16,9 +16,9 @@ from storage.split import patient_of
 from storage.store import SliceStore
 from tasks.versions import fold_split
 from unet.checkpoint import load_model
+from unet.config import TrainConfig
 from unet.ensemble import Ensemble
 from unet.model import UNetConfig
-from unet.train import TrainConfig
 
 NETWORK = UNetConfig(base_channels=4, depth=2, padding="same", context=1)
 TRAINING = TrainConfig(

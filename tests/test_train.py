@@ -18,6 +18,7 @@ from storage.registry import Registry
 from storage.store import SliceStore
 from tests.conftest import child_env
 from unet.checkpoint import RegistryCheckpoint, rng_state, set_rng_state
+from unet.config import TrainConfig
 from unet.data import SliceDataset, make_loader
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
 from unet.geometry import Geometry, to_labels
@@ -26,7 +27,7 @@ from unet.metrics import evaluate_case
 from unet.model import UNet, UNetConfig
 from unet.predict import predict_volume
 from unet.step import Optimization, crop, train_step
-from unet.train import Callbacks, TrainConfig, fit
+from unet.train import Callbacks, fit
 from unet.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +227,10 @@ def test_checkpoint_every_n_steps_and_every_epoch(small_store, tmp_path):
     assert (state["epoch"], state["step"], state["global_step"]) == (2, 0, 12)
     assert weights_close(state["model"], result.model.state_dict())
     assert [r["epoch"] for r in state["history"]] == [1, 2]
-    # a finished run called again resumes at its end: no step taken, same result
+    # a finished run called again resumes at its end: no step taken, same result; a checkpoint's plan
+    # from before a field was added reads as that field's default
+    state["plan"].pop("average")
+    RegistryCheckpoint(registry, version).save(state)
     again = fit(small_store, TINY, SHORT, RegistryCheckpoint(registry, version))
     assert again.resumed_from == (2, 0) and again.history == result.history
     assert weights_close(again.model.state_dict(), result.model.state_dict())
@@ -240,7 +244,8 @@ torch.set_num_threads(1)
 from storage.registry import Registry
 from unet.checkpoint import RegistryCheckpoint
 from unet.model import UNetConfig
-from unet.train import Callbacks, TrainConfig, fit
+from unet.config import TrainConfig
+from unet.train import Callbacks, fit
 
 class Slow(Callbacks):  # slow the run down so the test can kill it mid-epoch
     def on_step(self, epoch, step, global_step):
@@ -286,3 +291,35 @@ def test_killed_run_resumes_where_it_was_and_ends_like_an_uninterrupted_one(smal
     for a, b in zip(resumed.history, straight.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["dice_WT"] == pytest.approx(b["dice_WT"], abs=1e-4)
+
+
+def test_the_weights_moving_average_is_what_is_validated_kept_and_resumed(small_store, tmp_path):
+    cfg = SHORT.model_copy(update={"average": 0.8, "keep": "last"})
+    registry = Registry(str(tmp_path / "models"))
+    first = RegistryCheckpoint(registry, registry.create({"status": "training"}))
+    straight = fit(small_store, TINY, cfg, first)
+    state = first.load()
+    # the checkpoint keeps the average beside the step's own weights, which it is not
+    assert int(state["average"]["n_averaged"]) == 12
+    averaged = {k.removeprefix("module."): v for k, v in state["average"].items() if k != "n_averaged"}
+    assert weights_close(averaged, straight.model.state_dict()) and weights_close(averaged, straight.best_state)
+    assert not weights_close(state["model"], averaged)
+    # the history's validation scored the average: the same Dice again from the weights kept
+    store = SliceStore(small_store)
+    again = validate(straight.model, store, store.split["val"], SegLoss(dice=True), torch.device("cpu"), None, False, 4)
+    assert again["dice_WT"] == pytest.approx(straight.history[-1]["dice_WT"], abs=1e-4)
+
+    class Stop(Callbacks):  # a run that fails after its checkpoint at step 8 (epoch 1, step 2)
+        def on_step(self, epoch, step, global_step):
+            if global_step == 9:
+                raise RuntimeError("stopped")
+
+    version = registry.create({"status": "training"})
+    with pytest.raises(RuntimeError, match="stopped"):
+        fit(small_store, TINY, cfg, RegistryCheckpoint(registry, version), Stop())
+    ckpt = RegistryCheckpoint(registry, version)
+    stopped = ckpt.load()
+    assert stopped["global_step"] == 8 and int(stopped["average"]["n_averaged"]) == 8
+    resumed = fit(small_store, TINY, cfg, ckpt)
+    assert resumed.resumed_from == (1, 2)
+    assert weights_close(resumed.model.state_dict(), straight.model.state_dict())

@@ -15,9 +15,10 @@ from storage.store import SliceStore
 from tasks.train import train_model
 from tasks.versions import open_version
 from unet.checkpoint import RegistryCheckpoint, load_model
+from unet.config import TrainConfig
 from unet.model import UNetConfig
 from unet.postprocess import DICE_TIE, ET_MIN_ML, MIN_ISLAND_ML
-from unet.train import Callbacks, TrainConfig, fit
+from unet.train import Callbacks, fit
 
 NETWORK = UNetConfig(base_channels=4, depth=2, padding="same")
 TRAINING = TrainConfig(epochs=2, batch_size=8, max_steps_per_epoch=3, checkpoint_every=2, workers=0, lr=3e-3)

@@ -1,8 +1,9 @@
 """One training step: a loader batch onto the device (augmented there), and one optimizer step on it.
 
 ``Optimization`` holds what a step works with and a checkpoint keeps (the model, its loss, the
-optimizer, its schedule and gradient scaler) and how it runs (autocast precision, gradient
-clipping); ``unet.train.fit`` makes one per run and ``benchmarks/train.py`` times ``train_step``.
+optimizer, its schedule and gradient scaler, the weights' moving average where there is one) and how
+it runs (autocast precision, gradient clipping); ``unet.train.fit`` makes one per run and
+``benchmarks/train.py`` times ``train_step``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Optimization:
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None = None
     grad_clip: float = 0.0
+    average: torch.optim.swa_utils.AveragedModel | None = None  # a moving average of the weights, or none
 
 
 def train_step(opt: Optimization, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -95,4 +97,6 @@ def train_step(opt: Optimization, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
     opt.scheduler.step()
+    if opt.average is not None:
+        opt.average.update_parameters(model)
     return loss.detach()

@@ -6,13 +6,14 @@
 * Device and precision: ``unet.device`` (bf16 autocast on CUDA and on CPUs with native bf16,
   channels_last). The loss is computed on whole slices in both padding modes (``UNet.predict``:
   the paper's overlap-tile for valid padding).
-* Resuming: the checkpoint holds model, optimizer, scheduler, scaler, RNG, epoch and step; the data
-  order and augmentation depend on (seed, epoch, position) only (``unet.data.EpochSampler``), so a
-  run resumed at step s of epoch e sees the very batches an uninterrupted run would have seen and
-  ends with the same weights.
+* Resuming: the checkpoint holds model, optimizer, scheduler, scaler, the weights' moving average
+  (``average``), RNG, epoch and step; the data order and augmentation depend on (seed, epoch,
+  position) only (``unet.data.EpochSampler``), so a run resumed at step s of epoch e sees the very
+  batches an uninterrupted run would have seen and ends with the same weights.
 * Validation scores every validation case as the test is scored: per-case 3D Dice (WT/TC/ET, the
   BraTS rules for empty masks) over all of its brain slices, averaged over cases; the weights kept
-  are the best epoch's, or the last (``keep``).
+  are the best epoch's, or the last (``keep``); with ``average``, those of the weights' exponential
+  moving average (batch-norm statistics included), which is what is validated.
 """
 
 from __future__ import annotations
@@ -20,122 +21,21 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from storage.store import SliceStore
 from unet.augment import AUGMENTATIONS
 from unet.checkpoint import rng_state, set_rng_state
+from unet.config import TrainConfig, run_definition
 from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader
-from unet.device import DEVICE_HELP, autocast_dtype, pick_device
+from unet.device import autocast_dtype, pick_device
 from unet.loss import SegLoss, class_weights_from_counts
 from unet.model import UNet, UNetConfig
 from unet.step import Optimization, to_device, train_step
 from unet.validate import validate
-
-Augment = Literal["off", "light", "strong", "scanner", "gin"]
-
-
-class TrainConfig(BaseModel):
-    """The training run: optimizer, schedule, sampling, augmentation, where it runs."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    epochs: int = Field(20, ge=1, description="passes over the training slices (or over max_steps_per_epoch batches)")
-    batch_size: int = Field(16, ge=1, description="slices per step")
-    lr: float = Field(
-        1e-3, gt=0, description="peak AdamW learning rate of the one-cycle schedule (warm-up, cosine decay)"
-    )
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
-    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of all steps spent warming up")
-    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 = off")
-    seed: int = Field(0, description="seeds the weights, the data order and the augmentation")
-    max_steps_per_epoch: int | None = Field(
-        None, ge=1, description="cap an epoch at this many steps (short runs); empty: every slice once"
-    )
-    oversample_tumour: float = Field(1.0, ge=1, description="draw slices with tumour this many times as often (1 = no)")
-    skip_empty: bool = Field(True, description="leave out slices without brain")
-    augment: Augment = Field(
-        "light",
-        description="light: flips, small rotations, intensity jitter; strong: nnU-Net's 2D set (rotation, scaling, "
-        "noise, blur, brightness, contrast, low resolution, gamma); scanner: strong, per-modality bias fields, wider "
-        "intensity changes; gin: strong and random shallow conv networks per modality (unseen contrasts, textures)",
-    )
-    member_augment: tuple[Augment, ...] = Field(
-        (),
-        description="cross-validation: fold i's model trains with the i-th of these in turn (e.g. strong gin), "
-        "so the ensemble's members differ in what they were shown; empty: every member uses augment",
-    )
-    loss: Literal["ce", "ce+dice"] = Field(
-        "ce", description="ce: the paper's cross-entropy; ce+dice: plus the soft Dice of the regions WT, TC, ET"
-    )
-    class_weight_power: float | None = Field(
-        None, ge=0, description="weight classes by (1/frequency)**power; empty: plain cross-entropy"
-    )
-    patch: int | None = Field(
-        None,
-        ge=16,
-        multiple_of=16,
-        description="train on patch×patch crops of the slices (unet.step.crop), "
-        "predict on whole slices: 96 with profile window (1 mm) costs what tp costs; empty: whole slices",
-    )
-    fine_labels: bool = Field(
-        True,
-        description="score the loss on the labels' own grid where the store keeps them finer than the slices "
-        "(profile tp: 1 mm labels, 2 mm slices); off: every 2nd label pixel, on the slices' grid",
-    )
-    folds: int = Field(
-        0,
-        ge=0,
-        description="K-fold cross-validation: K models by patient folds, registered as their ensemble; "
-        "0: one model on the store's split",
-    )
-    fold_by: Literal["patient", "site"] = Field(
-        "patient",
-        description="how cases are cut into folds: by patient (stratified by grade), or by site "
-        "(leave-one-institution-out: each institution of the BraTS ids whole in one fold, small ones pooled)",
-    )
-    keep: Literal["best", "last"] = Field(
-        "best", description="the weights kept: the epoch with the best validation Dice, or the last epoch"
-    )
-    validate_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
-    checkpoint_every: int = Field(200, ge=0, description="also checkpoint every N steps (0 = at epoch ends only)")
-    workers: int = Field(4, ge=0, description="DataLoader worker processes")
-    device: str = Field("auto", description=DEVICE_HELP)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto",
-        description="auto: bf16 autocast on CUDA (fp16 + scaler without bf16) and on CPUs with native bf16, else fp32",
-    )
-    channels_last: bool = Field(True, description="NHWC tensors: faster convolutions on CUDA and on CPUs (oneDNN)")
-
-    @field_validator("folds")
-    @classmethod
-    def _two_folds_at_least(cls, value: int) -> int:
-        if value == 1:
-            raise ValueError("cross-validation needs 2 folds or more (0: no cross-validation)")
-        return value
-
-    def member(self, fold: int) -> TrainConfig:
-        """The training of fold ``fold``'s model: its own augmentation where the members take turns."""
-        turns = self.member_augment
-        return self.model_copy(update={"augment": turns[fold % len(turns)]}) if turns else self
-
-    @field_validator("augment", mode="before")
-    @classmethod
-    def _augment_as_a_flag(cls, value):  # versions and deployments from before the named sets
-        return {True: "light", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-
-# fields that change how fast a run goes, not what it computes: a run may resume under other values
-RUNTIME_FIELDS = {"checkpoint_every", "workers", "device", "precision", "channels_last"}
-
-
-def run_definition(cfg: TrainConfig) -> dict:
-    """The fields that define a run's result (what a checkpoint must agree with to be resumed)."""
-    return cfg.model_dump(exclude=RUNTIME_FIELDS)
 
 
 class Callbacks:
@@ -179,7 +79,7 @@ class Progress:
 
 # what a checkpoint keeps: of the run's Progress, and the state of these parts of its Optimization
 PROGRESS = ("epoch", "step", "global_step", "epoch_loss", "history", "best", "best_state")
-STATEFUL = ("model", "optimizer", "scheduler", "scaler")
+STATEFUL = ("model", "optimizer", "scheduler", "scaler", "average")  # (average: None where off)
 
 
 @dataclass
@@ -216,26 +116,27 @@ def fit(
     progress = resume(checkpoint, opt, model_cfg, cfg)
     callbacks.on_start(cfg.epochs * data.steps_per_epoch, progress.global_step, progress.resumed_from)
     opt.model.train()
+    kept = opt.average.module if opt.average is not None else opt.model  # the weights validated and kept
     try:
         for epoch in range(progress.epoch, cfg.epochs):
             row = train_epoch(opt, data, progress, epoch, cfg, channels_last, checkpoint, callbacks)
             if epoch + 1 == cfg.epochs or (epoch + 1) % cfg.validate_every == 0:
                 val = data.split["val"]
-                row |= validate(opt.model, data.store, val, opt.loss_fn, device, opt.amp, channels_last, cfg.batch_size)
+                row |= validate(kept, data.store, val, opt.loss_fn, device, opt.amp, channels_last, cfg.batch_size)
             row |= {"lr": opt.scheduler.get_last_lr()[0]}
             progress.history.append(row)
             if "dice_mean" in row and (
                 not progress.best or row["dice_mean"] > progress.best["dice_mean"] or cfg.keep == "last"
             ):
                 progress.best = row
-                progress.best_state = {k: v.detach().to("cpu", copy=True) for k, v in opt.model.state_dict().items()}
+                progress.best_state = {k: v.detach().to("cpu", copy=True) for k, v in kept.state_dict().items()}
             progress.epoch, progress.step, progress.epoch_loss = epoch + 1, 0, [0.0, 0]
             save(checkpoint, opt, progress, model_cfg, cfg, callbacks)
             callbacks.on_epoch(row)
     finally:
         del data.loader  # stop the worker processes now, also on failure (a retry makes new ones)
     p = progress
-    return FitResult(opt.model.eval(), p.best_state, p.best, p.history, p.resumed_from, str(device))
+    return FitResult(kept.eval(), p.best_state, p.best, p.history, p.resumed_from, str(device))
 
 
 def load_data(
@@ -281,7 +182,10 @@ def optimization(
     )
     amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    return Optimization(model, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip)
+    average = None
+    if cfg.average:  # buffers too: the average's batch-norm statistics are those of its own weights' era
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.average), use_buffers=True)
+    return Optimization(model, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip, average)
 
 
 def resume(checkpoint, opt: Optimization, model_cfg: UNetConfig, cfg: TrainConfig) -> Progress:
@@ -289,10 +193,12 @@ def resume(checkpoint, opt: Optimization, model_cfg: UNetConfig, cfg: TrainConfi
     state = checkpoint.load() if checkpoint is not None else None
     if state is None:
         return Progress()
-    if state["model_config"] != model_cfg.model_dump() or state["plan"] != run_definition(cfg):
+    plan = run_definition(TrainConfig.model_validate(state["plan"]))  # fields added since: their defaults
+    if state["model_config"] != model_cfg.model_dump() or plan != run_definition(cfg):
         raise ValueError("the checkpoint belongs to another model or training config; start afresh")
     for k in STATEFUL:
-        getattr(opt, k).load_state_dict(state[k])
+        if getattr(opt, k) is not None:
+            getattr(opt, k).load_state_dict(state[k])
     set_rng_state(state["rng"])
     return Progress(**{k: state[k] for k in PROGRESS}, resumed_from=(state["epoch"], state["step"]))
 
@@ -302,7 +208,7 @@ def save(checkpoint, opt: Optimization, progress: Progress, model_cfg: UNetConfi
     if checkpoint is None:
         return
     state = {k: getattr(progress, k) for k in PROGRESS} | {"rng": rng_state(), "plan": run_definition(cfg)}
-    state |= {k: getattr(opt, k).state_dict() for k in STATEFUL}
+    state |= {k: getattr(opt, k).state_dict() for k in STATEFUL if getattr(opt, k) is not None}
     checkpoint.save(state | {"model_config": model_cfg.model_dump()})
     callbacks.on_checkpoint(progress.epoch, progress.step)
 
