@@ -11,7 +11,8 @@ torch's default threads (the cores), the recipe's precision (``autocast_dtype``)
 * ``channels_last``: NHWC tensors and weights (what the recipes train with: ``training.channels_last``);
 * ``+compile``: ``torch.compile`` of the model (inductor; its compile time is reported, not timed);
 * ``+fp32``: no autocast (the recipe's ``auto`` precision is bf16 on a CPU with native bf16);
-* ``+instance``, ``+ibn``: the network's ``norm`` in place of the recipe's batch norm (``unet/norm.py``).
+* ``+instance``, ``+ibn``: the network's ``norm`` in place of the recipe's batch norm (``unet/norm.py``);
+* ``+average``: the weights' moving average updated after every step (``training.average``, 0.999).
 
 The variants are timed in turn within each round (order reversed every other round, so drift
 on a shared machine falls on all of them alike); medians of ``--rounds`` rounds of ``--steps`` steps.
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 from flows.recipes import recipe  # noqa: E402
 from unet.device import autocast_dtype  # noqa: E402
@@ -52,6 +54,8 @@ def make(variant: str, network, training) -> tuple[Optimization, torch.Tensor, t
     opt = Optimization(model, loss, optimizer, schedule, scaler, amp, training.grad_clip)
     if "compile" in choices:
         opt.model = torch.compile(model)
+    if "average" in choices:
+        opt.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
     x = torch.randn(training.batch_size, network.input_channels, 96, 96).contiguous(memory_format=layout)
     y = torch.randint(0, 4, (training.batch_size, 192, 192), dtype=torch.uint8)
     return opt, x, y

@@ -17,7 +17,7 @@ slices in batches, restored to the input grid) and write (``write_segmentation``
   (bf16 on CUDA and on CPUs with native bf16).
 
 Reported per path: median seconds per volume of each stage and of the total (and the min..max of
-the total), the FLOPs actually computed (``UNet.flops_per_forward`` at each forward's tile size x
+the total), the FLOPs actually computed (``unet.flops.flops_per_forward`` at each forward's tile size x
 its slices, mirrors included, counted by a hook on the model) and the FLOP/s they ran at during
 ``predict``, against a matmul peak measured in the same run (``torch.mm`` of two 2048x2048
 matrices, 4096 on CUDA, on this process's torch threads: fp32, and bf16 where the CPU or GPU has
@@ -47,6 +47,7 @@ from storage.cases import discover
 from storage.nifti import read_case, write_segmentation
 from storage.synth import write_dataset
 from unet.device import autocast_dtype, cpu_has_bf16, pick_device
+from unet.flops import flops_per_forward
 from unet.metrics import dice
 from unet.model import UNet, UNetConfig
 from unet.predict import CROP_MARGIN, predict_volume
@@ -98,7 +99,7 @@ class FlopCounter:
     def _hook(self, module, args) -> None:
         x = args[0]
         h, w = x.shape[-2:]
-        self.flops += x.shape[0] * self.model.flops_per_forward(h, w)
+        self.flops += x.shape[0] * flops_per_forward(self.model, h, w)
         self.tiles += [(h, w)] * x.shape[0]
 
     def reset(self) -> None:

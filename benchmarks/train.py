@@ -7,7 +7,7 @@
   to the valid tile in valid mode, cross-entropy, backward, clipping, AdamW, schedule) on a batch that already
   sits on the device; autocast as training picks it (``unet.device.autocast_dtype``: bf16
   on CUDA and on CPUs with native bf16, else fp32), channels_last on CUDA. Median of ``--steps``
-  timed steps after ``--warmup``; achieved TFLOP/s = 3 x ``UNet.flops_per_forward`` (fwd + bwd) of the
+  timed steps after ``--warmup``; achieved TFLOP/s = 3 x ``unet.flops.flops_per_forward`` (fwd + bwd) of the
   network input x batch / step time.
 * loader: ``unet.data`` exactly as training uses it (brain slices, augmentation parameters, worker
   processes, pinned memory on CUDA) over a store of real cases (``--store``, or ``--raw DIR``: the
@@ -20,7 +20,7 @@
 * projection for a GPU machine: per-worker slices/s (the lower of the two measurements) x ``--cores``
   worker processes (default 14: a 16-core GPU machine less the trainer and its pin-memory thread)
   against one H100's step rate at base 64, ``--size``, bf16: measured when this run is one (CUDA,
-  base 64, bf16), else 3 x ``UNet.flops_per_forward`` per slice at ``--assume-tflops`` achieved (default
+  base 64, bf16), else 3 x ``unet.flops.flops_per_forward`` per slice at ``--assume-tflops`` achieved (default
   495 = half of the H100 SXM's 989 dense bf16 TFLOP/s: a high figure for a conv U-Net, whose norms,
   activations, concatenations and optimizer are memory-bound, so the loader target is not
   understated).
@@ -45,6 +45,7 @@ from storage.store import SliceStore
 from unet.augment import AugmentConfig, apply_augment, augment_params
 from unet.data import EpochSampler, SliceDataset, make_loader
 from unet.device import autocast_dtype, pick_device
+from unet.flops import flops_per_forward
 from unet.loss import CrossEntropy
 from unet.model import UNet, UNetConfig
 from unet.step import Optimization, train_step
@@ -124,7 +125,7 @@ def step_rate(padding: str, args, device: torch.device) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     side = model.input_size_for(args.size)  # what the network sees: 240 (same) or 428 (valid, depth 4)
-    flops = 3 * model.flops_per_forward(side, side) * args.batch
+    flops = 3 * flops_per_forward(model, side, side) * args.batch
     t = statistics.median(times)
     return {
         "padding": padding,
@@ -189,7 +190,7 @@ def h100_step(args) -> dict[str, float]:
     for padding in ("same", "valid"):
         model = UNet(UNetConfig(base_channels=64, depth=args.depth, padding=padding))
         side = model.input_size_for(args.size)
-        flops = 3 * model.flops_per_forward(side, side)
+        flops = 3 * flops_per_forward(model, side, side)
         out[padding] = (flops, args.assume_tflops * 1e12 / flops)
     return out
 

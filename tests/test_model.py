@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet.flops import flops_per_forward
 from unet.loss import CrossEntropy, class_weights_from_counts, cross_entropy
 from unet.model import UNet, UNetConfig, center_crop, mirror_pad
 from unet.norm import IBN
@@ -220,6 +221,29 @@ def test_ibn_norm_drops_the_first_levels_contrast_on_half_its_channels() -> None
     assert out.shape == (2, 4, 32, 32) and torch.isfinite(out).all()
 
 
+def test_dropout_at_the_end_of_the_contracting_path_only_while_training() -> None:
+    """``dropout``: the paper's, on the last contracting level's output (its skip too) and the
+    bottleneck's; nothing dropped in eval mode; at 0 the network is the one without it."""
+    model = tiny("same", base=4, depth=2, dropout=0.5).train()
+    seen = {}
+    for i in range(3):  # the two levels and the bottleneck, before any dropout
+        model.down[i].register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, out))
+    model.up[0].register_forward_pre_hook(lambda m, args: seen.__setitem__("deep", args))
+    model.up[1].register_forward_pre_hook(lambda m, args: seen.__setitem__("shallow", args))
+    x = torch.randn(2, 4, 16, 16)
+    model(x)
+    (bottom, last_skip), first_skip = seen["deep"], seen["shallow"][1]
+    for before, after in ((seen[2], bottom), (seen[1], last_skip)):
+        kept = after != 0
+        assert torch.allclose(after[kept], 2 * before[kept])  # survivors scaled by 1 / (1 - 0.5)
+        dropped = float(((before != 0) & ~kept).sum() / (before != 0).sum())
+        assert 0.3 < dropped < 0.7
+    assert torch.equal(first_skip, seen[0])  # the first level: not dropped
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    assert torch.equal(tiny("same", base=4, depth=2)(x), model(x))  # same seed, same weights: dropout holds none
+
+
 # ----------------------------------------------------------------------------- flops
 
 
@@ -255,23 +279,23 @@ def test_flops_hand_count_tiny() -> None:
         + 2 * 2 * 2 * 1 * 4 * 4  # 1x1 head 2->2
     )
     assert hand == 47_376
-    assert model.flops_per_forward(20, 20) == hand
+    assert flops_per_forward(model, 20, 20) == hand
     # same mode, 16x16: convs keep size
     same = tiny("same", base=2, depth=1, in_channels=1, num_classes=2)
     hand_same = 2 * 9 * 16 * 16 * (1 * 2 + 2 * 2 + 4 * 2 + 2 * 2) + 2 * 9 * 8 * 8 * (2 * 4 + 4 * 4)
     hand_same += 2 * 4 * 2 * 4 * 8 * 8 + 2 * 16 * 16 * 2 * 2
-    assert same.flops_per_forward(16, 16) == hand_same
+    assert flops_per_forward(same, 16, 16) == hand_same
     with pytest.raises(ValueError):
-        model.flops_per_forward(21, 20)
+        flops_per_forward(model, 21, 20)
 
 
 def test_flops_matches_layer_shapes_paper_config() -> None:
     with torch.device("meta"):
         model = UNet(UNetConfig(in_channels=1, num_classes=2))
         same = UNet(UNetConfig(padding="same", depth=3, base_channels=8))
-    assert model.flops_per_forward(572, 572) == _hook_flops(model, 572, 572)
-    assert model.flops_per_forward(428, 284) == _hook_flops(model, 428, 284)
-    assert same.flops_per_forward(96, 240) == _hook_flops(same, 96, 240)
+    assert flops_per_forward(model, 572, 572) == _hook_flops(model, 572, 572)
+    assert flops_per_forward(model, 428, 284) == _hook_flops(model, 428, 284)
+    assert flops_per_forward(same, 96, 240) == _hook_flops(same, 96, 240)
 
 
 # ----------------------------------------------------------------------------- loss

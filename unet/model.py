@@ -9,6 +9,8 @@ Architecture, exactly as in the paper (Fig. 1):
   halves the channels, concatenation with the correspondingly (center-)cropped feature
   map of the contracting path, then [3x3 conv + ReLU] x 2;
 * a final 1x1 convolution to ``num_classes`` logits;
+* dropout at the end of the contracting path (``dropout``: the paper gives no rate; its Caffe model
+  drops half of the last level's and of the bottleneck's outputs);
 * no normalisation layers, conv biases on, He/Kaiming init ``N(0, sqrt(2/N))`` with ``N``
   the number of inputs of one neuron.
 
@@ -82,6 +84,13 @@ class UNetConfig(BaseModel):
     )
     outputs: Outputs = Field(
         "classes", description="classes: a soft-max over the classes (paper); regions: a sigmoid per region WT, TC, ET"
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout at the end of the contracting path, on the last level's and the bottleneck's outputs "
+        "(paper: on, rate not given; its Caffe model: 0.5)",
     )
 
     @model_validator(mode="after")
@@ -178,6 +187,7 @@ class UNet(nn.Module):
             + [DoubleConv(c[i], c[i + 1], cfg.padding, norm) for i in range(cfg.depth)]
         )  # down[-1] is the bottleneck
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()  # (the identity in eval mode)
         self.up = nn.ModuleList([Up(c[i + 1], c[i], cfg.padding, norm) for i in reversed(range(cfg.depth))])
         k = channels(cfg.outputs, cfg.num_classes)
         self.head = nn.Conv2d(c[0], k, kernel_size=1, bias=True)
@@ -210,11 +220,12 @@ class UNet(nn.Module):
         self.output_size(x.shape[-2])  # validate early with a readable error
         self.output_size(x.shape[-1])
         skips = []
-        for level in self.down[:-1]:
+        for i, level in enumerate(self.down[:-1]):
             x = level(x)
+            x = self.drop(x) if i == self.cfg.depth - 1 else x  # the end of the contracting path
             skips.append(x)
             x = self.pool(x)
-        x = self.down[-1](x)
+        x = self.drop(self.down[-1](x))
         decoded = []
         for up, skip in zip(self.up, reversed(skips)):
             x = up(x, skip)
@@ -312,39 +323,3 @@ class UNet(nn.Module):
         off_h, off_w = (ih - y.shape[-2]) // 2, (iw - y.shape[-1]) // 2
         r0, c0 = top - off_h, left - off_w
         return y[..., r0 : r0 + h, c0 : c0 + w]
-
-    # ---- accounting ----------------------------------------------------------------
-
-    def flops_per_forward(self, h: int, w: int) -> int:
-        """FLOPs (2 x multiply-accumulates) of all convs/up-convs in one raw forward of
-        a single h x w input. Biases, ReLU, pooling, norms and concat are not counted.
-        """
-        self.output_size(h)
-        self.output_size(w)
-        valid = self.cfg.padding == "valid"
-        total = 0
-
-        def conv(m: nn.Conv2d, hh: int, ww: int) -> tuple[int, int]:
-            nonlocal total
-            if valid:
-                hh, ww = hh - m.kernel_size[0] + 1, ww - m.kernel_size[1] + 1
-            k = m.kernel_size[0] * m.kernel_size[1]
-            total += 2 * m.in_channels * m.out_channels * k * hh * ww
-            return hh, ww
-
-        def double(block: nn.Module, hh: int, ww: int) -> tuple[int, int]:
-            for m in block:
-                if isinstance(m, nn.Conv2d):
-                    hh, ww = conv(m, hh, ww)
-            return hh, ww
-
-        for level in self.down[:-1]:
-            h, w = double(level, h, w)
-            h, w = h // 2, w // 2
-        h, w = double(self.down[-1], h, w)
-        for up in self.up:
-            h, w = 2 * h, 2 * w  # each output pixel sees in_channels inputs (k == stride)
-            total += 2 * up.up.in_channels * up.up.out_channels * h * w
-            h, w = double(up.conv, h, w)
-        total += 2 * self.head.in_channels * self.head.out_channels * h * w
-        return total
