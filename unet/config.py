@@ -79,11 +79,7 @@ class TrainConfig(BaseModel):
         "best", description="the weights kept: the epoch with the best validation Dice, or the last epoch"
     )
     average: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="decay of an exponential moving average of the weights and batch-norm statistics, updated every "
-        "step, validated and kept in place of the step's own weights (e.g. 0.999); 0: off",
+        0.0, ge=0, lt=1, description="keep a moving average of the weights and norm statistics, this decay (0: off)"
     )
     validate_every: int = Field(1, ge=1, description="validate every N epochs (and after the last)")
     checkpoint_every: int = Field(200, ge=0, description="also checkpoint every N steps (0 = at epoch ends only)")

@@ -86,11 +86,7 @@ class UNetConfig(BaseModel):
         "classes", description="classes: a soft-max over the classes (paper); regions: a sigmoid per region WT, TC, ET"
     )
     dropout: float = Field(
-        0.0,
-        ge=0,
-        lt=1,
-        description="dropout at the end of the contracting path, on the last level's and the bottleneck's outputs "
-        "(paper: on, rate not given; its Caffe model: 0.5)",
+        0.0, ge=0, lt=1, description="dropout at the end of the contracting path (paper: on; its Caffe model: 0.5)"
     )
 
     @model_validator(mode="after")
