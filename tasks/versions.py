@@ -61,7 +61,7 @@ def open_version(
             for info in listed(registry_url)
             if info.status in ("training", "complete" if fold is not None else "training")
             and info.store_fingerprint == store.fingerprint
-            and info.model == model_cfg
+            and UNetConfig.model_validate(info.model).model_dump() == model_cfg  # fields added since: defaults
             and info.fold == fold
             and run_definition(TrainConfig.model_validate(info.train_config)) == want
         ]

@@ -228,8 +228,9 @@ def test_checkpoint_every_n_steps_and_every_epoch(small_store, tmp_path):
     assert weights_close(state["model"], result.model.state_dict())
     assert [r["epoch"] for r in state["history"]] == [1, 2]
     # a finished run called again resumes at its end: no step taken, same result; a checkpoint's plan
-    # from before a field was added reads as that field's default
+    # and network from before a field was added read as that field's default
     state["plan"].pop("average")
+    state["model_config"].pop("dropout")
     RegistryCheckpoint(registry, version).save(state)
     again = fit(small_store, TINY, SHORT, RegistryCheckpoint(registry, version))
     assert again.resumed_from == (2, 0) and again.history == result.history

@@ -76,6 +76,7 @@ def test_brats_train_registers_a_version_that_learned_with_its_artifacts(prefect
         "context": 0,
         "deep_supervision": False,
         "outputs": "classes",
+        "dropout": 0.0,
     }
     assert info["profile"] == "full" and info["store"] == small_store
     assert info["store_fingerprint"] == store.fingerprint and info["split"] == store.split

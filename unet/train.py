@@ -194,7 +194,8 @@ def resume(checkpoint, opt: Optimization, model_cfg: UNetConfig, cfg: TrainConfi
     if state is None:
         return Progress()
     plan = run_definition(TrainConfig.model_validate(state["plan"]))  # fields added since: their defaults
-    if state["model_config"] != model_cfg.model_dump() or plan != run_definition(cfg):
+    network = UNetConfig.model_validate(state["model_config"]).model_dump()
+    if network != model_cfg.model_dump() or plan != run_definition(cfg):
         raise ValueError("the checkpoint belongs to another model or training config; start afresh")
     for k in STATEFUL:
         if getattr(opt, k) is not None:
