@@ -30,13 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # noqa: E402
 
 from flows.recipes import recipe  # noqa: E402
 from unet.device import autocast_dtype  # noqa: E402
 from unet.loss import SegLoss  # noqa: E402
 from unet.model import UNet  # noqa: E402
-from unet.step import Optimization, train_step  # noqa: E402
+from unet.step import Optimization, moving_average, train_step  # noqa: E402
 
 
 def make(variant: str, network, training) -> tuple[Optimization, torch.Tensor, torch.Tensor]:
@@ -55,7 +54,7 @@ def make(variant: str, network, training) -> tuple[Optimization, torch.Tensor, t
     if "compile" in choices:
         opt.model = torch.compile(model)
     if "average" in choices:
-        opt.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.999), use_buffers=True)
+        opt.average = moving_average(model, 0.999)
     x = torch.randn(training.batch_size, network.input_channels, 96, 96).contiguous(memory_format=layout)
     y = torch.randint(0, 4, (training.batch_size, 192, 192), dtype=torch.uint8)
     return opt, x, y

@@ -24,7 +24,7 @@ from storage.split import make_folds
 from storage.store import SliceStore
 from storage.versions import ModelVersion, listed, promotion
 from tasks.stage import run_logger, stage_task
-from unet.config import TrainConfig, run_definition
+from unet.config import TrainConfig, same_run
 from unet.model import UNetConfig
 
 
@@ -54,19 +54,18 @@ def open_version(
     store = SliceStore(store_url)
     if not store.split.get("train"):
         raise ValueError(f"{store_url}: no train split in the store (run `brats ingest`)")
-    want, model_cfg = run_definition(training), network.model_dump()
+    model_cfg = network.model_dump()
     if not fresh:
-        same_run = [
+        this_run = [
             info
             for info in listed(registry_url)
             if info.status in ("training", "complete" if fold is not None else "training")
             and info.store_fingerprint == store.fingerprint
-            and UNetConfig.model_validate(info.model).model_dump() == model_cfg  # fields added since: defaults
             and info.fold == fold
-            and run_definition(TrainConfig.model_validate(info.train_config)) == want
+            and same_run(network, training, info.model, info.train_config)
         ]
-        if same_run:  # the newest (version ids made in the same second do not sort by time)
-            info = max(same_run, key=lambda info: info.created)
+        if this_run:  # the newest (version ids made in the same second do not sort by time)
+            info = max(this_run, key=lambda info: info.created)
             if info.status == "complete":
                 return info.version, 0
             return info.version, ModelVersion(registry_url, info.version).reopen()

@@ -1,8 +1,8 @@
 """A training run's options (``TrainConfig``): optimizer, schedule, sampling, augmentation, the
 cross-validation, where it runs. ``unet.train.fit`` runs one; a model version records it.
 
-``run_definition``: the fields that decide what a run computes (not how fast), which a checkpoint
-must agree with to be resumed and a cross-validation's fold versions with to be reused.
+``run_definition``: the fields that decide what a run computes (not how fast); ``same_run``: whether
+a run a checkpoint or a model version recorded is this one (to be resumed, or a fold version reused).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from unet.device import DEVICE_HELP
+from unet.model import UNetConfig
 
 Augment = Literal["off", "light", "strong", "scanner", "gin"]
 
@@ -116,3 +117,11 @@ RUNTIME_FIELDS = {"checkpoint_every", "workers", "device", "precision", "channel
 def run_definition(cfg: TrainConfig) -> dict:
     """The fields that define a run's result (what a checkpoint must agree with to be resumed)."""
     return cfg.model_dump(exclude=RUNTIME_FIELDS)
+
+
+def same_run(network: UNetConfig, cfg: TrainConfig, recorded_network: dict, recorded_training: dict) -> bool:
+    """Whether a run as a checkpoint or a model version recorded it (its network's and its training's
+    fields) is this one: the same network, the same ``run_definition``. A record from before a field
+    was added reads as that field's default."""
+    then = TrainConfig.model_validate(recorded_training)
+    return UNetConfig.model_validate(recorded_network) == network and run_definition(then) == run_definition(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from unet.augment import AUGMENTATIONS, apply_augment
 from unet.model import UNet
@@ -79,7 +80,13 @@ class Optimization:
     scaler: torch.amp.GradScaler
     amp: torch.dtype | None = None
     grad_clip: float = 0.0
-    average: torch.optim.swa_utils.AveragedModel | None = None  # a moving average of the weights, or none
+    average: AveragedModel | None = None  # a moving average of the weights, or none
+
+
+def moving_average(model: UNet, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights, ``train_step`` updating it; of its buffers
+    too, so the average's batch-norm statistics are those of its own weights' era."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def train_step(opt: Optimization, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -24,17 +24,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from storage.store import SliceStore
 from unet.augment import AUGMENTATIONS
 from unet.checkpoint import rng_state, set_rng_state
-from unet.config import TrainConfig, run_definition
+from unet.config import TrainConfig, run_definition, same_run
 from unet.data import EpochSampler, SliceDataset, class_counts, index_slices, make_loader
 from unet.device import autocast_dtype, pick_device
 from unet.loss import SegLoss, class_weights_from_counts
 from unet.model import UNet, UNetConfig
-from unet.step import Optimization, to_device, train_step
+from unet.step import Optimization, moving_average, to_device, train_step
 from unet.validate import validate
 
 
@@ -52,7 +51,7 @@ class Callbacks:
 
 @dataclass
 class FitResult:
-    model: UNet  # weights after the last step, eval mode
+    model: UNet  # weights after the last step (or their moving average, with ``average``), eval mode
     best_state: dict  # CPU state dict of the epoch with the best mean validation Dice
     best: dict  # that epoch's history row
     history: list[dict]  # one row per epoch
@@ -182,9 +181,7 @@ def optimization(
     )
     amp = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-    average = None
-    if cfg.average:  # buffers too: the average's batch-norm statistics are those of its own weights' era
-        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.average), use_buffers=True)
+    average = moving_average(model, cfg.average) if cfg.average else None
     return Optimization(model, loss_fn, optimizer, scheduler, scaler, amp, cfg.grad_clip, average)
 
 
@@ -193,9 +190,7 @@ def resume(checkpoint, opt: Optimization, model_cfg: UNetConfig, cfg: TrainConfi
     state = checkpoint.load() if checkpoint is not None else None
     if state is None:
         return Progress()
-    plan = run_definition(TrainConfig.model_validate(state["plan"]))  # fields added since: their defaults
-    network = UNetConfig.model_validate(state["model_config"]).model_dump()
-    if network != model_cfg.model_dump() or plan != run_definition(cfg):
+    if not same_run(model_cfg, cfg, state["model_config"], state["plan"]):
         raise ValueError("the checkpoint belongs to another model or training config; start afresh")
     for k in STATEFUL:
         if getattr(opt, k) is not None:
