@@ -130,6 +130,12 @@ def test_tp_clip_clips_each_modality_to_its_brain_percentiles_then_takes_the_z_s
         top = (hi - attrs["mean"][c]) / attrs["std"][c]  # no value above the clipped maximum's z-score
         assert image[:, c].max() <= top + 1e-4 and plain[:, c].max() > top + 0.5  # tp's bright tail is cut
     assert np.array_equal(image == 0, plain == 0)  # background stays exactly 0
+    # window-clip: the window profile's 1 mm images, clipped and normalised as tp-clip's
+    fine, fine_label, fine_attrs = preprocess_case(case, PROFILES["window-clip"], np.float32)
+    assert fine.shape == (155, 4, 192, 192) and fine_label.shape == (155, 192, 192)
+    assert fine_attrs["mean"] == attrs["mean"] and fine_attrs["std"] == attrs["std"]
+    blocks = fine.reshape(155, 4, 96, 2, 96, 2).mean(axis=(3, 5))
+    assert np.abs(blocks - image).max() < 1e-4  # tp-clip's 2 mm pixel is the mean of window-clip's four
 
 
 def test_tp_hist_maps_each_modality_s_brain_percentiles_onto_a_standard_normal_s(real_case):

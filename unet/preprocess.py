@@ -17,7 +17,8 @@ and a fixed scale needs nothing kept beside the model and sees no held-out case.
 Profiles: ``full`` keeps whole slices (240x240 on the BraTS grid); ``tp`` takes a 192x192 window
 over the brain and halves the images' resolution (2x2 mean) -> 96x96, whatever the scan's grid;
 its labels stay at the window's 1 mm (192x192); ``window`` keeps the same window at 1 mm (192x192
-images: with ``TrainConfig.patch`` 96, a training step costs what a ``tp`` step costs).
+images: with ``TrainConfig.patch`` 96, a training step costs what a ``tp`` step costs);
+``window-clip`` is ``window`` clipped as ``tp-clip`` is.
 
 How the slices lie on the scan's own grid is ``unet.geometry``.
 """
@@ -50,6 +51,7 @@ PROFILES = {
     "tp": Profile("tp", 192, 2),
     "window": Profile("window", 192, 1),
     "tp-clip": Profile("tp-clip", 192, 2, clip=(0.5, 99.5)),
+    "window-clip": Profile("window-clip", 192, 1, clip=(0.5, 99.5)),
     "tp-hist": Profile("tp-hist", 192, 2, landmarks=(1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99)),
 }
 
@@ -57,10 +59,11 @@ PROFILES = {
 class Preprocessing(BaseModel):
     """How raw scans become slices, and how cases are split by patient."""
 
-    profile: Literal["full", "tp", "window", "tp-clip", "tp-hist"] = Field(
+    profile: Literal["full", "tp", "window", "tp-clip", "window-clip", "tp-hist"] = Field(
         "full",
         description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96; "
         "window: the same window at 1 mm; tp-clip: tp with each modality clipped to its 0.5–99.5th percentiles; "
+        "window-clip: window, clipped as tp-clip; "
         "tp-hist: tp with each modality's histogram standardised (percentiles mapped onto a standard normal's)",
     )
     naming: Naming = Field("auto", description=NAMING_HELP)
