@@ -59,7 +59,7 @@ PROFILES = {
 class Preprocessing(BaseModel):
     """How raw scans become slices, and how cases are split by patient."""
 
-    profile: Literal["full", "tp", "window", "tp-clip", "window-clip", "tp-hist"] = Field(
+    profile: Literal[tuple(PROFILES)] = Field(  # the names of PROFILES, written once
         "full",
         description="full: whole 240×240 slices; tp: a 192×192 window over the brain, images downsampled to 96×96; "
         "window: the same window at 1 mm; tp-clip: tp with each modality clipped to its 0.5–99.5th percentiles; "
