@@ -39,7 +39,7 @@ def brain_batch(n: int = 4, size: int = 32, seed: int = 0):
 
 
 @pytest.mark.parametrize("fine", [1, 2])
-@pytest.mark.parametrize("name", ["strong", "scanner", "gin"])
+@pytest.mark.parametrize("name", ["strong", "scanner", "gin", "drop"])
 def test_strong_augmentation_keeps_background_zero_and_labels_valid(fine, name):
     image, label = brain_batch()
     label = label.repeat_interleave(fine, -2).repeat_interleave(fine, -1)  # labels on a finer grid (profile tp)
@@ -68,6 +68,7 @@ def test_every_strong_operation_changes_only_the_brain():
         "gamma": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gamma=1),
         "bias": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_bias=1),
         "gin": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_gin=1),
+        "drop": AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_drop=1),
         "scale": AugmentConfig(
             flip_lr=0, rotate_degrees=0, intensity_scale=0, intensity_shift=0, p_scale=1, scale=(0.7, 0.8)
         ),
@@ -124,3 +125,33 @@ def test_gin_gives_each_modality_its_own_random_network_the_same_on_every_contex
         fit = np.polyfit(before[m].numpy(), after[m].numpy(), 1)
         residual = after[m].numpy() - np.polyval(fit, before[m].numpy())
         assert residual.std() > 0.1 * after[m].std().item(), m
+
+
+def test_drop_blanks_one_modality_on_every_context_slice_and_keeps_the_rest():
+    """Modality dropout (the ``drop`` set): a sample drawn for it loses one modality, the same on every
+    slice of its 2.5D context, and keeps the other three exactly as the same parameters without the
+    dropout give them; about a quarter of the samples are drawn for it, each modality as often."""
+    image, label = brain_batch(n=8)
+    context = image.repeat(1, 3, 1, 1)  # channel j is modality j % 4
+    cfg = AugmentConfig(flip_lr=0, rotate_degrees=0, intensity_scale=0.2, intensity_shift=0.1, p_drop=1)
+    params = torch.from_numpy(np.stack([augment_params(cfg, np.random.default_rng(i)) for i in range(8)]))
+    kept = params.clone()
+    kept[:, 7] = 0
+    x, y = apply_augment(context, label, params)
+    whole, _ = apply_augment(context, label, kept)
+    assert torch.equal(y, label) and set(params[:, 7].tolist()) <= {1, 2, 3, 4}
+    for i in range(8):
+        gone = [j for j in range(12) if j % 4 == int(params[i, 7]) - 1]
+        assert (x[i, gone] == 0).all() and (whole[i, gone] != 0).any()
+        rest = [j for j in range(12) if j not in gone]
+        torch.testing.assert_close(x[i, rest], whole[i, rest])
+    rng = np.random.default_rng(0)
+    drawn = np.array([augment_params(AUGMENTATIONS["drop"], rng)[7] for _ in range(4000)])
+    assert 0.22 < (drawn > 0).mean() < 0.28
+    assert np.bincount(drawn.astype(int), minlength=5)[1:].min() > 200  # every modality is dropped
+    strong = np.random.default_rng(3)
+    same = np.random.default_rng(3)  # the other draws are strong's, in strong's order
+    np.testing.assert_array_equal(
+        np.delete(augment_params(AUGMENTATIONS["strong"], strong), 7),
+        np.delete(augment_params(AUGMENTATIONS["drop"], same), 7),
+    )

@@ -116,11 +116,12 @@ def _segment_and_score(model, store: SliceStore, case: str) -> float:
     return evaluate_case(seg, truth)["dice_WT"]
 
 
-@pytest.mark.parametrize("norm, augment", [(None, "light"), ("ibn", "light"), (None, "gin")])
+@pytest.mark.parametrize("norm, augment", [(None, "light"), ("ibn", "light"), (None, "gin"), (None, "drop")])
 def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store, norm, augment):
     """The paper's network (no norm), with IBN (``unet/norm.py``), whose instance half keeps no
-    running statistics, and trained on GIN's random contrasts (``unet/augment.py``): each learns,
-    and segmenting the validation cases whole in eval mode gives what validation scored."""
+    running statistics, trained on GIN's random contrasts and with modalities dropped
+    (``unet/augment.py``): each learns, and segmenting the validation cases whole in eval mode
+    gives what validation scored."""
     model_cfg = UNetConfig(base_channels=8, depth=3, padding="same", norm=norm)
     cfg = TrainConfig(
         epochs=12,

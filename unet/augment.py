@@ -5,7 +5,7 @@ seeded by the sample's key, so a resumed run replays them); ``apply_augment`` ap
 batch of them where the network runs, where a ``grid_sample`` or a convolution over the batch is
 nearly free. So the CPU side reads and decompresses chunks and nothing else.
 
-Two sets (``AUGMENTATIONS``):
+The sets (``AUGMENTATIONS``):
 
 * ``light``: left-right flips, small rotations, per-channel gain and offset;
 * ``strong``: nnU-Net's 2D set (Isensee et al., Nature Methods 2021): rotation and scaling, then
@@ -19,6 +19,10 @@ Two sets (``AUGMENTATIONS``):
   shallow network of random 1x1 or 3x3 convolutions and leaky ReLUs, drawn afresh per sample,
   rescaled to the modality's brain mean and spread and mixed with the image by a random share.
   Shapes stay (the labels hold); contrast and texture become ones no scanner in training gave.
+* ``drop``: ``strong`` and, for a quarter of the samples, one modality drawn at random blanked (set
+  to 0, the brain's mean z-score) on every slice of the sample: modality dropout (ModDrop, Neverova
+  et al. 2015), so the network learns each region from more than one modality (the edema from FLAIR
+  and T2 both) and one modality that looks unlike training's does not decide alone.
 
 Spatial changes move image, labels and the brain mask with one sampling grid (bilinear for the
 image, nearest for labels; labels may be on a finer grid than the image, as in the ``tp`` profile).
@@ -62,6 +66,7 @@ class AugmentConfig:
     p_bias: float = 0.0  # per modality: a bias field exp(quadratic in x, y), coefficients uniform in +- bias
     bias: float = 0.3
     p_gin: float = 0.0  # per sample: GIN (``_gin``), mixed in by a share uniform in [0, 1]
+    p_drop: float = 0.0  # per sample: one modality, drawn at random, blanked (0) on every context slice
 
 
 _STRONG = AugmentConfig(
@@ -85,12 +90,14 @@ AUGMENTATIONS: dict[str, AugmentConfig | None] = {
     "strong": _STRONG,
     "scanner": replace(_STRONG, intensity_scale=0.3, intensity_shift=0.2, p_contrast=0.3, p_bias=0.3),
     "gin": replace(_STRONG, p_gin=0.5),
+    "drop": replace(_STRONG, p_drop=0.25),
 }
 
 # One sample's parameters, in this order (M = MODALITIES): flip, angle, zoom, noise std, noise seed,
-# invert gamma, GIN's share, then per modality: gain, shift, blur sigma, contrast, low-res zoom, gamma, and the
-# bias field's coefficients of x, y, x², y², xy (coordinates in [-1, 1]).
-_SCALARS = 7
+# invert gamma, GIN's share, the blanked modality (1-4; 0: none), then per modality: gain, shift, blur
+# sigma, contrast, low-res zoom, gamma, and the bias field's coefficients of x, y, x², y², xy
+# (coordinates in [-1, 1]).
+_SCALARS = 8
 _BIAS = ("bias_x", "bias_y", "bias_xx", "bias_yy", "bias_xy")
 _PER_MODALITY = ("gain", "shift", "blur", "contrast", "lowres", "gamma", *_BIAS)
 BIAS_OFFSET = 3.0  # a bias field multiplies raw intensities: z' = b z + (b - 1) * mean/std, mean/std about this
@@ -133,6 +140,8 @@ def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None) -
         p[_SCALARS + i * m : _SCALARS + (i + 1) * m] = per[name]
     if cfg.p_gin:  # drawn last and only here: the other sets replay the draws they always made
         p[6] = maybe(cfg.p_gin, 0.0, 1.0, off=0.0)
+    if cfg.p_drop and rng.random() < cfg.p_drop:
+        p[7] = 1 + rng.integers(0, m)
     return p
 
 
@@ -178,6 +187,9 @@ def apply_augment(x: torch.Tensor, y: torch.Tensor, params: torch.Tensor) -> tup
     if (coef := torch.stack([_per_channel(params, name, c) for name in _BIAS], -1)).ne(0).any():
         x = _bias_field(x, coef)
     x = x + _per_channel(params, "shift", c)[:, :, None, None]
+    if (params[:, 7] > 0).any():  # modality dropout: channel j is modality j % MODALITIES
+        modality = torch.arange(c, device=x.device) % MODALITIES + 1
+        brain = brain & (modality[None, :] != params[:, 7, None])[:, :, None, None]
     return torch.where(brain, x, torch.zeros((), device=x.device)), y
 
 

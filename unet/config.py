@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from unet.device import DEVICE_HELP
 from unet.model import UNetConfig
 
-Augment = Literal["off", "light", "strong", "scanner", "gin"]
+Augment = Literal["off", "light", "strong", "scanner", "gin", "drop"]
 
 
 class TrainConfig(BaseModel):
@@ -40,7 +40,8 @@ class TrainConfig(BaseModel):
         "light",
         description="light: flips, small rotations, intensity jitter; strong: nnU-Net's 2D set (rotation, scaling, "
         "noise, blur, brightness, contrast, low resolution, gamma); scanner: strong, per-modality bias fields, wider "
-        "intensity changes; gin: strong and random shallow conv networks per modality (unseen contrasts, textures)",
+        "intensity changes; gin: strong and random shallow conv networks per modality (unseen contrasts, textures); "
+        "drop: strong and one modality blanked in a quarter of the samples (modality dropout)",
     )
     member_augment: tuple[Augment, ...] = Field(
         (),
