@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -111,7 +112,9 @@ def quality_lines(quality: dict | None, rows: list[dict]) -> str:
 
 
 def parse_changes(text: str) -> dict:
-    return {k: json.loads(v) for k, v in (part.split("=", 1) for part in text.split(",") if part)}
+    """``field=JSON,field=JSON`` -> {field: value}; a comma starts a new field only before ``name=``, so
+    a JSON list holds commas (``member_augment=["drop","gin"]``)."""
+    return {k: json.loads(v) for k, v in (part.split("=", 1) for part in re.split(r",(?=\w+=)", text) if part)}
 
 
 def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> dict:
