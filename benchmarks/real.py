@@ -127,16 +127,14 @@ def run_variant(store: str, models: str, recipe, changes: dict, seed: int) -> di
     unknown = set(changes) - set(type(recipe.network).model_fields) - set(type(recipe.training).model_fields)
     if unknown:
         raise SystemExit(f"no such network or training field: {', '.join(sorted(unknown))}")
-    network = recipe.network.model_copy(
-        update={k: v for k, v in changes.items() if k in type(recipe.network).model_fields}
-    )
-    training = recipe.training.model_copy(
-        update={"seed": seed, **{k: v for k, v in changes.items() if k in type(recipe.training).model_fields}}
-    )
-    network, training = (
-        type(network).model_validate(network.model_dump()),
-        type(training).model_validate(training.model_dump()),
-    )
+
+    def changed(section, **more):  # validated as a whole: a JSON list becomes the field's tuple, a bad value is refused
+        fields = type(section).model_fields
+        return type(section).model_validate(
+            {**section.model_dump(), **more, **{k: changes[k] for k in changes if k in fields}}
+        )
+
+    network, training = changed(recipe.network), changed(recipe.training, seed=seed)
     started = time.perf_counter()
     trained = train(store, models, network, training, fresh=True)
     seconds = time.perf_counter() - started
