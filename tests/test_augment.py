@@ -39,7 +39,7 @@ def brain_batch(n: int = 4, size: int = 32, seed: int = 0):
 
 
 @pytest.mark.parametrize("fine", [1, 2])
-@pytest.mark.parametrize("name", ["strong", "scanner", "gin", "drop"])
+@pytest.mark.parametrize("name", ["strong", "scanner", "gin", "drop", "drop-but-t1ce"])
 def test_strong_augmentation_keeps_background_zero_and_labels_valid(fine, name):
     image, label = brain_batch()
     label = label.repeat_interleave(fine, -2).repeat_interleave(fine, -1)  # labels on a finer grid (profile tp)
@@ -155,3 +155,6 @@ def test_drop_blanks_one_modality_on_every_context_slice_and_keeps_the_rest():
         np.delete(augment_params(AUGMENTATIONS["strong"], strong), 7),
         np.delete(augment_params(AUGMENTATIONS["drop"], same), 7),
     )
+    kept = np.array([augment_params(AUGMENTATIONS["drop-but-t1ce"], rng)[7] for _ in range(3000)])
+    counts = np.bincount(kept.astype(int), minlength=5)
+    assert counts[3] == 0 and counts[[1, 2, 4]].min() > 200  # T1ce (3) is never blanked, the others are

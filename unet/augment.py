@@ -23,6 +23,9 @@ The sets (``AUGMENTATIONS``):
   to 0, the brain's mean z-score) on every slice of the sample: modality dropout (ModDrop, Neverova
   et al. 2015), so the network learns each region from more than one modality (the edema from FLAIR
   and T2 both) and one modality that looks unlike training's does not decide alone.
+* ``drop-but-t1ce``: ``drop`` with the modality drawn from FLAIR, T1 and T2 only: T1ce is the one
+  modality that shows enhancement, and a network asked for the enhancing tumour without it learns
+  to guess ET from the core's look, which draws it too large where the core is large and the ET small.
 
 Spatial changes move image, labels and the brain mask with one sampling grid (bilinear for the
 image, nearest for labels; labels may be on a finer grid than the image, as in the ``tp`` profile).
@@ -67,6 +70,7 @@ class AugmentConfig:
     bias: float = 0.3
     p_gin: float = 0.0  # per sample: GIN (``_gin``), mixed in by a share uniform in [0, 1]
     p_drop: float = 0.0  # per sample: one modality, drawn at random, blanked (0) on every context slice
+    drop_from: tuple[int, ...] = (0, 1, 2, 3)  # ... from these (0 flair, 1 t1, 2 t1ce, 3 t2)
 
 
 _STRONG = AugmentConfig(
@@ -91,6 +95,7 @@ AUGMENTATIONS: dict[str, AugmentConfig | None] = {
     "scanner": replace(_STRONG, intensity_scale=0.3, intensity_shift=0.2, p_contrast=0.3, p_bias=0.3),
     "gin": replace(_STRONG, p_gin=0.5),
     "drop": replace(_STRONG, p_drop=0.25),
+    "drop-but-t1ce": replace(_STRONG, p_drop=0.25, drop_from=(0, 1, 3)),
 }
 
 # One sample's parameters, in this order (M = MODALITIES): flip, angle, zoom, noise std, noise seed,
@@ -141,7 +146,7 @@ def augment_params(cfg: AugmentConfig | None, rng: np.random.Generator | None) -
     if cfg.p_gin:  # drawn last and only here: the other sets replay the draws they always made
         p[6] = maybe(cfg.p_gin, 0.0, 1.0, off=0.0)
     if cfg.p_drop and rng.random() < cfg.p_drop:
-        p[7] = 1 + rng.integers(0, m)
+        p[7] = 1 + cfg.drop_from[rng.integers(0, len(cfg.drop_from))]
     return p
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from unet.device import DEVICE_HELP
 from unet.model import UNetConfig
 
-Augment = Literal["off", "light", "strong", "scanner", "gin", "drop"]
+Augment = Literal["off", "light", "strong", "scanner", "gin", "drop", "drop-but-t1ce"]
 
 
 class TrainConfig(BaseModel):
