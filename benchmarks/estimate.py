@@ -7,8 +7,9 @@ Each file is what ``benchmarks/real.py`` writes: every case scored by a fold mod
 it, with the quality estimate's features. For each run, every case is estimated by a calibration
 fitted on the run's other cases (leave one out, ``unet.quality.held_out``, as the product does it);
 printed per run and as the mean (and the worst) over the runs: Spearman's correlation with the true
-Dice and the mean absolute error per region, and the bad cases flagged. On 21 cases one or two cases
-move a run's figures; the mean over runs is the steadier one.
+Dice and the mean absolute error per region, and the bad cases flagged; per run, the cases whose
+estimate missed their true Dice by most, per region (positive: the estimate trusted it too much).
+On 21 cases one or two cases move a run's figures; the mean over runs is the steadier one.
 
 ``--members B``: two runs on the same folds (e.g. ``--seed 0`` and ``--seed 1``) give each case two
 segmentations by models that never saw it. Their agreement (the Dice of one against the other, per
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from storage.brats import REGIONS as LABELS  # noqa: E402  (region -> BraTS labels; numpy only)
 
 REGIONS = tuple(LABELS)  # WT, TC, ET
+WORST = 3  # cases named per region and run: the estimate's largest errors
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -48,11 +50,21 @@ def rows_of(path: Path) -> list[dict]:
     return rows
 
 
-def held_out_figures(rows: list[dict]) -> dict:
+def held_out_figures(rows: list[dict]) -> tuple[dict, str]:
+    """The run's leave-one-out figures, and a line naming per region the ``WORST`` cases the estimate
+    missed by most (a mean error hides which cases carry it)."""
     from unet import quality
 
     cases = quality.cases_of(rows)
-    return quality.agreement(cases, quality.held_out(cases))
+    estimates = quality.held_out(cases)
+    missed = []
+    for k in REGIONS:
+        errors = sorted(
+            ((e["quality"][k] - c["dice"][k], r["case"]) for r, c, e in zip(rows, cases, estimates)),
+            key=lambda t: -abs(t[0]),
+        )
+        missed.append(f"{k} " + ", ".join(f"{case} {err:+.2f}" for err, case in errors[:WORST]))
+    return quality.agreement(cases, estimates), "  missed most (estimate - true): " + "; ".join(missed)
 
 
 def out_of_fold(run: Path, case: str) -> np.ndarray:
@@ -99,10 +111,11 @@ def main() -> int:
     figures = []
     print(f"{'run':28}" + "".join(f"{'rho ' + k:>9}{'MAE ' + k:>9}" for k in REGIONS) + "  flagged  bad caught")
     for name, rows in records:
-        h = held_out_figures(rows)
+        h, missed = held_out_figures(rows)
         figures.append(h)
         cells = "".join(f"{h[k]['spearman']:>9.3f}{h[k]['mae']:>9.3f}" for k in REGIONS)
         print(f"{name:28}{cells}  {h['flagged']:>3}/{h['cases']:<4} {h['bad_flagged']}/{h['bad']}")
+        print(missed)
     for name, of_rho, of_mae in (("mean", statistics.fmean, statistics.fmean), ("worst", min, max)):
         cells = "".join(
             f"{of_rho(f[k]['spearman'] for f in figures):>9.3f}{of_mae(f[k]['mae'] for f in figures):>9.3f}"

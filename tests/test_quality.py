@@ -184,6 +184,11 @@ def test_the_estimate_benchmark_pools_runs_and_ranks_member_agreement(tmp_path):
     mean_row = next(line for line in out.stdout.splitlines() if line.startswith("mean of 2 runs"))
     assert mean_row.split()[4:6] == [f"{figures['WT']['spearman']:.3f}", f"{figures['WT']['mae']:.3f}"]
     assert f"{2 * figures['flagged']} of 42 case estimates flagged" in out.stdout
+    held = quality.held_out(quality.cases_of(rows))  # the case the WT estimate missed by most is named first
+    err, case = max(
+        ((e["quality"]["WT"] - r["dice_WT"], r["case"]) for r, e in zip(rows, held)), key=lambda t: abs(t[0])
+    )
+    assert f"missed most (estimate - true): WT {case} {err:+.2f}," in out.stdout
     out = run(a, "--members", b)  # the members' agreement falls with the true WT Dice: ranks it exactly
     assert out.returncode == 0, out.stderr
     assert "WT: two members' agreement 1.000" in out.stdout
