@@ -116,7 +116,9 @@ def _segment_and_score(model, store: SliceStore, case: str) -> float:
     return evaluate_case(seg, truth)["dice_WT"]
 
 
-@pytest.mark.parametrize("norm, augment", [(None, "light"), ("ibn", "light"), (None, "gin"), (None, "drop")])
+@pytest.mark.parametrize(
+    "norm, augment", [(None, "light"), ("ibn", "light"), (None, "gin"), (None, "drop"), (None, "drop-but-t1ce")]
+)
 def test_short_training_reaches_a_wt_dice_an_untrained_net_cannot(small_store, norm, augment):
     """The paper's network (no norm), with IBN (``unet/norm.py``), whose instance half keeps no
     running statistics, trained on GIN's random contrasts and with modalities dropped
