@@ -11,10 +11,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from unet.augment import AUGMENTATIONS
 from unet.device import DEVICE_HELP
 from unet.model import UNetConfig
 
-Augment = Literal["off", "light", "strong", "scanner", "gin", "drop", "drop-but-t1ce"]
+Augment = Literal[tuple(AUGMENTATIONS)]  # the names of unet/augment.py's sets, in its order: one list of them
 
 
 class TrainConfig(BaseModel):
